@@ -1,0 +1,621 @@
+/*
+ * vmbus_ring.c - the VMBus ring hot path: copy packets in and out, publish
+ * indices, and decide when the peer must be signalled.
+ *
+ * The signalling contract (Hyper-V's, as Linux's ring_buffer.c and OpenVMM's
+ * vmbus_ring implement it):
+ *
+ *   writer: copy the packet, publish write_index, then signal the reader only
+ *           if the ring was empty before this write (read_index == old
+ *           write_index) and the reader's interrupt_mask is 0.
+ *   reader: copy packets out, publish read_index, then signal the writer only
+ *           if it set pending_send_sz and the free space just crossed it
+ *           (before <= pending < after).
+ *   reader, batched: set interrupt_mask, drain, clear interrupt_mask, fence,
+ *           re-check; data found by the re-check must be drained too.
+ *
+ * Both decisions are store-then-load across two processes (a Dekker pattern):
+ * each side stores its own field and then loads the other side's.  Only a
+ * sequentially consistent fence between the store and the load keeps both
+ * sides from reading the other's stale value and going to sleep together.
+ * Every fence below names the race it closes.
+ *
+ * Index picture (the data area, dsize bytes; r = read_index, w = write_index):
+ *
+ *      |....r########w.........|   w >= r: readable w - r
+ *      |####w.........r########|   w <  r: readable dsize - r + w
+ *
+ * The ring is never completely full: a write needs strictly more free bytes
+ * than it uses, so r == w always means empty.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "vmbus_ring.h"
+
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2,
+               "shared-memory atomics must be lock-free to work across processes");
+_Static_assert(sizeof(_Atomic uint32_t) == sizeof(uint32_t), "atomic u32 has no hidden lock");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "the descriptor is built in host order; Hyper-V's wire order is little endian");
+
+/* The 16-byte packet descriptor (struct vmpacket_descriptor). */
+struct vmbr_desc {
+    uint16_t type;
+    uint16_t offset8;
+    uint16_t len8;
+    uint16_t flags;
+    uint64_t trans_id;
+};
+_Static_assert(sizeof(struct vmbr_desc) == VMBR_DESC_BYTES, "descriptor is 16 bytes");
+
+#define SHARED(r, off) ((_Atomic uint32_t *)((r)->base + (off)))
+#define DATA(r) ((r)->base + VMBR_CONTROL_BYTES)
+
+static const uint8_t zeros[8];
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no kernel entry */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline int index_ok(uint32_t v, uint32_t dsize)
+{
+    return v < dsize && (v & 7u) == 0;
+}
+
+static inline uint32_t readable(uint32_t rd, uint32_t w, uint32_t dsize)
+{
+    return w >= rd ? w - rd : dsize - rd + w;
+}
+
+static inline uint32_t writable(uint32_t rd, uint32_t w, uint32_t dsize)
+{
+    return rd > w ? rd - w : dsize - (w - rd);
+}
+
+static inline uint32_t wrap(uint32_t off, uint32_t dsize)
+{
+    return off >= dsize ? off - dsize : off;
+}
+
+static int64_t mark_corrupt(struct vmbr_ring *r, uint32_t why, uint32_t value)
+{
+    if (!r->corrupt) {
+        r->corrupt = why;
+        r->bad_value = value;
+    }
+    return VMBR_E_CORRUPT;
+}
+
+/* Copy n bytes into the data area at off, wrapping once; returns the new offset. */
+static inline uint32_t copy_in(struct vmbr_ring *r, uint32_t off, const void *src, uint32_t n)
+{
+    uint8_t *data = DATA(r);
+    uint32_t room = r->data_bytes - off;
+    if (n < room) {
+        memcpy(data + off, src, n);
+        return off + n;
+    }
+    memcpy(data + off, src, room);
+    memcpy(data, (const uint8_t *)src + room, n - room);
+    return n - room;
+}
+
+/* Copy n bytes out of the data area from off, wrapping once. */
+static inline void copy_out(const struct vmbr_ring *r, uint32_t off, void *dst, uint32_t n)
+{
+    const uint8_t *data = DATA(r);
+    uint32_t room = r->data_bytes - off;
+    if (n <= room) {
+        memcpy(dst, data + off, n);
+        return;
+    }
+    memcpy(dst, data + off, room);
+    memcpy((uint8_t *)dst + room, data, n - room);
+}
+
+void vmbr_init_control(uint8_t *base)
+{
+    memset(base, 0, VMBR_CONTROL_BYTES);
+    /* Relaxed: initialisation happens before any peer attaches; the handle
+     * transfer to the peer (a socket message, an exec) orders it. */
+    atomic_store_explicit((_Atomic uint32_t *)(base + VMBR_OFF_FEATURE_BITS),
+                          VMBR_FEAT_PENDING_SEND_SZ, memory_order_relaxed);
+}
+
+int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int outgoing)
+{
+    memset(r, 0, sizeof(*r));
+    if (ring_bytes % VMBR_PAGE_BYTES || ring_bytes < VMBR_MIN_RING_BYTES ||
+        ring_bytes - VMBR_CONTROL_BYTES > 0x80000000u)
+        return VMBR_E_INVAL;
+    r->base = base;
+    r->data_bytes = (uint32_t)(ring_bytes - VMBR_CONTROL_BYTES);
+    /* Acquire: pairs with the peer's release of this index, so that a ring
+     * attached mid-stream sees the packets up to it. */
+    uint32_t start = atomic_load_explicit(
+        SHARED(r, outgoing ? VMBR_OFF_WRITE_INDEX : VMBR_OFF_READ_INDEX), memory_order_acquire);
+    if (!index_ok(start, r->data_bytes))
+        return (int)mark_corrupt(r, outgoing ? VMBR_BAD_WRITE_INDEX : VMBR_BAD_READ_INDEX, start);
+    r->index = r->published = start;
+    return 0;
+}
+
+void vmbr_snapshot(const struct vmbr_ring *r, struct vmbr_snapshot *s)
+{
+    /* Relaxed: a diagnostic snapshot; no ordering is implied or needed. */
+    s->write_index = atomic_load_explicit(SHARED(r, VMBR_OFF_WRITE_INDEX), memory_order_relaxed);
+    s->read_index = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_relaxed);
+    s->interrupt_mask =
+        atomic_load_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), memory_order_relaxed);
+    s->pending_send_sz =
+        atomic_load_explicit(SHARED(r, VMBR_OFF_PENDING_SEND_SZ), memory_order_relaxed);
+    s->feature_bits = atomic_load_explicit(SHARED(r, VMBR_OFF_FEATURE_BITS), memory_order_relaxed);
+}
+
+/* ------------------------------------------------------------------ writer */
+
+/* Load and validate the reader's index (the only shared index a writer reads). */
+static inline int64_t load_read_index(struct vmbr_ring *r, uint32_t *rd)
+{
+    /* Acquire: pairs with the reader's release store of read_index, so our
+     * copies into the space it freed cannot be ordered before its copies out
+     * of that space (we would overwrite a packet it is still reading). */
+    uint32_t v = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_acquire);
+    if (!index_ok(v, r->data_bytes))
+        return mark_corrupt(r, VMBR_BAD_READ_INDEX, v);
+    *rd = v;
+    return 0;
+}
+
+/* Publish r->index as write_index and decide whether the reader needs a signal. */
+static int64_t publish_write(struct vmbr_ring *r)
+{
+    uint32_t old = r->published;
+    /* Release: the packet bytes must be visible before the new index is; a
+     * reader that sees the index would otherwise copy stale bytes. */
+    atomic_store_explicit(SHARED(r, VMBR_OFF_WRITE_INDEX), r->index, memory_order_release);
+    r->published = r->index;
+    if (r->pending_set) {
+        /* Relaxed: pending_send_sz is a hint we own; the reader reads it only
+         * after its own fence, and a stale non-zero costs one extra signal. */
+        atomic_store_explicit(SHARED(r, VMBR_OFF_PENDING_SEND_SZ), 0, memory_order_relaxed);
+        r->pending_set = 0;
+    }
+    /* Full fence: orders the write_index store before the interrupt_mask and
+     * read_index loads below.  Without it the reader could clear its mask and
+     * re-check a stale write_index while we read its stale mask = 1: both
+     * would conclude "no signal needed" and the reader would sleep with a
+     * packet in the ring. */
+    atomic_thread_fence(memory_order_seq_cst);
+    /* Relaxed: ordered by the fence above; the value is only a hint. */
+    uint32_t mask = atomic_load_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), memory_order_relaxed);
+    if (mask) {
+        r->signals_suppressed++;
+        return 1;
+    }
+    /* Relaxed: ordered by the fence above.  Equal to our old index means the
+     * reader had drained everything before this write: empty -> non-empty. */
+    uint32_t rd = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_relaxed);
+    if (rd == old) {
+        r->signals++;
+        return 2;
+    }
+    r->signals_suppressed++;
+    return 1;
+}
+
+static inline uint32_t put_packet(struct vmbr_ring *r, uint32_t w, uint32_t type_flags,
+                                  uint64_t trans_id, const char *ext, uint32_t ext_bytes,
+                                  const char *payload, uint32_t payload_bytes, uint32_t padded)
+{
+    struct vmbr_desc d = {
+        .type = (uint16_t)type_flags,
+        .offset8 = (uint16_t)((VMBR_DESC_BYTES + ext_bytes) >> 3),
+        .len8 = (uint16_t)(padded >> 3),
+        .flags = (uint16_t)(type_flags >> 16),
+        .trans_id = trans_id,
+    };
+    uint64_t trailer = (uint64_t)w << 32; /* upper half: this packet's start */
+    uint32_t off = copy_in(r, w, &d, VMBR_DESC_BYTES);
+    if (ext_bytes)
+        off = copy_in(r, off, ext, ext_bytes);
+    if (payload_bytes)
+        off = copy_in(r, off, payload, payload_bytes);
+    uint32_t pad = padded - (VMBR_DESC_BYTES + ext_bytes + payload_bytes);
+    if (pad)
+        off = copy_in(r, off, zeros, pad);
+    return copy_in(r, off, &trailer, VMBR_TRAILER_BYTES);
+}
+
+int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                       const char *ext, uint32_t ext_bytes, const char *payload,
+                       uint32_t payload_bytes)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    if (ext_bytes & 7u || ext_bytes > VMBR_MAX_PACKET_BYTES)
+        return VMBR_E_INVAL;
+    uint64_t used = (uint64_t)VMBR_DESC_BYTES + ext_bytes + payload_bytes;
+    uint64_t padded = (used + 7u) & ~(uint64_t)7u;
+    uint64_t total = padded + VMBR_TRAILER_BYTES;
+    if (padded > VMBR_MAX_PACKET_BYTES || total >= r->data_bytes)
+        return VMBR_E_TOO_BIG;
+    uint32_t rd;
+    if (load_read_index(r, &rd))
+        return VMBR_E_CORRUPT;
+    if (writable(rd, r->index, r->data_bytes) <= total) { /* strict: never completely full */
+        r->full++;
+        return 0;
+    }
+    r->index = put_packet(r, r->index, type_flags, trans_id, ext, ext_bytes, payload,
+                          payload_bytes, (uint32_t)padded);
+    r->packets++;
+    r->bytes += payload_bytes;
+    return publish_write(r);
+}
+
+int64_t vmbr_write(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                   const char *payload, uint32_t payload_bytes)
+{
+    return vmbr_write_ext(r, type_flags, trans_id, NULL, 0, payload, payload_bytes);
+}
+
+int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                         const char *blob, const uint32_t *lens, uint32_t count, uint32_t *written)
+{
+    *written = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
+        uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
+        if (padded > VMBR_MAX_PACKET_BYTES || padded + VMBR_TRAILER_BYTES >= r->data_bytes)
+            return VMBR_E_TOO_BIG;
+    }
+    uint32_t rd;
+    if (load_read_index(r, &rd))
+        return VMBR_E_CORRUPT;
+    uint32_t space = writable(rd, r->index, r->data_bytes);
+    uint32_t w = r->index, i;
+    uint64_t bytes = 0;
+    for (i = 0; i < count; i++) {
+        uint32_t padded = (VMBR_DESC_BYTES + lens[i] + 7u) & ~7u;
+        uint32_t total = padded + VMBR_TRAILER_BYTES;
+        if (space <= total)
+            break;
+        w = put_packet(r, w, type_flags, trans_id, NULL, 0, blob, lens[i], padded);
+        space -= total;
+        blob += lens[i];
+        bytes += lens[i];
+    }
+    *written = i;
+    if (i == 0) {
+        r->full++;
+        return 0;
+    }
+    if (i < count)
+        r->full++;
+    r->index = w;
+    r->packets += i;
+    r->bytes += bytes;
+    return publish_write(r);
+}
+
+int64_t vmbr_bytes_writable(struct vmbr_ring *r)
+{
+    uint32_t rd;
+    if (r->corrupt || load_read_index(r, &rd))
+        return VMBR_E_CORRUPT;
+    return writable(rd, r->index, r->data_bytes);
+}
+
+int64_t vmbr_set_pending(struct vmbr_ring *r, uint32_t need_bytes)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t pending = need_bytes ? ((need_bytes + 7u) & ~7u) : 0;
+    /* Relaxed store, ordered by the fence below. */
+    atomic_store_explicit(SHARED(r, VMBR_OFF_PENDING_SEND_SZ), pending, memory_order_relaxed);
+    r->pending_set = pending != 0;
+    /* Full fence: orders the pending_send_sz store before the read_index load.
+     * Without it the reader could publish read_index and read pending = 0
+     * while we read its old read_index: we would sleep on a full ring that
+     * has room, and nobody would wake us. */
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t rd;
+    if (load_read_index(r, &rd))
+        return VMBR_E_CORRUPT;
+    return writable(rd, r->index, r->data_bytes);
+}
+
+int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t spin_ns)
+{
+    uint64_t deadline = 0;
+    for (uint32_t i = 0;; i++) {
+        int64_t space = vmbr_bytes_writable(r);
+        if (space < 0 || space > (int64_t)need_bytes)
+            return space;
+        if (!spin_ns)
+            return 0;
+        if ((i & 63u) == 0) {
+            uint64_t t = now_ns();
+            if (!deadline)
+                deadline = t + spin_ns;
+            else if (t >= deadline)
+                return 0;
+        }
+        cpu_relax();
+    }
+}
+
+/* ------------------------------------------------------------------ reader */
+
+/* Load and validate the writer's index. */
+static inline int64_t load_write_index(struct vmbr_ring *r, uint32_t *w)
+{
+    /* Acquire: pairs with the writer's release of write_index, so the packet
+     * bytes we copy next are the ones written before that index, not stale. */
+    uint32_t v = atomic_load_explicit(SHARED(r, VMBR_OFF_WRITE_INDEX), memory_order_acquire);
+    if (!index_ok(v, r->data_bytes))
+        return mark_corrupt(r, VMBR_BAD_WRITE_INDEX, v);
+    *w = v;
+    return 0;
+}
+
+/*
+ * Validate the packet at r->index given the writer's index w (already
+ * validated).  The descriptor is copied out once into *d and only the copy is
+ * used.  Returns 0 when empty, len8 * 8 for a good packet, or an error.
+ */
+static inline int64_t next_packet(struct vmbr_ring *r, uint32_t w, struct vmbr_desc *d)
+{
+    uint32_t avail = readable(r->index, w, r->data_bytes);
+    if (avail == 0)
+        return 0;
+    if (avail < VMBR_DESC_BYTES + VMBR_TRAILER_BYTES)
+        return mark_corrupt(r, VMBR_BAD_PARTIAL, avail);
+    copy_out(r, r->index, d, VMBR_DESC_BYTES);
+    uint32_t len = (uint32_t)d->len8 * 8u;
+    if (d->offset8 < 2 || d->offset8 > d->len8 || (uint64_t)len + VMBR_TRAILER_BYTES > avail)
+        return mark_corrupt(r, VMBR_BAD_LENGTHS, (uint32_t)d->offset8 << 16 | d->len8);
+    if (d->type != VMBR_PKT_DATA_INBAND && d->type != VMBR_PKT_DATA_USING_XFER_PAGES &&
+        d->type != VMBR_PKT_DATA_USING_GPA_DIRECT && d->type != VMBR_PKT_COMP)
+        return mark_corrupt(r, VMBR_BAD_TYPE, d->type);
+    if (d->flags & ~(uint16_t)VMBR_FLAG_COMPLETION_REQUESTED)
+        return mark_corrupt(r, VMBR_BAD_FLAGS, d->flags);
+    return len;
+}
+
+int64_t vmbr_commit_read(struct vmbr_ring *r)
+{
+    uint32_t old = r->published, now = r->index;
+    if (old == now || r->corrupt)
+        return 0;
+    /* Release: our copies out of the freed space must complete before the
+     * writer can see the space as free and overwrite it. */
+    atomic_store_explicit(SHARED(r, VMBR_OFF_READ_INDEX), now, memory_order_release);
+    r->published = now;
+    /* Full fence: orders the read_index store before the pending_send_sz
+     * load.  Without it the writer could set pending_send_sz and re-read our
+     * old read_index while we read its old pending = 0: it would sleep on a
+     * ring that now has room and we would never signal it. */
+    atomic_thread_fence(memory_order_seq_cst);
+    /* Relaxed loads, ordered by the fence; each is read once and validated. */
+    uint32_t features =
+        atomic_load_explicit(SHARED(r, VMBR_OFF_FEATURE_BITS), memory_order_relaxed);
+    if (!(features & VMBR_FEAT_PENDING_SEND_SZ))
+        return 0;
+    /* Masked to 8: some peers set ring size - 1 (OpenVMM's note). */
+    uint32_t pending =
+        atomic_load_explicit(SHARED(r, VMBR_OFF_PENDING_SEND_SZ), memory_order_relaxed) & ~7u;
+    if (!pending)
+        return 0;
+    uint32_t w = atomic_load_explicit(SHARED(r, VMBR_OFF_WRITE_INDEX), memory_order_relaxed);
+    if (!index_ok(w, r->data_bytes))
+        return mark_corrupt(r, VMBR_BAD_WRITE_INDEX, w);
+    uint32_t before = writable(old, w, r->data_bytes);
+    uint32_t after = writable(now, w, r->data_bytes);
+    if (before <= pending && after > pending) {
+        r->signals++;
+        return 1;
+    }
+    r->signals_suppressed++;
+    return 0;
+}
+
+int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    struct vmbr_desc d;
+    int64_t len = next_packet(r, w, &d);
+    if (len <= 0)
+        return len;
+    if (len > out_cap)
+        return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
+    memcpy(out, &d, VMBR_DESC_BYTES); /* the validated copy, not a re-read */
+    copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + VMBR_DESC_BYTES,
+             (uint32_t)len - VMBR_DESC_BYTES);
+    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
+    int64_t sig = vmbr_commit_read(r);
+    if (sig < 0)
+        return sig;
+    return len | sig;
+}
+
+int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *starts,
+                   uint32_t max_packets, uint32_t *count)
+{
+    *count = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    uint32_t pos = 0, n = 0, ext = 0;
+    while (n < max_packets) {
+        struct vmbr_desc d;
+        int64_t len = next_packet(r, w, &d);
+        if (len < 0)
+            break; /* publish what was good; the error is sticky */
+        if (len == 0)
+            break;
+        if ((uint64_t)pos + (uint64_t)len > out_cap) {
+            if (n == 0)
+                return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
+            break;
+        }
+        memcpy(out + pos, &d, VMBR_DESC_BYTES);
+        copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + pos + VMBR_DESC_BYTES,
+                 (uint32_t)len - VMBR_DESC_BYTES);
+        starts[n++] = pos;
+        ext |= d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT;
+        pos += (uint32_t)len;
+        r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+        r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
+    }
+    *count = n;
+    starts[n] = pos; /* the end of the last packet: callers size their copy by it */
+    r->packets += n;
+    int64_t sig = vmbr_commit_read(r);
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    return sig | (ext ? 2 : 0);
+}
+
+int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
+                       uint32_t dst_cap, uint32_t *payload_bytes)
+{
+    *payload_bytes = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    struct vmbr_desc d;
+    int64_t len = next_packet(r, w, &d);
+    if (len <= 0)
+        return len;
+    uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
+    if (off > hdr_cap || plen > dst_cap)
+        return VMBR_E_INVAL; /* nothing consumed: the caller may retry bigger */
+    memcpy(hdr, &d, VMBR_DESC_BYTES);
+    if (off > VMBR_DESC_BYTES)
+        copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), hdr + VMBR_DESC_BYTES,
+                 off - VMBR_DESC_BYTES);
+    copy_out(r, wrap(r->index + off, r->data_bytes), dst, plen);
+    *payload_bytes = plen;
+    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += plen;
+    int64_t sig = vmbr_commit_read(r);
+    if (sig < 0)
+        return sig;
+    return len | sig;
+}
+
+int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v)
+{
+    r->peeked = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    struct vmbr_desc d;
+    int64_t len = next_packet(r, w, &d);
+    if (len <= 0)
+        return len;
+    uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
+    v->type = d.type;
+    v->flags = d.flags;
+    v->offset_bytes = off;
+    v->packet_bytes = (uint32_t)len;
+    v->trans_id = d.trans_id;
+    v->first_off = wrap(r->index + off, r->data_bytes);
+    uint32_t room = r->data_bytes - v->first_off;
+    v->first_len = plen <= room ? plen : room;
+    v->second_len = plen - v->first_len;
+    r->peeked = (uint32_t)len;
+    return len;
+}
+
+int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    if (!r->peeked)
+        return VMBR_E_INVAL;
+    uint32_t len = r->peeked;
+    r->peeked = 0;
+    r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    return commit ? vmbr_commit_read(r) : 0;
+}
+
+int64_t vmbr_bytes_readable(struct vmbr_ring *r)
+{
+    uint32_t w;
+    if (r->corrupt || load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    return readable(r->index, w, r->data_bytes);
+}
+
+void vmbr_mask_interrupts(struct vmbr_ring *r)
+{
+    /* Relaxed: masking is only an optimisation.  A writer that still sees
+     * the old 0 sends one spurious signal, which the eventfd absorbs. */
+    atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 1, memory_order_relaxed);
+}
+
+int64_t vmbr_unmask_interrupts(struct vmbr_ring *r)
+{
+    /* Relaxed store, ordered by the fence below. */
+    atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 0, memory_order_relaxed);
+    /* Full fence: orders the mask store before the write_index re-check.
+     * Without it the writer could publish a packet and read our stale
+     * mask = 1 (no signal) while we read its stale write_index (ring empty):
+     * we would sleep with a packet in the ring. */
+    atomic_thread_fence(memory_order_seq_cst);
+    return vmbr_bytes_readable(r);
+}
+
+int64_t vmbr_spin_readable(struct vmbr_ring *r, uint64_t spin_ns)
+{
+    uint64_t deadline = 0;
+    for (uint32_t i = 0;; i++) {
+        int64_t avail = vmbr_bytes_readable(r);
+        if (avail != 0)
+            return avail;
+        if (!spin_ns)
+            return 0;
+        if ((i & 63u) == 0) {
+            uint64_t t = now_ns();
+            if (!deadline)
+                deadline = t + spin_ns;
+            else if (t >= deadline)
+                return 0;
+        }
+        cpu_relax();
+    }
+}

@@ -1,0 +1,214 @@
+/*
+ * vmbus_ring.h - the per-packet hot path of a Hyper-V VMBus ring buffer.
+ *
+ * One ring = one 4096-byte control page followed by the data area, exactly as
+ * Hyper-V lays it out (struct hv_ring_buffer in Linux, vmbus_bufring in DPDK,
+ * Control in OpenVMM's vmbus_ring).  Every packet is a 16-byte descriptor, an
+ * optional extended header, the payload padded with zeros to 8 bytes and an
+ * 8-byte trailer whose upper 32 bits hold the packet's start offset.
+ *
+ * This file is the only place where Viridian touches a ring's shared memory.
+ * It does no allocation, no system call (bar the vDSO clock in the bounded
+ * spin), no signalling and no policy: it moves bytes, validates what the peer
+ * wrote and *returns* whether the peer must be signalled.  The Python layer in
+ * vmbus/ring.py owns everything else.
+ *
+ * Trust: everything in the shared mapping may be rewritten by the peer at any
+ * moment.  Each shared field is loaded once into a local, validated, and only
+ * the local is used; packets are copied out before any field is interpreted.
+ * A violation makes the ring sticky-corrupt (r->corrupt != 0) and every later
+ * call returns VMBR_E_CORRUPT.
+ *
+ * The part between "cdef begin" and "cdef end" is also fed to cffi's cdef().
+ */
+#ifndef VIRIDIAN_VMBUS_RING_H
+#define VIRIDIAN_VMBUS_RING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef begin */
+#define VMBR_ABI_VERSION 4
+
+#define VMBR_PAGE_BYTES 4096
+#define VMBR_CONTROL_BYTES 4096
+#define VMBR_MIN_RING_BYTES 8192
+#define VMBR_FEAT_PENDING_SEND_SZ 1
+#define VMBR_DESC_BYTES 16
+#define VMBR_TRAILER_BYTES 8
+#define VMBR_MAX_PACKET_BYTES 524280 /* len8 is a u16: 65535 * 8 */
+#define VMBR_FLAG_COMPLETION_REQUESTED 1
+
+/* Control-page offsets (Hyper-V's struct hv_ring_buffer). */
+#define VMBR_OFF_WRITE_INDEX 0
+#define VMBR_OFF_READ_INDEX 4
+#define VMBR_OFF_INTERRUPT_MASK 8
+#define VMBR_OFF_PENDING_SEND_SZ 12
+#define VMBR_OFF_FEATURE_BITS 64
+
+/* Packet types accepted by the reader (OpenVMM accepts exactly these). */
+#define VMBR_PKT_DATA_INBAND 6
+#define VMBR_PKT_DATA_USING_XFER_PAGES 7
+#define VMBR_PKT_DATA_USING_GPA_DIRECT 9
+#define VMBR_PKT_COMP 11
+
+/*
+ * Return codes.  Calls that move packets return a non-negative count or
+ * length on success; errors are negative.  Flow control (empty, full) is not
+ * an error.
+ */
+#define VMBR_E_CORRUPT -1  /* the peer broke the ring; see r->corrupt       */
+#define VMBR_E_TOO_BIG -2  /* the packet can never fit in this ring         */
+#define VMBR_E_INVAL -3    /* a caller error: bad extended-header length... */
+
+/* Why a ring was declared corrupt (r->corrupt). */
+#define VMBR_BAD_WRITE_INDEX 1    /* write_index not < data size or not 8-aligned   */
+#define VMBR_BAD_READ_INDEX 2     /* read_index not < data size or not 8-aligned    */
+#define VMBR_BAD_PARTIAL 3        /* fewer than 24 bytes readable but not zero       */
+#define VMBR_BAD_LENGTHS 4        /* offset8 < 2, offset8 > len8 or len8*8+8 > avail */
+#define VMBR_BAD_TYPE 5           /* packet type outside {6, 7, 9, 11}              */
+#define VMBR_BAD_FLAGS 6          /* a flag bit other than COMPLETION_REQUESTED     */
+#define VMBR_BAD_TOO_BIG 7        /* packet larger than the reader's copy buffer    */
+#define VMBR_BAD_EXT_HEADER 8     /* type 7/9 header inconsistent (set by Python)   */
+
+/*
+ * Private state of one ring endpoint.  It lives in the owner's private memory,
+ * never in the shared mapping; Python allocates it with ffi.new().
+ * All indices here are this endpoint's own, trusted values.
+ */
+struct vmbr_ring {
+    uint8_t *base;          /* control page; the data area starts at +4096      */
+    uint32_t data_bytes;    /* ring bytes - 4096; a multiple of 4096            */
+    uint32_t index;         /* writer: next write offset; reader: next read     */
+    uint32_t published;     /* the index value last stored to shared memory     */
+    uint32_t pending_set;   /* writer: we left a non-zero pending_send_sz       */
+    uint32_t corrupt;       /* 0, or a VMBR_BAD_* reason (sticky)               */
+    uint32_t bad_value;     /* the offending value, for the error message       */
+    uint32_t peeked;        /* reader: bytes of the packet vmbr_peek validated  */
+    uint64_t packets;       /* packets moved through this endpoint              */
+    uint64_t bytes;         /* payload bytes moved                              */
+    uint64_t signals;       /* times we told the caller to signal the peer      */
+    uint64_t signals_suppressed; /* publications that needed no signal         */
+    uint64_t full;          /* writer: writes refused for lack of space         */
+};
+
+/* A snapshot of the shared control page, for debug_info(); raw, unvalidated. */
+struct vmbr_snapshot {
+    uint32_t write_index;
+    uint32_t read_index;
+    uint32_t interrupt_mask;
+    uint32_t pending_send_sz;
+    uint32_t feature_bits;
+};
+
+/* Where the next packet's payload lies in the data area (zero-copy reads). */
+struct vmbr_view {
+    uint16_t type;
+    uint16_t flags;
+    uint32_t offset_bytes;  /* offset8 * 8: payload offset inside the packet */
+    uint32_t packet_bytes;  /* len8 * 8                                      */
+    uint64_t trans_id;
+    uint32_t first_off;     /* payload part 1: data-area offset and length   */
+    uint32_t first_len;
+    uint32_t second_len;    /* payload part 2 (after a wrap) starts at 0     */
+};
+
+void vmbr_init_control(uint8_t *base);
+int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int outgoing);
+void vmbr_snapshot(const struct vmbr_ring *r, struct vmbr_snapshot *s);
+
+int64_t vmbr_write(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                   const char *payload, uint32_t payload_bytes);
+int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                       const char *ext, uint32_t ext_bytes,
+                       const char *payload, uint32_t payload_bytes);
+int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                         const char *blob, const uint32_t *lens, uint32_t count,
+                         uint32_t *written);
+int64_t vmbr_bytes_writable(struct vmbr_ring *r);
+int64_t vmbr_set_pending(struct vmbr_ring *r, uint32_t need_bytes);
+
+int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap);
+int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap,
+                       char *dst, uint32_t dst_cap, uint32_t *payload_bytes);
+int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap,
+                   uint32_t *starts, uint32_t max_packets, uint32_t *count);
+int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
+int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
+int64_t vmbr_commit_read(struct vmbr_ring *r);
+int64_t vmbr_bytes_readable(struct vmbr_ring *r);
+void vmbr_mask_interrupts(struct vmbr_ring *r);
+int64_t vmbr_unmask_interrupts(struct vmbr_ring *r);
+
+int64_t vmbr_spin_readable(struct vmbr_ring *r, uint64_t spin_ns);
+int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t spin_ns);
+/* cdef end */
+/* vmbr_drain also ORs 2 into its result when the batch holds a packet of type
+ * 7 or 9, whose extended header the caller must validate. */
+
+/*
+ * Return conventions, in detail:
+ *
+ * vmbr_init_control: zeroes the 4096-byte control page and sets
+ *   FEAT_PENDING_SEND_SZ.  Preconditions: no peer is attached yet.
+ *
+ * vmbr_attach: fills *r.  Preconditions: base points at ring_bytes writable
+ *   bytes.  Returns 0, VMBR_E_INVAL (size not a multiple of 4096, below 8192
+ *   or above 2 GiB) or VMBR_E_CORRUPT (our starting index, read once from the
+ *   shared page, is out of range or unaligned).
+ *
+ * vmbr_write: one packet (descriptor, payload, zero padding, trailer),
+ *   published at once.  type_flags = packet type | descriptor flags << 16
+ *   (one argument instead of two: every argument costs ~8 ns in cffi).
+ *   Returns 0 when it does not fit (nothing written), 1 when written, 2 when
+ *   written and the reader must be signalled, or a negative error.
+ *
+ * vmbr_write_ext: the same with an extended header (types 7 and 9) between
+ *   descriptor and payload; ext_bytes must be a multiple of 8.
+ *
+ * vmbr_write_batch: the payloads laid end to end in blob, lens[i] bytes each;
+ *   writes as many as fit, in order, publishes once.  *written = how many.
+ *   Returns 0/1/2 as vmbr_write for the whole batch (0: none written).
+ *
+ * vmbr_read: copies the next packet, descriptor included, into out and
+ *   publishes read_index.  Returns 0 when empty; otherwise len8*8, plus 1 if
+ *   the writer must be signalled (lengths are multiples of 8, so bit 0 is
+ *   free); or a negative error.  out_cap must be >= the largest packet the
+ *   ring can hold (Python uses min(data_bytes - 8, VMBR_MAX_PACKET_BYTES)).
+ *
+ * vmbr_read_into: copies the next packet's descriptor and extended header
+ *   into hdr and its payload into dst (the zero-extra-copy path for large
+ *   payloads) and publishes.  *payload_bytes = the payload length.  Returns
+ *   as vmbr_read, or VMBR_E_INVAL (nothing consumed) when hdr or dst is too
+ *   small for this packet.
+ *
+ * vmbr_drain: up to max_packets packets, each copied to out at starts[i]
+ *   (8-aligned, back to back), one publication; starts[count] is set to the
+ *   end of the last one, so starts must hold max_packets + 1 entries.  Returns 0 or 1 (signal the
+ *   writer) with *count set, or a negative error.  Stops early when the next
+ *   packet would not fit in out_cap.
+ *
+ * vmbr_peek: validates the next packet's descriptor (copied out) and reports
+ *   where its payload lies in the data area, without consuming it.  Returns 0
+ *   when empty, the packet length when one is there, or a negative error.
+ *   vmbr_consume then steps over it; with commit != 0 it publishes at once
+ *   and returns 0/1 like vmbr_commit_read.
+ *
+ * vmbr_commit_read: publishes the private read index; returns 1 if the
+ *   writer must be signalled (its pending_send_sz was crossed), else 0.
+ *
+ * vmbr_mask_interrupts / vmbr_unmask_interrupts: the reader's batched-drain
+ *   protocol.  Unmask returns the bytes readable after the re-check: if it is
+ *   not 0, data raced in while masked and the caller must drain again.
+ *
+ * vmbr_set_pending: the writer is about to wait for need_bytes of space.
+ *   Publishes pending_send_sz (rounded up to 8) and returns the bytes
+ *   writable after a full fence; if that already exceeds need_bytes there is
+ *   nothing to wait for.
+ *
+ * vmbr_spin_readable / vmbr_spin_writable: poll the ring for up to spin_ns
+ *   nanoseconds.  Return bytes readable (or writable) once there are any
+ *   (more than need_bytes), 0 on timeout, or a negative error.
+ */
+
+#endif

@@ -1,0 +1,754 @@
+"""VMBus ring buffers: the Python face of the C ring in ``csrc/``.
+
+Layer: vmbus, directly over the C core (``vmbus._ring_cffi``).  A ring is any
+writable buffer (an mmap of a memfd, a bytearray, ...) laid out as Hyper-V
+lays it out: a 4096-byte control page, then the data area.  One process
+attaches an ``OutgoingRing`` (it writes packets) and the peer an
+``IncomingRing`` (it reads them).
+
+The ring decides when the peer must be signalled and says so; it never
+signals by itself.  Pass ``on_signal`` (a callable, typically the peer's
+``Doorbell.ring``) and the ring calls it exactly when Hyper-V's rules say the
+peer needs an interrupt; without it, owed signals are counted and
+``take_signals()`` hands them out.
+
+Reads are served from a small private read-ahead: one C call copies a batch of
+packets out of the ring (and frees their space at once), then ``try_read``
+hands them out one by one.  So a consumer pays one C crossing per batch, not
+per packet, and no packet is ever parsed in shared memory.
+
+Trust: the peer may rewrite any byte of the mapping at any time.  The C core
+reads each index once, validates it and copies packets out before anything is
+parsed; the extended headers of types 7 and 9 are validated here on the copy.
+A violation raises ``RingCorruptError`` and the ring stays unusable.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+from ._ring_cffi import ffi, lib
+from .doorbell import Doorbell
+from .errors import RingCorruptError
+from .packet import (
+    GpaRange,
+    Packet,
+    PacketType,
+    TransferPageRange,
+    build_gpa_direct_header,
+    build_xfer_pages_header,
+    check_extended_header,
+)
+
+__all__ = [
+    "ABI_VERSION",
+    "DEFAULT_SPIN_NS",
+    "CONTROL_BYTES",
+    "IncomingRing",
+    "OutgoingRing",
+    "PacketBatch",
+    "PacketView",
+    "ReadInfo",
+    "RingCorruptError",
+    "init_ring",
+    "packet_bytes",
+]
+
+ABI_VERSION = 4
+if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
+    raise ImportError(
+        f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
+        f"expects {ABI_VERSION}: rebuild the extension with `pip install -e .`"
+    )
+
+CONTROL_BYTES = lib.VMBR_CONTROL_BYTES
+PAGE_BYTES = lib.VMBR_PAGE_BYTES
+MAX_PACKET_BYTES = lib.VMBR_MAX_PACKET_BYTES
+#: How long a waiter polls the ring before it blocks on its doorbell.  A
+#: blocking hand-off to another vCPU costs ~22 µs here (shared/perf), so
+#: spinning for about that long first keeps a busy channel at busy-poll speed
+#: while an idle one still sleeps.
+DEFAULT_SPIN_NS = 20_000
+
+_REASONS = {
+    lib.VMBR_BAD_WRITE_INDEX: "bad_write_index",
+    lib.VMBR_BAD_READ_INDEX: "bad_read_index",
+    lib.VMBR_BAD_PARTIAL: "partial_packet",
+    lib.VMBR_BAD_LENGTHS: "bad_lengths",
+    lib.VMBR_BAD_TYPE: "bad_packet_type",
+    lib.VMBR_BAD_FLAGS: "bad_flags",
+    lib.VMBR_BAD_TOO_BIG: "packet_too_big",
+    lib.VMBR_BAD_EXT_HEADER: "bad_extended_header",
+}
+
+# Hot-path bindings: a module global is cheaper to reach than lib.<name>.
+_write = lib.vmbr_write
+_drain = lib.vmbr_drain
+_spin_readable = lib.vmbr_spin_readable
+_unmask = lib.vmbr_unmask_interrupts
+_unpack = ffi.unpack
+_new = object.__new__
+_monotonic = time.monotonic
+
+
+def packet_bytes(payload_bytes: int, ext_bytes: int = 0) -> int:
+    """Ring bytes one packet uses: descriptor, ext header, padded payload, trailer."""
+    return ((16 + ext_bytes + payload_bytes + 7) & ~7) + 8
+
+
+def _ring_length(buffer: Any) -> int:
+    with memoryview(buffer) as mv:
+        n = mv.nbytes
+        if mv.readonly:
+            raise ValueError("a ring needs a writable buffer")
+    if n % PAGE_BYTES or n < lib.VMBR_MIN_RING_BYTES:
+        raise ValueError(
+            f"a ring buffer must be a multiple of 4096 bytes and at least 8192, not {n}"
+        )
+    if n - CONTROL_BYTES > 0x80000000:
+        raise ValueError(f"a ring's data area is limited to 2 GiB, not {n - CONTROL_BYTES}")
+    return n
+
+
+def init_ring(buffer: Any) -> None:
+    """Make ``buffer`` a fresh, empty ring: zero the control page and set the
+    pending-send-size feature bit.  Call it once, before either end attaches;
+    attaching never initialises."""
+    _ring_length(buffer)
+    view = ffi.from_buffer(buffer, require_writable=True)
+    try:
+        lib.vmbr_init_control(ffi.cast("uint8_t *", view))
+    finally:
+        ffi.release(view)
+
+
+class _RingEnd:
+    """What both ends share: attach, close, errors, debug_info."""
+
+    _outgoing = False
+
+    def __init__(self, buffer: Any, *, on_signal: Callable[[], None] | None = None) -> None:
+        n = _ring_length(buffer)
+        self._view = ffi.from_buffer(buffer, require_writable=True)
+        self._r = ffi.new("struct vmbr_ring *")
+        rc = lib.vmbr_attach(self._r, ffi.cast("uint8_t *", self._view), n, self._outgoing)
+        if rc:
+            ffi.release(self._view)
+            raise self._error(rc)
+        self.ring_bytes = n
+        self.data_bytes = n - CONTROL_BYTES
+        self.owed_signals = 0
+        self.on_signal = on_signal
+        self._signal: Callable[[], None] = on_signal if on_signal is not None else self._owe
+
+    # -- signals -------------------------------------------------------------
+    def _owe(self) -> None:
+        self.owed_signals += 1
+
+    def take_signals(self) -> int:
+        """Return and reset the number of signals owed to the peer (when no
+        ``on_signal`` was given)."""
+        n, self.owed_signals = self.owed_signals, 0
+        return n
+
+    # -- errors --------------------------------------------------------------
+    def _error(self, rc: int) -> Exception:
+        if rc == lib.VMBR_E_CORRUPT:
+            r = self._r
+            return RingCorruptError(_REASONS.get(r.corrupt, f"reason {r.corrupt}"), r.bad_value)
+        if rc == lib.VMBR_E_TOO_BIG:
+            return ValueError(
+                f"packet can never fit in this ring ({self.data_bytes} data bytes, "
+                f"at most {self.max_payload_bytes} payload bytes per packet)"
+            )
+        return ValueError(f"invalid ring call (code {rc})")
+
+    @property
+    def corrupt(self) -> str | None:
+        """None, or why the peer's writes made this ring unusable."""
+        c = self._r.corrupt
+        return _REASONS.get(c, str(c)) if c else None
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload one inband packet can carry in this ring."""
+        largest_packet = min(self.data_bytes - 16, MAX_PACKET_BYTES) & ~7
+        return largest_packet - 16
+
+    def debug_info(self) -> dict[str, Any]:
+        """Indices, readable and writable bytes, mask, pending size, counters.
+
+        Shared fields are shown as read (one snapshot); ``bytes_readable`` and
+        ``bytes_writable`` are None when an index is out of range.
+        """
+        s = ffi.new("struct vmbr_snapshot *")
+        lib.vmbr_snapshot(self._r, s)
+        r, dsize = self._r, self.data_bytes
+        w, rd = s.write_index, s.read_index
+        ok = w < dsize and rd < dsize and not (w | rd) & 7
+        readable = (w - rd if w >= rd else dsize - rd + w) if ok else None
+        return {
+            "end": "outgoing" if self._outgoing else "incoming",
+            "ring_bytes": self.ring_bytes,
+            "data_bytes": dsize,
+            "write_index": w,
+            "read_index": rd,
+            "interrupt_mask": s.interrupt_mask,
+            "pending_send_sz": s.pending_send_sz,
+            "feature_bits": s.feature_bits,
+            "bytes_readable": readable,
+            "bytes_writable": dsize - readable if readable is not None else None,
+            "private_index": r.index,
+            "packets": r.packets,
+            "bytes": r.bytes,
+            "signals": r.signals,
+            "signals_suppressed": r.signals_suppressed,
+            "full": r.full,
+            "corrupt": self.corrupt,
+        }
+
+    # -- lifetime ------------------------------------------------------------
+    def close(self) -> None:
+        """Detach: release the view of the buffer (the buffer itself is the
+        caller's; an mmap can be closed after this)."""
+        if self._view is not None:
+            ffi.release(self._view)
+            self._view = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OutgoingRing(_RingEnd):
+    """The writing end of a ring.
+
+    Args:
+        buffer: the ring's memory (control page first), already initialised.
+        on_signal: called when the reader must be signalled.
+    """
+
+    _outgoing = True
+
+    def try_write(
+        self,
+        payload: bytes,
+        *,
+        packet_type: PacketType = PacketType.DATA_INBAND,
+        trans_id: int = 0,
+        completion_requested: bool = False,
+        ranges: Sequence[GpaRange] | Sequence[TransferPageRange] | None = None,
+        xfer_pageset_id: int = 0,
+    ) -> bool:
+        """Write one packet; False (nothing written) when it does not fit now.
+
+        ``ranges`` gives the GPA ranges of a GPA-direct packet (type 9) or the
+        transfer-page ranges of a type-7 packet (with ``xfer_pageset_id``).
+
+        Raises:
+            RingCorruptError: the reader corrupted the ring.
+            ValueError: the packet can never fit in this ring.
+        """
+        tf = packet_type | 0x10000 if completion_requested else packet_type
+        if ranges is not None:
+            return self._write_ext(payload, tf, trans_id, ranges, xfer_pageset_id)
+        try:
+            rc = _write(self._r, tf, trans_id, payload, len(payload))
+        except TypeError:  # not bytes: a bytearray, memoryview, mmap ...
+            buf = ffi.from_buffer(payload)
+            try:
+                rc = _write(self._r, tf, trans_id, buf, len(buf))
+            finally:
+                ffi.release(buf)
+        if rc > 0:
+            if rc == 2:
+                self._signal()
+            return True
+        if rc == 0:
+            return False
+        raise self._error(rc)
+
+    def _write_ext(
+        self,
+        payload: Any,
+        tf: int,
+        trans_id: int,
+        ranges: Sequence[Any],
+        pageset_id: int,
+    ) -> bool:
+        ptype = tf & 0xFFFF
+        if ptype == PacketType.DATA_USING_GPA_DIRECT:
+            ext = build_gpa_direct_header(list(ranges))
+        elif ptype == PacketType.DATA_USING_XFER_PAGES:
+            ext = build_xfer_pages_header(pageset_id, list(ranges))
+        else:
+            raise ValueError(f"ranges are only for packet types 7 and 9, not {ptype}")
+        buf = ffi.from_buffer(payload)
+        try:
+            rc = lib.vmbr_write_ext(self._r, tf, trans_id, ext, len(ext), buf, len(buf))
+        finally:
+            ffi.release(buf)
+        if rc > 0:
+            if rc == 2:
+                self._signal()
+            return True
+        if rc == 0:
+            return False
+        raise self._error(rc)
+
+    def write_many(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        packet_type: PacketType = PacketType.DATA_INBAND,
+        trans_id: int = 0,
+        completion_requested: bool = False,
+    ) -> int:
+        """Write as many of ``payloads`` as fit, in order, with one C call and
+        one index publication; return how many were written."""
+        if not payloads:
+            return 0
+        blob = b"".join(payloads)
+        lens = array("I", map(len, payloads))
+        written = ffi.new("uint32_t *")
+        tf = packet_type | 0x10000 if completion_requested else packet_type
+        rc = lib.vmbr_write_batch(
+            self._r, tf, trans_id, blob, ffi.from_buffer("uint32_t[]", lens), len(lens), written
+        )
+        if rc < 0:
+            raise self._error(rc)
+        if rc == 2:
+            self._signal()
+        return int(written[0])
+
+    def bytes_writable(self) -> int:
+        """Free bytes right now (a write of n bytes needs strictly more)."""
+        rc = lib.vmbr_bytes_writable(self._r)
+        if rc < 0:
+            raise self._error(rc)
+        return int(rc)
+
+    def wait_writable(
+        self,
+        need_bytes: int,
+        doorbell: Doorbell,
+        timeout: float,
+        *,
+        spin_ns: int = DEFAULT_SPIN_NS,
+    ) -> bool:
+        """Wait until a packet of ``need_bytes`` ring bytes (see ``packet_bytes``)
+        fits: spin for up to ``spin_ns``, then publish pending_send_sz and block
+        on ``doorbell`` (rung by the reader when enough space frees up).
+        Returns False on timeout."""
+        r = self._r
+        if spin_ns:
+            rc = lib.vmbr_spin_writable(r, need_bytes, spin_ns)
+            if rc < 0:
+                raise self._error(rc)
+            if rc > need_bytes:
+                return True
+        deadline = _monotonic() + timeout
+        while True:
+            rc = lib.vmbr_set_pending(r, need_bytes)
+            if rc < 0:
+                raise self._error(rc)
+            if rc > need_bytes:
+                return True  # the next write clears pending_send_sz
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                lib.vmbr_set_pending(r, 0)
+                return False
+            doorbell.wait(remaining)
+
+    def write(
+        self,
+        payload: bytes,
+        doorbell: Doorbell,
+        timeout: float,
+        *,
+        spin_ns: int = DEFAULT_SPIN_NS,
+        **kwargs: Any,
+    ) -> bool:
+        """Blocking ``try_write``: wait for space for up to ``timeout`` seconds."""
+        if self.try_write(payload, **kwargs):
+            return True
+        need = packet_bytes(memoryview(payload).nbytes)
+        deadline = _monotonic() + timeout
+        while True:
+            if not self.wait_writable(need, doorbell, max(0.0, deadline - _monotonic()),
+                                      spin_ns=spin_ns):
+                return False
+            if self.try_write(payload, **kwargs):
+                return True
+
+
+class ReadInfo(NamedTuple):
+    """What ``IncomingRing.read_into`` read: the payload went to the caller's buffer."""
+
+    packet_type: PacketType
+    flags: int
+    trans_id: int
+    payload_bytes: int
+    ranges: tuple[GpaRange, ...] | tuple[TransferPageRange, ...] | None
+
+
+class PacketBatch(Sequence[Packet]):
+    """Packets drained with one C call: a private copy of them, back to back."""
+
+    __slots__ = ("_raw", "_starts")
+
+    def __init__(self, raw: bytes, starts: list[int]) -> None:
+        self._raw = raw
+        self._starts = starts  # len(packets) + 1 entries; the last is the end
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("packet index out of range")
+        return Packet(self._raw, self._starts[i])
+
+    def __iter__(self) -> Iterator[Packet]:
+        raw = self._raw
+        for pos in self._starts[:-1]:
+            p = _new(Packet)
+            p._raw = raw
+            p._pos = pos
+            yield p
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all packets in the batch (descriptors and padding included)."""
+        return self._starts[-1] - self._starts[0] if self._starts else 0
+
+    def payloads(self) -> list[bytes]:
+        return [p.payload for p in self]
+
+
+class PacketView:
+    """A packet still in the ring, seen in place (zero copy).
+
+    ``segments`` are one or two memoryviews of the payload (two when it wraps
+    around the end of the ring).  They stay valid until ``release()`` (or the
+    end of a ``with`` block), which consumes the packet.
+
+    Trust: the descriptor was copied and validated, but the payload bytes are
+    the peer's live memory and may change while you look: copy before you
+    parse.  Use this for bulk data only.
+    """
+
+    __slots__ = ("_ring", "flags", "packet_type", "segments", "trans_id")
+
+    def __init__(self, ring: IncomingRing, packet_type: int, flags: int, trans_id: int,
+                 segments: tuple[memoryview, ...]) -> None:
+        self._ring = ring
+        self.packet_type = PacketType(packet_type)
+        self.flags = flags
+        self.trans_id = trans_id
+        self.segments = segments
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    def copy_into(self, buffer: Any) -> int:
+        with memoryview(buffer) as dst:
+            pos = 0
+            for s in self.segments:
+                dst[pos : pos + s.nbytes] = s
+                pos += s.nbytes
+        return pos
+
+    def release(self) -> None:
+        if self._ring is not None:
+            for s in self.segments:
+                s.release()
+            ring, self._ring = self._ring, None
+            ring._consume_view()
+
+    def __enter__(self) -> PacketView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class IncomingRing(_RingEnd):
+    """The reading end of a ring.
+
+    Args:
+        buffer: the ring's memory (control page first), already initialised.
+        on_signal: called when the writer must be signalled (it was waiting
+            for space and now has enough).
+        readahead_bytes: size of the private batch buffer (at least the
+            largest packet the ring can hold is always allocated).
+        readahead_packets: most packets copied out per C call.
+    """
+
+    def __init__(
+        self,
+        buffer: Any,
+        *,
+        on_signal: Callable[[], None] | None = None,
+        readahead_bytes: int = 64 * 1024,
+        readahead_packets: int = 256,
+    ) -> None:
+        super().__init__(buffer, on_signal=on_signal)
+        self._outsize = max(readahead_bytes, self.max_payload_bytes + 16)
+        self._out = ffi.new("char[]", self._outsize)
+        self._maxpk = max(1, readahead_packets)
+        self._starts = ffi.new("uint32_t[]", self._maxpk + 1)
+        self._count = ffi.new("uint32_t *")
+        self._hdr = ffi.new("char[]", 4096)
+        self._pay_len = ffi.new("uint32_t *")
+        self._vview = ffi.new("struct vmbr_view *")
+        self._mv = memoryview(ffi.buffer(self._view))  # for zero-copy views
+        self._braw = b""
+        self._bstarts: list[int] = [0]
+        self._i = 0
+        self._n = 0
+        self._pending_error: Exception | None = None
+
+    # -- the read-ahead --------------------------------------------------------
+    def _fill(self, max_packets: int) -> int:
+        """Copy up to max_packets packets out of the ring into a new batch."""
+        if self._pending_error is not None:
+            raise self._pending_error
+        rc = _drain(self._r, self._out, self._outsize, self._starts,
+                    min(max_packets, self._maxpk), self._count)
+        if rc < 0:
+            # Good packets before the bad one were copied and published.
+            err = self._error(rc)
+            if self._count[0] == 0:
+                raise err
+            self._pending_error = err
+        n = self._count[0]
+        if n == 0:
+            return 0
+        if rc > 0 and rc & 1:
+            self._signal()
+        starts = _unpack(self._starts, n + 1)
+        raw = _unpack(self._out, starts[n])
+        if rc > 0 and rc & 2:
+            n = self._check_ext(raw, starts)
+        self._braw, self._bstarts, self._i, self._n = raw, starts, 0, n
+        return n
+
+    def _check_ext(self, raw: bytes, starts: list[int]) -> int:
+        for k in range(len(starts) - 1):
+            try:
+                check_extended_header(raw, starts[k])
+            except RingCorruptError as e:
+                self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
+                self._r.bad_value = e.value & 0xFFFFFFFF
+                self._pending_error = e
+                del starts[k + 1 :]
+                return k
+        return len(starts) - 1
+
+    def try_read(self) -> Packet | None:
+        """The next packet, or None when the ring is empty.
+
+        Raises:
+            RingCorruptError: the writer corrupted the ring (after any good
+                packets that preceded the damage have been returned).
+        """
+        i = self._i
+        if i >= self._n:
+            if not self._fill(self._maxpk):
+                return None
+            i = 0
+        self._i = i + 1
+        p = _new(Packet)
+        p._raw = self._braw
+        p._pos = self._bstarts[i]
+        return p
+
+    def drain(self, max_packets: int = 256) -> PacketBatch:
+        """Up to ``max_packets`` packets with one C call (fewer when the ring
+        holds fewer, or they do not fit the read-ahead buffer)."""
+        if self._i >= self._n and not self._fill(max_packets):
+            return PacketBatch(b"", [0])
+        i, j = self._i, min(self._n, self._i + max_packets)
+        self._i = j
+        if i == 0 and j == self._n:
+            return PacketBatch(self._braw, self._bstarts)
+        return PacketBatch(self._braw, self._bstarts[i : j + 1])
+
+    def read_into(self, buffer: Any) -> ReadInfo | None:
+        """Copy the next packet's payload straight into ``buffer`` (one copy out
+        of the ring, no intermediate object); None when the ring is empty.
+
+        Raises:
+            ValueError: ``buffer`` is too small for the next packet (nothing
+                is consumed).
+        """
+        if self._i < self._n:  # keep order: serve read-ahead first
+            p = Packet(self._braw, self._bstarts[self._i])
+            data = p.payload
+            with memoryview(buffer) as mv:
+                if len(data) > mv.nbytes:
+                    raise ValueError(f"buffer too small for a {len(data)}-byte payload")
+                mv[: len(data)] = data
+            self._i += 1
+            return ReadInfo(p.packet_type, p.flags, p.trans_id, len(data), p.ranges)
+        if self._pending_error is not None:
+            raise self._pending_error
+        dst = ffi.from_buffer(buffer, require_writable=True)
+        try:
+            rc = lib.vmbr_read_into(self._r, self._hdr, 4096, dst, len(dst), self._pay_len)
+        finally:
+            ffi.release(dst)
+        if rc == 0:
+            return None
+        if rc == lib.VMBR_E_INVAL:
+            need = lib.vmbr_peek(self._r, self._vview)
+            if need > 0 and self._vview.offset_bytes > 4096:  # a huge ext header
+                self._fill(1)
+                return self.read_into(buffer)
+            raise ValueError("buffer too small for the next packet's payload")
+        if rc < 0:
+            raise self._error(rc)
+        if rc & 1:
+            self._signal()
+        hdr = _unpack(self._hdr, 16)
+        p = Packet(hdr)
+        off = p.offset8 * 8
+        ranges = None
+        if off > 16:
+            ext = hdr + _unpack(self._hdr + 16, off - 16)
+            try:
+                check_extended_header(ext)
+            except RingCorruptError:
+                self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
+                raise
+            ranges = Packet(ext).ranges
+        return ReadInfo(p.packet_type, p.flags, p.trans_id, int(self._pay_len[0]), ranges)
+
+    def peek(self) -> PacketView | None:
+        """The next packet in place (see ``PacketView``); None when empty."""
+        if self._i < self._n:
+            p = Packet(self._braw, self._bstarts[self._i])
+            seg = memoryview(p.payload)
+            return PacketView(self, p.packet_type, p.flags, p.trans_id, (seg,))
+        if self._pending_error is not None:
+            raise self._pending_error
+        v = self._vview
+        rc = lib.vmbr_peek(self._r, v)
+        if rc == 0:
+            return None
+        if rc < 0:
+            raise self._error(rc)
+        if v.type in (PacketType.DATA_USING_GPA_DIRECT, PacketType.DATA_USING_XFER_PAGES):
+            # Extended headers must be validated on a copy: take the copy path.
+            self._fill(1)
+            return self.peek()
+        base = CONTROL_BYTES + v.first_off
+        segs = [self._mv[base : base + v.first_len]]
+        if v.second_len:
+            segs.append(self._mv[CONTROL_BYTES : CONTROL_BYTES + v.second_len])
+        return PacketView(self, v.type, v.flags, v.trans_id, tuple(segs))
+
+    def _consume_view(self) -> None:
+        if self._i < self._n:
+            self._i += 1
+            return
+        rc = lib.vmbr_consume(self._r, 1)
+        if rc < 0:
+            raise self._error(rc)
+        if rc & 1:
+            self._signal()
+
+    # -- state and waiting -----------------------------------------------------
+    @property
+    def buffered_packets(self) -> int:
+        """Packets already copied out into the read-ahead, not yet returned."""
+        return self._n - self._i
+
+    def bytes_readable(self) -> int:
+        """Bytes of packets in the ring itself (read-ahead not counted)."""
+        rc = lib.vmbr_bytes_readable(self._r)
+        if rc < 0:
+            raise self._error(rc)
+        return int(rc)
+
+    def mask_interrupts(self) -> None:
+        """Tell the writer not to signal: we are draining (batched mode)."""
+        lib.vmbr_mask_interrupts(self._r)
+
+    def unmask_interrupts(self) -> int:
+        """Ask for signals again and re-check; returns bytes readable.  Only a
+        0 makes it safe to sleep on the doorbell."""
+        rc = _unmask(self._r)
+        if rc < 0:
+            raise self._error(rc)
+        return int(rc)
+
+    def wait_readable(
+        self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
+    ) -> bool:
+        """Wait until a packet is readable: poll for up to ``spin_ns`` with
+        interrupts masked, then unmask, re-check and block on ``doorbell``.
+        Returns False on timeout."""
+        if self._i < self._n:
+            return True
+        r = self._r
+        if spin_ns:
+            lib.vmbr_mask_interrupts(r)
+            rc = _spin_readable(r, spin_ns)
+            if rc:
+                if rc < 0:
+                    raise self._error(rc)
+                return True
+        deadline = _monotonic() + timeout
+        while True:
+            rc = _unmask(r)
+            if rc:
+                if rc < 0:
+                    raise self._error(rc)
+                return True
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                return False
+            doorbell.wait(remaining)
+
+    def read(
+        self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
+    ) -> Packet | None:
+        """Blocking ``try_read``: None only on timeout."""
+        p = self.try_read()
+        if p is not None:
+            return p
+        deadline = _monotonic() + timeout
+        while self.wait_readable(doorbell, max(0.0, deadline - _monotonic()), spin_ns=spin_ns):
+            p = self.try_read()
+            if p is not None:
+                return p
+        return None
+
+    def __iter__(self) -> Iterator[Packet]:
+        """Packets until the ring is empty (non-blocking)."""
+        while (p := self.try_read()) is not None:
+            yield p
+
+    def debug_info(self) -> dict[str, Any]:
+        info = super().debug_info()
+        info["buffered_packets"] = self.buffered_packets
+        return info
+
+    def close(self) -> None:
+        if getattr(self, "_mv", None) is not None:
+            self._mv.release()
+            self._mv = None
+        super().close()
