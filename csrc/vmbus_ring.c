@@ -273,6 +273,9 @@ int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_
 int64_t vmbr_write(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
                    const char *payload, uint32_t payload_bytes)
 {
+    uint16_t type = (uint16_t)type_flags;
+    if (type == VMBR_PKT_DATA_USING_XFER_PAGES || type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+        return VMBR_E_INVAL; /* these need their extended header: vmbr_write_ext */
     return vmbr_write_ext(r, type_flags, trans_id, NULL, 0, payload, payload_bytes);
 }
 
@@ -282,6 +285,9 @@ int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     *written = 0;
     if (r->corrupt)
         return VMBR_E_CORRUPT;
+    uint16_t type = (uint16_t)type_flags;
+    if (type == VMBR_PKT_DATA_USING_XFER_PAGES || type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+        return VMBR_E_INVAL;
     for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
         uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
         if (padded > VMBR_MAX_PACKET_BYTES || padded + VMBR_TRAILER_BYTES >= r->data_bytes)

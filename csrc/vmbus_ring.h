@@ -161,7 +161,8 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   published at once.  type_flags = packet type | descriptor flags << 16
  *   (one argument instead of two: every argument costs ~8 ns in cffi).
  *   Returns 0 when it does not fit (nothing written), 1 when written, 2 when
- *   written and the reader must be signalled, or a negative error.
+ *   written and the reader must be signalled, or a negative error (types 7
+ *   and 9 give VMBR_E_INVAL: they need vmbr_write_ext).
  *
  * vmbr_write_ext: the same with an extended header (types 7 and 9) between
  *   descriptor and payload; ext_bytes must be a multiple of 8.

@@ -159,12 +159,17 @@ class _RingEnd:
         if rc == lib.VMBR_E_CORRUPT:
             r = self._r
             return RingCorruptError(_REASONS.get(r.corrupt, f"reason {r.corrupt}"), r.bad_value)
+        if rc == lib.VMBR_E_INVAL:
+            return ValueError(
+                "invalid ring call: packet types 7 and 9 carry ranges; use "
+                "try_write_xfer_pages / try_write_gpa_direct"
+            )
         if rc == lib.VMBR_E_TOO_BIG:
             return ValueError(
                 f"packet can never fit in this ring ({self.data_bytes} data bytes, "
                 f"at most {self.max_payload_bytes} payload bytes per packet)"
             )
-        return ValueError(f"invalid ring call (code {rc})")
+        return ValueError(f"ring call failed (code {rc})")
 
     @property
     def corrupt(self) -> str | None:
@@ -242,21 +247,19 @@ class OutgoingRing(_RingEnd):
         packet_type: PacketType = PacketType.DATA_INBAND,
         trans_id: int = 0,
         completion_requested: bool = False,
-        ranges: Sequence[GpaRange] | Sequence[TransferPageRange] | None = None,
-        xfer_pageset_id: int = 0,
     ) -> bool:
         """Write one packet; False (nothing written) when it does not fit now.
 
-        ``ranges`` gives the GPA ranges of a GPA-direct packet (type 9) or the
-        transfer-page ranges of a type-7 packet (with ``xfer_pageset_id``).
+        For GPA-direct (9) and transfer-page (7) packets, which carry ranges,
+        use ``try_write_gpa_direct`` and ``try_write_xfer_pages``.
 
         Raises:
             RingCorruptError: the reader corrupted the ring.
-            ValueError: the packet can never fit in this ring.
+            ValueError: the packet can never fit in this ring, or a type that
+                needs ranges was given here.
         """
+        # Hot path: every keyword and branch here costs ~5-10 ns per packet.
         tf = packet_type | 0x10000 if completion_requested else packet_type
-        if ranges is not None:
-            return self._write_ext(payload, tf, trans_id, ranges, xfer_pageset_id)
         try:
             rc = _write(self._r, tf, trans_id, payload, len(payload))
         except TypeError:  # not bytes: a bytearray, memoryview, mmap ...
@@ -273,21 +276,39 @@ class OutgoingRing(_RingEnd):
             return False
         raise self._error(rc)
 
-    def _write_ext(
+    def try_write_gpa_direct(
         self,
-        payload: Any,
-        tf: int,
-        trans_id: int,
-        ranges: Sequence[Any],
-        pageset_id: int,
+        payload: bytes,
+        ranges: Sequence[GpaRange],
+        *,
+        trans_id: int = 0,
+        completion_requested: bool = False,
     ) -> bool:
-        ptype = tf & 0xFFFF
-        if ptype == PacketType.DATA_USING_GPA_DIRECT:
-            ext = build_gpa_direct_header(list(ranges))
-        elif ptype == PacketType.DATA_USING_XFER_PAGES:
-            ext = build_xfer_pages_header(pageset_id, list(ranges))
-        else:
-            raise ValueError(f"ranges are only for packet types 7 and 9, not {ptype}")
+        """Write a GPA-direct packet (type 9): ``payload`` inline, plus ranges
+        of guest pages the reader accesses in place."""
+        ext = build_gpa_direct_header(list(ranges))
+        return self._write_ext(payload, PacketType.DATA_USING_GPA_DIRECT, trans_id,
+                               completion_requested, ext)
+
+    def try_write_xfer_pages(
+        self,
+        payload: bytes,
+        pageset_id: int,
+        ranges: Sequence[TransferPageRange],
+        *,
+        trans_id: int = 0,
+        completion_requested: bool = False,
+    ) -> bool:
+        """Write a transfer-page packet (type 7): ranges inside a pre-shared
+        page set, plus ``payload`` inline."""
+        ext = build_xfer_pages_header(pageset_id, list(ranges))
+        return self._write_ext(payload, PacketType.DATA_USING_XFER_PAGES, trans_id,
+                               completion_requested, ext)
+
+    def _write_ext(
+        self, payload: Any, ptype: int, trans_id: int, completion_requested: bool, ext: bytes
+    ) -> bool:
+        tf = ptype | 0x10000 if completion_requested else ptype
         buf = ffi.from_buffer(payload)
         try:
             rc = lib.vmbr_write_ext(self._r, tf, trans_id, ext, len(ext), buf, len(buf))
