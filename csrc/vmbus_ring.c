@@ -446,6 +446,7 @@ int64_t vmbr_commit_read(struct vmbr_ring *r)
 
 int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
 {
+    r->peeked = 0; /* any other read invalidates a pending peek */
     if (r->corrupt)
         return VMBR_E_CORRUPT;
     uint32_t w;
@@ -472,6 +473,7 @@ int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
 int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *starts,
                    uint32_t max_packets, uint32_t *count)
 {
+    r->peeked = 0; /* any other read invalidates a pending peek */
     *count = 0;
     if (r->corrupt)
         return VMBR_E_CORRUPT;
@@ -512,6 +514,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *s
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
                        uint32_t dst_cap, uint32_t *payload_bytes)
 {
+    r->peeked = 0; /* any other read invalidates a pending peek */
     *payload_bytes = 0;
     if (r->corrupt)
         return VMBR_E_CORRUPT;
