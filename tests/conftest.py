@@ -1,0 +1,111 @@
+"""Suite-wide fixtures: every test must leave the OS as it found it.
+
+``_no_leaks`` (autouse) snapshots, before each test, the entries of /dev/shm,
+this process's open file descriptors and its child processes, and compares
+after the test.  Anything new fails the test (as a teardown error).  Leftover
+children are killed and reaped and leftover /dev/shm entries unlinked first,
+so one leaky test cannot make the next one fail too.  Leaked fds are only
+reported, never closed: an fd belongs to some live object (an mmap keeps its
+own dup), and closing it behind that object's back would corrupt whatever
+reuses the number.
+
+When the test itself already failed, its traceback keeps its locals (and so
+their fds) alive; the fd check is skipped then, to report one failure once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+_SHM = "/dev/shm"
+_FD_DIR = "/proc/self/fd"
+
+
+def _fds() -> dict[int, str]:
+    """Open fds of this process -> what they point at."""
+    out = {}
+    for name in os.listdir(_FD_DIR):
+        fd = int(name)
+        try:
+            out[fd] = os.readlink(f"{_FD_DIR}/{name}")
+        except OSError:  # the fd listdir itself used, already closed
+            continue
+    return out
+
+
+def _tolerated_fd(target: str) -> bool:
+    # The directory fd that os.listdir(/proc/self/fd) itself had open.
+    return target.startswith("/proc/")
+
+
+def _shm() -> set[str]:
+    try:
+        return set(os.listdir(_SHM))
+    except FileNotFoundError:
+        return set()
+
+
+def _children() -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    rep = yield
+    if rep.when == "call":
+        item.stash[_failed_key] = rep.failed
+    return rep
+
+
+_failed_key = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    shm_before = _shm()
+    fds_before = _fds()
+    kids_before = _children()
+    yield
+    problems = []
+
+    kids = {pid: p for pid, p in _children().items() if pid not in kids_before}
+    if kids:
+        descr = []
+        for p in kids.values():
+            try:
+                descr.append(f"{p.pid} {' '.join(p.cmdline())[:120]!r} ({p.status()})")
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                descr.append(f"{p.pid} (gone)")
+        psutil.wait_procs(list(kids.values()), timeout=5)
+        problems.append("child processes left running (killed): " + "; ".join(descr))
+
+    new_shm = _shm() - shm_before
+    if new_shm:
+        for name in new_shm:
+            try:
+                os.unlink(os.path.join(_SHM, name))
+            except OSError:
+                pass
+        problems.append(f"/dev/shm entries left behind (unlinked): {sorted(new_shm)}")
+
+    if not request.node.stash.get(_failed_key, False):
+        after = _fds()
+        leaked = {
+            fd: t
+            for fd, t in after.items()
+            if fds_before.get(fd) != t and not _tolerated_fd(t)
+        }
+        if leaked:
+            problems.append(f"file descriptors left open: {leaked}")
+
+    if problems:
+        pytest.fail("test leaked OS resources:\n  " + "\n  ".join(problems), pytrace=False)
