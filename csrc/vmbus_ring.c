@@ -153,6 +153,13 @@ int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int out
     if (!index_ok(start, r->data_bytes))
         return (int)mark_corrupt(r, outgoing ? VMBR_BAD_WRITE_INDEX : VMBR_BAD_READ_INDEX, start);
     r->index = r->published = start;
+    if (outgoing) {
+        /* Acquire: as for every read_index load (see load_read_index). */
+        uint32_t rd = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_acquire);
+        if (!index_ok(rd, r->data_bytes))
+            return (int)mark_corrupt(r, VMBR_BAD_READ_INDEX, rd);
+        r->peer_index = rd;
+    }
     return 0;
 }
 
@@ -179,7 +186,27 @@ static inline int64_t load_read_index(struct vmbr_ring *r, uint32_t *rd)
     uint32_t v = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_acquire);
     if (!index_ok(v, r->data_bytes))
         return mark_corrupt(r, VMBR_BAD_READ_INDEX, v);
-    *rd = v;
+    *rd = r->peer_index = v;
+    return 0;
+}
+
+/*
+ * Free bytes for the writer.  The read_index seen last is tried first: the
+ * reader only ever moves it forward, so a stale value under-reports space and
+ * is safe; only when it is not enough is the shared line touched again.  The
+ * control page's one cache line holds both indices, and every load of it
+ * after the reader published is a cross-core miss.
+ */
+static inline int64_t space_for(struct vmbr_ring *r, uint64_t total, uint32_t *space)
+{
+    uint32_t s = writable(r->peer_index, r->index, r->data_bytes);
+    if (s <= total) {
+        uint32_t rd;
+        if (load_read_index(r, &rd))
+            return VMBR_E_CORRUPT;
+        s = writable(rd, r->index, r->data_bytes);
+    }
+    *space = s;
     return 0;
 }
 
@@ -205,13 +232,18 @@ static int64_t publish_write(struct vmbr_ring *r)
     atomic_thread_fence(memory_order_seq_cst);
     /* Relaxed: ordered by the fence above; the value is only a hint. */
     uint32_t mask = atomic_load_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), memory_order_relaxed);
+    /* Acquire (ordered after our store by the fence above): it also refreshes
+     * the cached read_index, so it must pair with the reader's release like
+     * every read_index load.  The line is ours right after the store, so this
+     * load is a hit.  Equal to our old index means the reader had drained
+     * everything before this write: empty -> non-empty. */
+    uint32_t rd = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_acquire);
+    if (index_ok(rd, r->data_bytes))
+        r->peer_index = rd;
     if (mask) {
         r->signals_suppressed++;
         return 1;
     }
-    /* Relaxed: ordered by the fence above.  Equal to our old index means the
-     * reader had drained everything before this write: empty -> non-empty. */
-    uint32_t rd = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_relaxed);
     if (rd == old) {
         r->signals++;
         return 2;
@@ -256,10 +288,10 @@ int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_
     uint64_t total = padded + VMBR_TRAILER_BYTES;
     if (padded > VMBR_MAX_PACKET_BYTES || total >= r->data_bytes)
         return VMBR_E_TOO_BIG;
-    uint32_t rd;
-    if (load_read_index(r, &rd))
+    uint32_t space;
+    if (space_for(r, total, &space))
         return VMBR_E_CORRUPT;
-    if (writable(rd, r->index, r->data_bytes) <= total) { /* strict: never completely full */
+    if (space <= total) { /* strict: never completely full */
         r->full++;
         return 0;
     }

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 4
+#define VMBR_ABI_VERSION 5
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -85,6 +85,7 @@ struct vmbr_ring {
     uint32_t corrupt;       /* 0, or a VMBR_BAD_* reason (sticky)               */
     uint32_t bad_value;     /* the offending value, for the error message       */
     uint32_t peeked;        /* reader: bytes of the packet vmbr_peek validated  */
+    uint32_t peer_index;    /* writer: read_index as last seen (validated)      */
     uint64_t packets;       /* packets moved through this endpoint              */
     uint64_t bytes;         /* payload bytes moved                              */
     uint64_t signals;       /* times we told the caller to signal the peer      */

@@ -57,7 +57,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -561,8 +561,10 @@ class IncomingRing(_RingEnd):
             self._signal()
         starts = _unpack(self._starts, n + 1)
         raw = _unpack(self._out, starts[n])
-        if rc > 0 and rc & 2:
+        if rc < 0 or rc & 2:  # rc < 0: the good packets before the damage may be 7/9 too
             n = self._check_ext(raw, starts)
+            if n == 0:  # the first packet's header is bad: an error, not "empty"
+                raise self._pending_error  # type: ignore[misc]
         self._braw, self._bstarts, self._i, self._n = raw, starts, 0, n
         return n
 
