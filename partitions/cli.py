@@ -24,7 +24,7 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         p = part.strip().lower()
         num = p.rstrip("kmib")
-        unit = p[len(num):]
+        unit = p[len(num) :]
         if not num.isdigit() or unit not in units:
             raise click.BadParameter(f"{part!r} is not a size like 64, 1K or 64KiB")
         out.append(int(num) * units[unit])
@@ -38,10 +38,19 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--seconds", default=1.5, show_default=True, type=click.FloatRange(0.1, 60),
-              help="How long to stream each message size.")
-@click.option("--sizes", default="64,1K,16K,64K", show_default=True,
-              help="Message sizes to stream, comma-separated (binary units).")
+@click.option(
+    "--seconds",
+    default=1.5,
+    show_default=True,
+    type=click.FloatRange(0.1, 60),
+    help="How long to stream each message size.",
+)
+@click.option(
+    "--sizes",
+    default="64,1K,16K,64K",
+    show_default=True,
+    help="Message sizes to stream, comma-separated (binary units).",
+)
 def demo(seconds: float, sizes: str) -> None:
     """Stream packets between two processes through a VMBus ring and show the rate."""
     from rich.console import Console
@@ -86,15 +95,20 @@ def demo(seconds: float, sizes: str) -> None:
     table.add_column("verified")
     for r in results:
         table.add_row(
-            _fmt_size(r.size), f"{r.msgs_per_s / 1e6:.2f} M", f"{r.bytes_per_s / 1e6:,.0f}",
-            f"{r.packets:,}", "[green]✓[/]" if r.verified else f"[red]✗ {r.bad_packets} bad[/]",
+            _fmt_size(r.size),
+            f"{r.msgs_per_s / 1e6:.2f} M",
+            f"{r.bytes_per_s / 1e6:,.0f}",
+            f"{r.packets:,}",
+            "[green]✓[/]" if r.verified else f"[red]✗ {r.bad_packets} bad[/]",
         )
     console.print(table)
     console.print(
         f"stopped in {time.perf_counter() - t_start:.1f} s; consumer exited, "
         "ring memory and doorbells closed (memfd/eventfd: nothing in /dev/shm)."
     )
-    console.print("next: [bold]python -m pytest benchmarks[/] measures the ring against the alternatives.")
+    console.print(
+        "next: [bold]python -m pytest benchmarks[/] measures the ring against the alternatives."
+    )
     if not all(r.verified for r in results):
         sys.exit(EXIT_FAILED)
 

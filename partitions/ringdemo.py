@@ -105,8 +105,15 @@ def run(
     try:
         init_ring(shm.map)
         child = subprocess.Popen(
-            [sys.executable, "-m", "partitions.ringdemo", "consume",
-             str(shm.fd), str(peer_bell.fileno()), str(bell.fileno())],
+            [
+                sys.executable,
+                "-m",
+                "partitions.ringdemo",
+                "consume",
+                str(shm.fd),
+                str(peer_bell.fileno()),
+                str(bell.fileno()),
+            ],
             pass_fds=(shm.fd, peer_bell.fileno(), bell.fileno()),
             stdout=subprocess.PIPE,
             text=True,
@@ -141,9 +148,15 @@ def run(
             if not line:
                 raise RuntimeError("the consumer process exited")
             report = json.loads(line)
-            results.append(PhaseResult(size, n, elapsed,
-                                       report.get("packets") == n and report.get("bad") == 0,
-                                       report.get("bad", -1)))
+            results.append(
+                PhaseResult(
+                    size,
+                    n,
+                    elapsed,
+                    report.get("packets") == n and report.get("bad") == 0,
+                    report.get("bad", -1),
+                )
+            )
         _send_blocking(ring, bell, _HDR.pack(_END, 0, 0))
         if child.stdout:
             child.stdout.readline()

@@ -120,7 +120,9 @@ def _parse_gpa_direct(raw: bytes, start: int, end: int) -> tuple[GpaRange, ...]:
     return tuple(ranges)
 
 
-def _parse_xfer_pages(raw: bytes, start: int, end: int) -> tuple[int, tuple[TransferPageRange, ...]]:
+def _parse_xfer_pages(
+    raw: bytes, start: int, end: int
+) -> tuple[int, tuple[TransferPageRange, ...]]:
     if end - start < _XFER_HDR.size:
         raise RingCorruptError("xfer_pages_header", end - start, "no room for range_cnt")
     pageset_id, _owns, _reserved, count = _XFER_HDR.unpack_from(raw, start)
@@ -187,7 +189,8 @@ class Packet:
     def payload(self) -> bytes:
         """The bytes from offset8·8 to len8·8 of the packet (padding included)."""
         raw, pos = self._raw, self._pos
-        return raw[pos + (raw[pos + 2] | raw[pos + 3] << 8) * 8 : pos + (raw[pos + 4] | raw[pos + 5] << 8) * 8]
+        start = pos + (raw[pos + 2] | raw[pos + 3] << 8) * 8
+        return raw[start : pos + (raw[pos + 4] | raw[pos + 5] << 8) * 8]
 
     @property
     def ranges(self) -> tuple[GpaRange, ...] | tuple[TransferPageRange, ...] | None:

@@ -45,8 +45,8 @@ from .packet import (
 
 __all__ = [
     "ABI_VERSION",
-    "DEFAULT_SPIN_NS",
     "CONTROL_BYTES",
+    "DEFAULT_SPIN_NS",
     "IncomingRing",
     "OutgoingRing",
     "PacketBatch",
@@ -287,8 +287,9 @@ class OutgoingRing(_RingEnd):
         """Write a GPA-direct packet (type 9): ``payload`` inline, plus ranges
         of guest pages the reader accesses in place."""
         ext = build_gpa_direct_header(list(ranges))
-        return self._write_ext(payload, PacketType.DATA_USING_GPA_DIRECT, trans_id,
-                               completion_requested, ext)
+        return self._write_ext(
+            payload, PacketType.DATA_USING_GPA_DIRECT, trans_id, completion_requested, ext
+        )
 
     def try_write_xfer_pages(
         self,
@@ -302,8 +303,9 @@ class OutgoingRing(_RingEnd):
         """Write a transfer-page packet (type 7): ranges inside a pre-shared
         page set, plus ``payload`` inline."""
         ext = build_xfer_pages_header(pageset_id, list(ranges))
-        return self._write_ext(payload, PacketType.DATA_USING_XFER_PAGES, trans_id,
-                               completion_requested, ext)
+        return self._write_ext(
+            payload, PacketType.DATA_USING_XFER_PAGES, trans_id, completion_requested, ext
+        )
 
     def _write_ext(
         self, payload: Any, ptype: int, trans_id: int, completion_requested: bool, ext: bytes
@@ -401,8 +403,9 @@ class OutgoingRing(_RingEnd):
         need = packet_bytes(memoryview(payload).nbytes)
         deadline = _monotonic() + timeout
         while True:
-            if not self.wait_writable(need, doorbell, max(0.0, deadline - _monotonic()),
-                                      spin_ns=spin_ns):
+            if not self.wait_writable(
+                need, doorbell, max(0.0, deadline - _monotonic()), spin_ns=spin_ns
+            ):
                 return False
             if self.try_write(payload, **kwargs):
                 return True
@@ -471,8 +474,14 @@ class PacketView:
 
     __slots__ = ("_ring", "flags", "packet_type", "segments", "trans_id")
 
-    def __init__(self, ring: IncomingRing, packet_type: int, flags: int, trans_id: int,
-                 segments: tuple[memoryview, ...]) -> None:
+    def __init__(
+        self,
+        ring: IncomingRing,
+        packet_type: int,
+        flags: int,
+        trans_id: int,
+        segments: tuple[memoryview, ...],
+    ) -> None:
         self._ring = ring
         self.packet_type = PacketType(packet_type)
         self.flags = flags
@@ -546,8 +555,14 @@ class IncomingRing(_RingEnd):
         """Copy up to max_packets packets out of the ring into a new batch."""
         if self._pending_error is not None:
             raise self._pending_error
-        rc = _drain(self._r, self._out, self._outsize, self._starts,
-                    min(max_packets, self._maxpk), self._count)
+        rc = _drain(
+            self._r,
+            self._out,
+            self._outsize,
+            self._starts,
+            min(max_packets, self._maxpk),
+            self._count,
+        )
         if rc < 0:
             # Good packets before the bad one were copied and published.
             err = self._error(rc)
