@@ -192,7 +192,7 @@ class CloseChannel(Message):
 @dataclass(frozen=True, slots=True)
 class GpadlHeader(Message):
     """GPADL_HEADER: the first message of a GPADL; ``tail`` holds the raw
-    gpa_range array ({byte_count u32, byte_offset u32, pfn u64 × n} ...),
+    gpa_range array ({byte_count u32, byte_offset u32, pfn u64 * n} ...),
     possibly continued by GPADL_BODY messages."""
 
     TYPE = MessageType.GPADL_HEADER
