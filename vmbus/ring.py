@@ -664,8 +664,9 @@ class IncomingRing(_RingEnd):
         p = Packet(hdr)
         off = p.offset8 * 8
         ranges = None
-        if off > 16:
-            ext = hdr + _unpack(self._hdr + 16, off - 16)
+        if off > 16 or p.packet_type in (PacketType.DATA_USING_GPA_DIRECT,
+                                         PacketType.DATA_USING_XFER_PAGES):
+            ext = hdr + _unpack(self._hdr + 16, off - 16)  # 7/9 with no header: corrupt
             try:
                 check_extended_header(ext)
             except RingCorruptError:
