@@ -100,9 +100,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if not request.node.stash.get(_failed_key, False):
         after = _fds()
         leaked = {
-            fd: t
-            for fd, t in after.items()
-            if fds_before.get(fd) != t and not _tolerated_fd(t)
+            fd: t for fd, t in after.items() if fds_before.get(fd) != t and not _tolerated_fd(t)
         }
         if leaked:
             problems.append(f"file descriptors left open: {leaked}")
