@@ -223,6 +223,15 @@ class _RingEnd:
             ffi.release(self._view)
             self._view = None
 
+    def __del__(self) -> None:
+        # A ring dropped unclosed (say, with the frames of a kept exception)
+        # must give back its export of the buffer before the GC clears the
+        # buffer object: CPython clears an exported memoryview anyway, and
+        # cffi's later release of it then crashes the process.  Finalizers
+        # run before any clearing (PEP 442).
+        if getattr(self, "_view", None) is not None:
+            self.close()
+
     def __enter__(self) -> Any:
         return self
 
