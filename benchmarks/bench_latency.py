@@ -1,0 +1,83 @@
+"""64 B round-trip latency between two pinned processes (issue 2 §8).
+
+Closed-loop ping-pong: the pinger (first CPU) writes 64 B, waits for the echo
+from the ponger (second CPU) and times each round trip with
+perf_counter_ns / CLOCK_MONOTONIC.  One measured op = one round of
+VIRIDIAN_BENCH_LAT_PINGS round trips, after VIRIDIAN_BENCH_LAT_SKIP unrecorded
+ones (they absorb the ponger's wake-up from the idle gap between rounds, an
+artefact of the harness).  Percentiles pool every timed round trip.
+
+Rows: Viridian with the default spin-then-block wait and with blocking only
+(spin_ns=0); the same C ring driven from C with both waits; and two blocking
+eventfds in C, the floor for any blocking hand-off between two CPUs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import transports as tr
+from .harness import CPair, PyPair, percentiles
+
+# A failure before the measurement would add a second, misleading error.
+NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+
+ROWS = {
+    "viridian-spin": "Viridian, spin then block (default spin)",
+    "viridian-block": "Viridian, blocking only (spin_ns=0)",
+    "c-ring-spin": "C ring from C, spin then block",
+    "c-ring-block": "C ring from C, blocking only",
+    "c-eventfd": "C eventfd ping-pong (floor)",
+}
+
+
+def _open(key, cfg, ring_bench):
+    from vmbus.ring import DEFAULT_SPIN_NS
+
+    if key.startswith("c-"):
+        if ring_bench is None:
+            pytest.skip("gcc could not build benchmarks/c/ring_bench.c")
+        mode = "eventfd" if key == "c-eventfd" else "ring"
+        spin = 0 if key != "c-ring-spin" else DEFAULT_SPIN_NS
+        return CPair(ring_bench, ["pingpong", mode, str(cfg.cpus[0]), str(cfg.cpus[1]),
+                                  str(spin), str(cfg.ring_data)], cfg, key), spin
+    spin = None if key == "viridian-spin" else 0
+    setup = tr.viridian_pingpong_setup(cfg.ring_data)
+    try:
+        pair = PyPair(key, 64, cfg, setup, ("pinger", "ponger"), {"spin_ns": spin})
+    except BaseException:
+        setup.cleanup()
+        raise
+    return pair, DEFAULT_SPIN_NS if spin is None else spin
+
+
+@pytest.mark.multiprocess
+@NOT_USED_OK
+@pytest.mark.parametrize("key", list(ROWS))
+def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
+    cfg = bench_cfg
+    benchmark.group = "latency 64 B round trip"
+    pair, spin = _open(key, cfg, ring_bench)
+    try:
+        info = {
+            "kind": "latency",
+            "transport": key,
+            "label": ROWS[key],
+            "msg_size": 64,
+            "msgs_per_op": cfg.lat_pings,
+            "bytes_per_op": 64 * cfg.lat_pings,
+            "spin_ns": spin if key != "c-eventfd" else None,
+            "pinning": {"pinger_cpu": cfg.cpus[0], "ponger_cpu": cfg.cpus[1],
+                        "reported": pair.ready},
+        }
+        benchmark.extra_info.update(info)
+        rounds: list[list[int]] = []
+        benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
+                           rounds=cfg.lat_rounds, warmup_rounds=0 if cfg.quick else 1,
+                           iterations=1)
+    finally:
+        pair.close()
+    samples = [x for r in rounds[-cfg.lat_rounds:] for x in r]
+    pct = percentiles(samples)
+    benchmark.extra_info.update(pct)
+    bench_store["latency"][key] = {**info, **pct, "worker_stats": pair.bye}

@@ -1,0 +1,261 @@
+"""The benchmark report: one streaming table with ratios, the latency table,
+the idle reader's CPU, a system block and the check of issue 2's targets.
+
+``build(store, cfg, system)`` returns the text lines and the JSON document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .harness import C_ROWS, SIZES, size_label
+from .transports import TRANSPORTS
+
+# Row order of the streaming table.
+STREAM_ROWS = [
+    "viridian-packet", "viridian-batch", "c-ring", "c-ring-batch", "pyring", "iceoryx2",
+    "zmq", "faster-fifo", "socketpair", "mp-pipe", "posix-mq", "mp-queue",
+]
+LAT_ROWS = ["viridian-spin", "viridian-block", "c-ring-spin", "c-ring-block", "c-eventfd"]
+
+SHORT = {
+    "viridian-packet": "Viridian per-packet",
+    "viridian-batch": "Viridian batch",
+    "c-ring": "C ring (C, per packet) [ceiling]",
+    "c-ring-batch": "C ring (C, batch)",
+    "pyring": "pure-Python shm ring",
+    "iceoryx2": "iceoryx2",
+    "zmq": "pyzmq PUSH/PULL ipc",
+    "faster-fifo": "faster-fifo",
+    "socketpair": "socketpair",
+    "mp-pipe": "mp.Pipe",
+    "posix-mq": "posix_ipc mq",
+    "mp-queue": "mp.Queue",
+}
+
+
+def fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.0f}k"
+    return f"{x:.0f}"
+
+
+def fmt_gb(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}%"
+
+
+def _mps(store: dict[str, Any], key: str, size: int) -> float | None:
+    r = store["stream"].get(key, {}).get(str(size))
+    return r["msgs_per_s"] if r else None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def stream_ratios(store: dict[str, Any], key: str, size: int) -> dict[str, float | None]:
+    m = _mps(store, key, size)
+    c = _div(m, _mps(store, "c-ring", size))
+    return {
+        "x_mp_queue": _div(m, _mps(store, "mp-queue", size)),
+        "x_pyring": _div(m, _mps(store, "pyring", size)),
+        "pct_c_ring": 100.0 * c if c is not None else None,
+        "x_iceoryx2": _div(m, _mps(store, "iceoryx2", size)),
+    }
+
+
+def stream_table(store: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    cols = [("msgs/s", 7), ("GB/s", 6), ("xmpQ", 6), ("xpyR", 6), ("%C", 5), ("xiox", 6)]
+    block_w = sum(w for _, w in cols) + len(cols) - 1
+    name_w = 34
+    lines = [
+        f"Streaming, one way: producer on CPU {cfg['cpus'][0]} -> consumer on CPU "
+        f"{cfg['cpus'][1]}, separate processes; {cfg['ring_data'] // 1024} KiB of ring data "
+        f"for every byte ring (Viridian, C ring, pure-Python ring, faster-fifo); median of "
+        f"{cfg['rounds']} rounds of ~{cfg['round_s'] * 1000:.0f} ms",
+        "  xmpQ = x multiprocessing.Queue, xpyR = x pure-Python ring, %C = % of the C ring "
+        "(per packet), xiox = x iceoryx2; GB = 10^9 B",
+    ]
+    head = " " * name_w + " | " + " | ".join(size_label(s).center(block_w) for s in SIZES)
+    sub = "transport".ljust(name_w) + " | " + " | ".join(
+        " ".join(n.rjust(w) for n, w in cols) for _ in SIZES)
+    lines += [head, sub, "-" * len(sub)]
+    for key in STREAM_ROWS:
+        if key not in store["stream"] and key not in TRANSPORTS and key not in C_ROWS:
+            continue
+        cells = []
+        for s in SIZES:
+            r = store["stream"].get(key, {}).get(str(s))
+            if not r:
+                cells.append("n/a".center(block_w))
+                continue
+            q = stream_ratios(store, key, s)
+            vals = [fmt_rate(r["msgs_per_s"]), fmt_gb(r["GB_per_s"]), fmt_ratio(q["x_mp_queue"]),
+                    fmt_ratio(q["x_pyring"]), fmt_pct(q["pct_c_ring"]),
+                    fmt_ratio(q["x_iceoryx2"])]
+            cells.append(" ".join(v.rjust(w) for v, (_, w) in zip(vals, cols, strict=True)))
+        lines.append(SHORT.get(key, key).ljust(name_w) + " | " + " | ".join(cells))
+    return lines
+
+
+def latency_table(store: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    lat = store["latency"]
+    floor = lat.get("c-eventfd")
+    n = next((r["samples"] for r in lat.values()), 0)
+    lines = [
+        f"64 B round trip, closed-loop ping-pong: pinger on CPU {cfg['cpus'][0]} <-> ponger on "
+        f"CPU {cfg['cpus'][1]} ({n} timed round trips each; us)",
+        f"{'mechanism':<42} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8}"
+        f" {'p50 / C eventfd':>16} {'p99 / C eventfd':>16}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    from .bench_latency import ROWS
+
+    for key in LAT_ROWS:
+        r = lat.get(key)
+        if not r:
+            lines.append(f"{ROWS[key]:<42} {'n/a':>8}")
+            continue
+        r50 = _div(r["p50_us"], floor["p50_us"]) if floor else None
+        r99 = _div(r["p99_us"], floor["p99_us"]) if floor else None
+        lines.append(
+            f"{ROWS[key]:<42} {r['p50_us']:8.2f} {r['p99_us']:8.2f} {r['p999_us']:8.2f} "
+            f"{r['max_us']:8.1f} {fmt_ratio(r50):>16} {fmt_ratio(r99):>16}"
+        )
+    return lines
+
+
+def idle_lines(store: dict[str, Any]) -> list[str]:
+    idle = store.get("idle")
+    if not idle:
+        return ["Idle reader CPU: n/a"]
+    sched = idle.get("schedstat_percent")
+    wake = idle.get("wake", {})
+    return [
+        f"Idle reader CPU: {idle['cpu_percent']:.3f} % (psutil user+sys over "
+        f"{idle['wall_s']:.2f} s in wait_readable, default spin {idle['spin_ns'] // 1000} us "
+        f"then eventfd)"
+        + (f"; schedstat {sched:.4f} %" if sched is not None else "")
+        + (f"; woken by one packet in {1000 * wake['wall']:.2f} ms" if wake else "")
+    ]
+
+
+def targets(store: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 2's targets: name, measured ratio, limit, pass."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, higher_is_better: bool,
+            detail: str) -> None:
+        ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        out.append({"target": name, "value": value, "limit": limit, "pass": ok,
+                    "detail": detail})
+
+    s = store["stream"]
+    vp, vb = "viridian-packet", "viridian-batch"
+    m = _mps(store, vp, 64)
+    add("64 B per-packet >= 1.5x pure-Python ring", _div(m, _mps(store, "pyring", 64)), 1.5, True,
+        f"{fmt_rate(m)} vs {fmt_rate(_mps(store, 'pyring', 64))} msgs/s")
+    add("64 B per-packet >= 15x mp.Queue", _div(m, _mps(store, "mp-queue", 64)), 15, True,
+        f"{fmt_rate(m)} vs {fmt_rate(_mps(store, 'mp-queue', 64))} msgs/s")
+    b = _mps(store, vb, 64)
+    cb = _mps(store, "c-ring-batch", 64)
+    add("64 B batch >= 50% of C ring", _div(b, _mps(store, "c-ring", 64)), 0.5, True,
+        f"{fmt_rate(b)} vs {fmt_rate(_mps(store, 'c-ring', 64))} msgs/s (C per packet); "
+        f"vs C batch {fmt_rate(cb)}: "
+        f"{fmt_pct(100 * b / cb) if b is not None and cb else '-'}")
+    g = s.get(vp, {}).get("65536", {}).get("GB_per_s")
+    gc = s.get("c-ring", {}).get("65536", {}).get("GB_per_s")
+    gi = s.get("iceoryx2", {}).get("65536", {}).get("GB_per_s")
+    add("64 KiB within 10% of C ring GB/s", _div(g, gc), 0.9, True,
+        f"{fmt_gb(g)} vs {fmt_gb(gc)} GB/s (per-packet API, read_into)")
+    add("64 KiB >= 2x iceoryx2", _div(g, gi), 2.0, True, f"{fmt_gb(g)} vs {fmt_gb(gi)} GB/s")
+    lat = store["latency"]
+    p = lat.get("viridian-spin", {}).get("p50_us")
+    add("64 B RTT p50 <= 1 us, spin then block", p, 1.0, False,
+        f"p50 {p:.2f} us" if p is not None else "not measured")
+    pb = lat.get("viridian-block", {}).get("p50_us")
+    pe = lat.get("c-eventfd", {}).get("p50_us")
+    add("blocking-only p50 <= 1.2x C eventfd ping-pong", _div(pb, pe), 1.2, False,
+        f"{pb:.1f} vs {pe:.1f} us" if pb is not None and pe is not None else "not measured")
+    idle = (store.get("idle") or {}).get("cpu_percent")
+    add("idle reader < 1% CPU", idle, 1.0, False,
+        f"{idle:.3f} %" if idle is not None else "not measured")
+    for t in out:  # "< 1 %" is strict
+        if t["target"].startswith("idle") and t["value"] is not None:
+            t["pass"] = t["value"] < t["limit"]
+    return out
+
+
+def target_lines(tg: list[dict[str, Any]], quick: bool) -> list[str]:
+    lines = ["Issue 2 targets" + (" (QUICK MODE: timings are not meaningful, not judged)"
+                                  if quick else "")]
+    for t in tg:
+        mark = "n/a " if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
+        if quick:
+            mark = "----"
+        v = t["value"]
+        vs = "-" if v is None else f"{v:.3f}"
+        lines.append(f"  [{mark}] {t['target']:<48} measured {vs:>8} (limit {t['limit']:g})"
+                     f"  {t['detail']}")
+    return lines
+
+
+def system_lines(system: dict[str, Any]) -> list[str]:
+    keys = ["cpu_model", "cpus", "pinning", "kernel", "python", "cffi", "gcc", "packages",
+            "viridian_commit", "extension", "load_avg", "started", "duration_s", "mode",
+            "leftovers"]
+    lines = ["System"]
+    for k in keys:
+        if k in system:
+            v = system[k]
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}={b}" for a, b in v.items())
+            lines.append(f"  {k:<16} {v}")
+    return lines
+
+
+def build(store: dict[str, Any], cfg: dict[str, Any],
+          system: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    tg = targets(store)
+    lines: list[str] = []
+    lines += stream_table(store, cfg)
+    lines.append("")
+    lines += latency_table(store, cfg)
+    lines.append("")
+    lines += idle_lines(store)
+    lines.append("")
+    lines += target_lines(tg, cfg["quick"])
+    lines.append("")
+    lines += system_lines(system)
+    for note in store.get("notes", []):
+        lines.append(f"  note: {note}")
+    ratios = {key: {str(s): stream_ratios(store, key, s) for s in SIZES
+                    if str(s) in store["stream"].get(key, {})}
+              for key in store["stream"]}
+    doc = {
+        "config": cfg,
+        "system": system,
+        "stream": store["stream"],
+        "stream_ratios": ratios,
+        "latency": store["latency"],
+        "idle": store.get("idle"),
+        "targets": tg,
+        "notes": store.get("notes", []),
+    }
+    return lines, doc
