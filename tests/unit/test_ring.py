@@ -9,6 +9,8 @@ data area; offsets below are data-area offsets unless said otherwise.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -1056,3 +1058,39 @@ def test_a_write_that_needs_the_readers_index_validates_it(bad: int, many: bool)
         out.write_many([bytes(2000)]) if many else out.try_write(bytes(2000))
     assert ei.value.reason == "bad_read_index" and ei.value.value == bad
     assert u32(buf, OFF_WRITE_INDEX) == 3024
+
+
+UNCLOSED_RING_IN_A_GARBAGE_CYCLE = """
+import gc, mmap
+from vmbus.ring import IncomingRing, OutgoingRing, init_ring
+
+def open_channel():
+    mm = mmap.mmap(-1, 3 * 8192)
+    inbound = memoryview(mm)[8192:16384]  # rings of a pair placed in one mapping
+    outbound = memoryview(mm)[16384:]
+    init_ring(inbound)
+    init_ring(outbound)
+    rings = IncomingRing(inbound), OutgoingRing(outbound)  # never closed
+    raise RuntimeError("open failed half way")
+
+kept = []
+try:
+    open_channel()
+except RuntimeError as e:
+    kept.append(e)  # exception -> traceback -> frame -> the rings and their buffers
+kept.clear()  # all of it is now cyclic garbage, collected in no particular order
+gc.collect()
+print("survived")
+"""
+
+
+def test_unclosed_rings_collected_with_their_buffers_do_not_crash() -> None:
+    # CPython clears a memoryview in a garbage cycle even while exported; a
+    # ring must give its export back first, or cffi's release segfaults.
+    r = subprocess.run(
+        [sys.executable, "-c", UNCLOSED_RING_IN_A_GARBAGE_CYCLE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout.strip()) == (0, "survived"), r.stderr
