@@ -1,0 +1,892 @@
+"""The supervisor: the process that plays the hypervisor for one cluster.
+
+Layer: hv.  ``viridian up`` starts it (``python -m hv.supervisor --cluster NAME
+--config FILE``); it starts the root partition, then, once the root runs, every
+child, each as its own process (``python -m partitions.root`` /
+``partitions.child``) holding a socketpair made for exactly that partition
+(hv/link.py).  It watches them and serves the control socket (hv/control.py).
+
+It stays thin: one thread, one ``selectors`` loop over
+
+- a **pidfd** per partition (``os.pidfd_open``): readable the moment the
+  process exits, kill -9 included; reaped with ``waitid(P_PIDFD)``, so there
+  is no SIGCHLD handler and no pid-reuse race;
+- each partition's **link**: boot, hello, memory reports, hypercalls;
+- the **control socket** and its client connections;
+- a wakeup socket for SIGTERM/SIGINT (``signal.set_wakeup_fd``);
+
+and a timer heap (boot timeout, stop timeout, restart backoff).  With no
+timer armed it sleeps in ``epoll_wait`` with no timeout: an idle cluster costs
+no CPU.  It never carries channel data.
+
+Partition states: ``starting`` (process spawned, no hello yet) -> ``running``
+-> ``stopping`` (asked to stop; SIGKILL after STOP_TIMEOUT_S) -> ``stopped``.
+An exit nobody asked for is ``crashed`` (non-zero status or a signal) or
+``stopped`` (status 0); the restart policy (never | on-crash | always) may
+then move it to ``restarting`` and, after a backoff of 0.1 s doubling to 5 s
+(reset after 10 s of running), to ``starting`` again.
+
+Cluster stop (``stop`` op, SIGTERM, SIGINT): children first, then the root,
+then the supervisor itself; a second signal, or ``"force": true``, kills.
+Partitions call ``die_with_parent()``, so kill -9 of the supervisor ends them
+all within milliseconds; the next ``viridian up`` sweeps what it left
+(hv/rundir.py).
+
+Process threads: partitions are spawned from the main thread only:
+PR_SET_PDEATHSIG fires when the *thread* that forked a child exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hv.config import ClusterConfig, ConfigError, PartitionConfig, load_config
+from hv.control import PROTOCOL_VERSION, ControlError, LineReader, encode
+from hv.jsonlog import JsonLog
+from hv.link import KIND_CONTROL, KIND_HYPERCALL, Link, close_fds, socketpair
+from hv.rundir import Manifest, RunDir, process_title
+from hv.services import CpuSettings, Services
+
+__all__ = ["SCHEMA_VERSION", "PartitionState", "Supervisor", "main"]
+
+SCHEMA_VERSION = 1
+BOOT_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+STABLE_AFTER_S = 10.0
+_WATCH_BUFFER_MAX = 4 << 20
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class PartitionState(StrEnum):
+    STARTING = "starting"
+    """Process spawned; it has not said hello yet."""
+    RUNNING = "running"
+    """Booted: it mapped its memory and said hello."""
+    STOPPING = "stopping"
+    """Asked to stop; killed if still alive after STOP_TIMEOUT_S."""
+    STOPPED = "stopped"
+    """No process, and none expected (asked to stop, or a clean exit, or never started)."""
+    CRASHED = "crashed"
+    """It exited unasked with a non-zero status or a signal."""
+    RESTARTING = "restarting"
+    """Waiting out the backoff before it is started again."""
+
+
+@dataclass(eq=False)
+class Partition:
+    id: int
+    cfg: PartitionConfig
+    cpu: CpuSettings
+    state: PartitionState = PartitionState.STOPPED
+    pid: int | None = None
+    pidfd: int | None = None
+    link: Link | None = None
+    started: float | None = None  # monotonic, when the process was spawned
+    boot_s: float | None = None  # spawn -> hello
+    restarts: int = 0
+    failures: int = 0  # consecutive quick failures (backoff exponent)
+    want_stop: bool = False  # the supervisor asked it to stop
+    restart_after_stop: bool = False
+    guest_visible_bytes: int | None = None
+    last_exit: dict[str, Any] | None = None
+    timer: list[Any] | None = None
+    cpu_sample: tuple[int, float, float] | None = None  # (pid, monotonic, cpu seconds)
+    usage: float = 0.0
+    log: JsonLog | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    reader: LineReader = field(default_factory=LineReader)
+    out: bytearray = field(default_factory=bytearray)
+    watching: bool = False
+    closing: bool = False
+
+
+class _Timers:
+    """A heap of (deadline, seq, callback); a handle is cancelled by clearing its callback."""
+
+    def __init__(self) -> None:
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
+        entry = [time.monotonic() + delay, next(self._seq), fn]
+        heapq.heappush(self._heap, entry)
+        return entry
+
+    @staticmethod
+    def cancel(entry: list[Any] | None) -> None:
+        if entry is not None:
+            entry[2] = None
+
+    def timeout(self) -> float | None:
+        while self._heap and self._heap[0][2] is None:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - time.monotonic())
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            fn, entry[2] = entry[2], None
+            if fn is not None:
+                fn()
+
+
+class Supervisor:
+    """One cluster's supervisor.  ``run()`` returns the process exit status.
+
+    Args:
+        cluster: the cluster's name.
+        config: the validated configuration.
+        rundir: its run directory.
+        lock_fd: an fd already holding the cluster lock (from ``viridian up``),
+            or None to take it here.
+    """
+
+    def __init__(self, cluster: str, config: ClusterConfig, rundir: RunDir,
+                 lock_fd: int | None = None) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.rundir = rundir
+        self._lock_fd = lock_fd
+        self.parts = [
+            Partition(i, cfg, CpuSettings(cfg.cpu.weight, cfg.cpu.limit, cfg.cpu.reserve))
+            for i, cfg in enumerate([config.root, *config.children])
+        ]
+        self._by_name = {p.name: p for p in self.parts}
+        self._sel = selectors.DefaultSelector()
+        self._timers = _Timers()
+        self._conns: dict[int, _Conn] = {}
+        self._listener: socket.socket | None = None
+        self._sig_r: socket.socket | None = None
+        self._sig_w: socket.socket | None = None
+        self.stopping = False
+        self._forced = False
+        self._done = False
+        self._children_started = False
+        self._manifest_dirty = False
+        self._t0 = time.monotonic()
+        self.manifest = Manifest(rundir.manifest_file, cluster)
+        self.services: Services | None = None
+        self.log = JsonLog(None)
+
+    # -- set-up and tear-down -------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Lock the name, write pid file and manifest, listen, catch signals.
+
+        Raises:
+            BlockingIOError: a supervisor of this name is already running.
+        """
+        rd = self.rundir
+        rd.create()
+        if self._lock_fd is None:
+            self._lock_fd = rd.lock()
+        self.log = JsonLog(rd.log_file("supervisor"), partition="supervisor", pid=os.getpid())
+        me = os.getpid()
+        with contextlib.suppress(OSError):
+            self.manifest.data["supervisor"] = {"pid": me}
+        self.manifest.add("process", save=False, pid=me, name="supervisor",
+                          create_time=_create_time(me))
+        self.services = Services(self.cluster, self.manifest)
+        with contextlib.suppress(FileNotFoundError):
+            rd.control_socket.unlink()  # a stale one: the lock proves its owner is dead
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            lst.bind(str(rd.control_socket))
+        finally:
+            os.umask(old_umask)
+        lst.listen(64)
+        lst.setblocking(False)
+        self._listener = lst
+        self.manifest.add("socket", save=False, path=str(rd.control_socket))
+        self.manifest.save()
+        self._sel.register(lst, selectors.EVENT_READ, self._on_accept)
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._sel.register(self._sig_r, selectors.EVENT_READ, self._on_signal)
+        rd.write_pid()
+        self.log("supervisor started", cluster=self.cluster, partitions=len(self.parts),
+                 backends=self.services.backends())
+
+    def teardown(self) -> None:
+        for c in list(self._conns.values()):
+            if c.watching:
+                self._send(c, {"event": "stopped"})
+                self._flush(c)
+            self._drop(c)
+        if self._listener is not None:
+            self._sel.unregister(self._listener)
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                self.rundir.control_socket.unlink()
+            self.manifest.remove("socket", save=False, path=str(self.rundir.control_socket))
+        if self.services is not None:
+            self.services.close()
+        signal.set_wakeup_fd(-1)
+        for s in (self._sig_r, self._sig_w):
+            if s is not None:
+                s.close()
+        self._sel.close()
+        self.manifest.remove("process", save=False, pid=os.getpid())
+        with contextlib.suppress(OSError):
+            self.rundir.pid_file.unlink()
+        if any(o.get("kind") != "process" or o.get("pid") != os.getpid()
+               for o in self.manifest.objects):
+            self.manifest.save()  # something is left: the next up sweeps it
+        else:
+            with contextlib.suppress(OSError):
+                self.rundir.manifest_file.unlink()
+        self.log("supervisor stopped", seconds=round(time.monotonic() - self._t0, 3))
+        self.log.close()
+        for p in self.parts:
+            if p.log is not None:
+                p.log.close()
+
+    def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Start the cluster and serve until it is stopped."""
+        if ready is not None:
+            ready()
+        self._spawn(self.parts[0])
+        while not self._done:
+            if self._manifest_dirty:
+                self.manifest.save()
+                self._manifest_dirty = False
+            for key, _ in self._sel.select(self._timers.timeout()):
+                key.data(key.fileobj)
+            self._timers.run_due()
+        return 0
+
+    # -- partitions ------------------------------------------------------------------------
+
+    def _plog(self, p: Partition) -> JsonLog:
+        if p.log is None:
+            p.log = JsonLog(self.rundir.log_file(p.name), partition=p.name, source="supervisor")
+        return p.log
+
+    def _set_state(self, p: Partition, state: PartitionState, **extra: Any) -> None:
+        p.state = state
+        ev = {"event": "state", "name": p.name, "id": p.id, "state": str(state), "pid": p.pid,
+              "restarts": p.restarts, "t": round(time.time(), 6), **extra}
+        self._plog(p)(str(state), **{k: v for k, v in ev.items()
+                                     if k not in ("event", "name", "t", "state")})
+        for c in list(self._conns.values()):
+            if c.watching:
+                self._send(c, ev)
+
+    def _spawn(self, p: Partition) -> None:
+        assert self.services is not None and not p.alive
+        p.want_stop = False
+        p.guest_visible_bytes = None
+        p.cpu_sample = None
+        p.usage = 0.0
+        try:
+            grant = self.services.add_partition(p.name, p.id, p.cfg.memory.startup, p.cpu)
+        except OSError as e:
+            self._plog(p)("cannot grant memory", level="error", error=str(e))
+            self._set_state(p, PartitionState.CRASHED, error=f"memory: {e}")
+            self._after_exit(p, crashed=True, ran_s=0.0)
+            return
+        sup_end, part_end = socketpair()
+        err_fd = os.open(self.rundir.logs / f"{p.name}.stderr",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        argv = [sys.executable, "-m", f"partitions.{p.cfg.role}", "--cluster", self.cluster,
+                "--partition", p.name, "--id", str(p.id), "--fd", "3",
+                "--log", str(self.rundir.log_file(p.name))]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            x for x in (_PROJECT_ROOT, env.get("PYTHONPATH")) if x)
+        try:
+            pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, err_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+                (os.POSIX_SPAWN_DUP2, part_end.fileno(), 3),
+            ], setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM))
+        except OSError as e:
+            sup_end.close()
+            self.services.remove_partition(p.name)
+            self._plog(p)("cannot start", level="error", error=str(e))
+            self._set_state(p, PartitionState.CRASHED, error=f"spawn: {e}")
+            self._after_exit(p, crashed=True, ran_s=0.0)
+            return
+        finally:
+            os.close(err_fd)
+            part_end.close()
+        p.pid = pid
+        p.pidfd = os.pidfd_open(pid)
+        p.started = time.monotonic()
+        p.boot_s = None
+        p.link = Link(sup_end)
+        self.manifest.add("process", save=False, pid=pid, name=p.name,
+                          create_time=_create_time(pid))
+        self._manifest_dirty = True
+        self._sel.register(p.pidfd, selectors.EVENT_READ, lambda _f, p=p: self._on_exit(p))
+        self._sel.register(sup_end, selectors.EVENT_READ, lambda _f, p=p: self._on_link(p))
+        try:
+            p.link.send_control({"op": "boot", "cluster": self.cluster, "name": p.name,
+                                 "id": p.id, "role": p.cfg.role, "memory": grant.memory,
+                                 **grant.extra}, grant.fds)
+        except OSError as e:  # it died already: the pidfd reports it
+            self._plog(p)("cannot send boot", level="error", error=str(e))
+        sup_end.setblocking(False)
+        self.services.partition_started(p.name, pid)
+        p.timer = self._timers.call_later(BOOT_TIMEOUT_S, lambda: self._boot_timeout(p))
+        self._set_state(p, PartitionState.STARTING)
+
+    def _boot_timeout(self, p: Partition) -> None:
+        if p.alive and p.state == PartitionState.STARTING:
+            self._plog(p)("no hello in time: killed", level="error", timeout_s=BOOT_TIMEOUT_S)
+            self._kill(p)
+
+    def _kill(self, p: Partition) -> None:
+        if p.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
+
+    def _on_link(self, p: Partition) -> None:
+        assert p.link is not None and self.services is not None
+        for _ in range(64):  # bounded: one chatty partition cannot starve the others
+            try:
+                msg = p.link.recv()
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = None
+            if msg is None:  # it closed its end; its pidfd tells when it is gone
+                self._sel.unregister(p.link.sock)
+                p.link.close()
+                p.link = None
+                return
+            kind, body, fds = msg
+            close_fds(fds)  # a partition never hands the supervisor a descriptor
+            if kind == KIND_HYPERCALL:
+                reply = self.services.hypercall(p.name, body)
+                with contextlib.suppress(OSError):
+                    p.link.send_hypercall(reply)
+            elif kind == KIND_CONTROL and (obj := Link.decode_control(body)) is not None:
+                self._on_partition_message(p, obj)
+            else:
+                self._plog(p)("malformed message dropped", level="warning", kind=kind)
+
+    def _on_partition_message(self, p: Partition, obj: dict[str, Any]) -> None:
+        op = obj.get("op")
+        gvb = obj.get("guest_visible_bytes")
+        if isinstance(gvb, int) and not isinstance(gvb, bool) and gvb >= 0:
+            p.guest_visible_bytes = gvb
+        if op == "hello" and p.state == PartitionState.STARTING:
+            self._timers.cancel(p.timer)
+            p.timer = None
+            assert p.started is not None
+            p.boot_s = round(time.monotonic() - p.started, 4)
+            self._set_state(p, PartitionState.RUNNING, boot_s=p.boot_s,
+                            guest_visible_bytes=p.guest_visible_bytes)
+            if p.cfg.role == "root" and not self._children_started and not self.stopping:
+                self._children_started = True
+                for c in self.parts[1:]:
+                    if not c.alive and not c.want_stop:
+                        self._spawn(c)
+        elif op not in ("hello", "memory"):
+            self._plog(p)("unknown message", level="warning", op=str(op)[:40])
+
+    def _on_exit(self, p: Partition) -> None:
+        assert p.pidfd is not None
+        try:
+            info = os.waitid(os.P_PIDFD, p.pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            info = None
+        if info is None:
+            return
+        if info.si_code == os.CLD_EXITED:
+            code, sig = info.si_status, None
+        else:
+            code, sig = None, info.si_status
+        self._sel.unregister(p.pidfd)
+        os.close(p.pidfd)
+        if p.link is not None:
+            self._sel.unregister(p.link.sock)
+            p.link.close()
+            p.link = None
+        self._timers.cancel(p.timer)
+        p.timer = None
+        assert self.services is not None
+        self.services.remove_partition(p.name)
+        self.manifest.remove("process", save=False, pid=p.pid)
+        self._manifest_dirty = True
+        ran_s = time.monotonic() - (p.started or time.monotonic())
+        p.last_exit = {"code": code, "signal": sig, "signal_name": _signame(sig),
+                       "t": round(time.time(), 6)}
+        old_pid = p.pid
+        p.pid = p.pidfd = None
+        p.guest_visible_bytes = None
+        crashed = not p.want_stop and (sig is not None or code != 0)
+        if p.want_stop or not crashed:
+            self._set_state(p, PartitionState.STOPPED, exit=p.last_exit, exited_pid=old_pid)
+        else:
+            self._set_state(p, PartitionState.CRASHED, exit=p.last_exit, exited_pid=old_pid)
+        if p.want_stop:
+            if p.restart_after_stop and not self.stopping:
+                p.restart_after_stop = False
+                p.restarts += 1
+                self._spawn(p)
+        else:
+            self._after_exit(p, crashed, ran_s)
+        if self.stopping:
+            self._stop_next()
+
+    def _after_exit(self, p: Partition, crashed: bool, ran_s: float) -> None:
+        """Apply the restart policy to an exit nobody asked for."""
+        policy = p.cfg.restart
+        if self.stopping or not (policy == "always" or (policy == "on-crash" and crashed)):
+            return
+        p.failures = 1 if ran_s >= STABLE_AFTER_S else p.failures + 1
+        delay = min(BACKOFF_FIRST_S * 2 ** (p.failures - 1), BACKOFF_MAX_S)
+        self._set_state(p, PartitionState.RESTARTING, backoff_s=round(delay, 3))
+        p.timer = self._timers.call_later(delay, lambda: self._restart_due(p))
+
+    def _restart_due(self, p: Partition) -> None:
+        p.timer = None
+        if p.state == PartitionState.RESTARTING and not self.stopping:
+            p.restarts += 1
+            self._spawn(p)
+
+    def _stop_partition(self, p: Partition) -> None:
+        """Ask one partition to stop; kill it if it is still there after STOP_TIMEOUT_S."""
+        p.want_stop = True
+        if not p.alive:
+            self._timers.cancel(p.timer)
+            p.timer = None
+            if p.state != PartitionState.STOPPED:
+                self._set_state(p, PartitionState.STOPPED)
+            return
+        if p.state == PartitionState.STOPPING:
+            return
+        self._timers.cancel(p.timer)
+        self._set_state(p, PartitionState.STOPPING)
+        if self._forced:
+            self._kill(p)
+            return
+        sent = False
+        if p.link is not None:
+            with contextlib.suppress(OSError):
+                p.link.send_control({"op": "stop"})
+                sent = True
+        if not sent:
+            self._kill(p)
+        p.timer = self._timers.call_later(STOP_TIMEOUT_S, lambda: self._stop_timeout(p))
+
+    def _stop_timeout(self, p: Partition) -> None:
+        p.timer = None
+        if p.alive:
+            self._plog(p)("did not stop in time: killed", level="warning",
+                          timeout_s=STOP_TIMEOUT_S)
+            self._kill(p)
+
+    # -- the cluster ----------------------------------------------------------------------
+
+    def begin_stop(self, force: bool = False) -> None:
+        """Stop the cluster: children first, then the root, then this process."""
+        if force and not self._forced:
+            self._forced = True
+            self.log("forced stop")
+            for p in self.parts:
+                if p.alive:
+                    p.want_stop = True
+                    self._kill(p)
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log("stopping", force=force)
+        self._stop_next()
+
+    def _stop_next(self) -> None:
+        children = self.parts[1:]
+        for p in children:
+            if p.alive or p.state != PartitionState.STOPPED:
+                self._stop_partition(p)
+        if any(p.alive for p in children):
+            return
+        root = self.parts[0]
+        if root.alive or root.state != PartitionState.STOPPED:
+            self._stop_partition(root)
+        if not root.alive:
+            self._done = True
+
+    def _on_signal(self, _f: object) -> None:
+        assert self._sig_r is not None
+        try:
+            data = self._sig_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.log("signal", signal=_signame(signum))
+                self.begin_stop(force=self.stopping)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _cpu_usage(self, p: Partition) -> float:
+        assert self.services is not None
+        measured = self.services.cpu_usage_percent(p.name)
+        if measured is not None:
+            return round(measured, 2)
+        if p.pid is None:
+            return 0.0
+        try:
+            import psutil
+
+            t = psutil.Process(p.pid).cpu_times()
+        except Exception:
+            return 0.0
+        now, cpu_s = time.monotonic(), t.user + t.system
+        s = p.cpu_sample
+        if s is None or s[0] != p.pid:
+            dt = now - (p.started or now)
+            p.usage = 100.0 * cpu_s / dt if dt > 0 else 0.0
+            p.cpu_sample = (p.pid, now, cpu_s)
+        elif now - s[1] >= 0.25:
+            p.usage = 100.0 * (cpu_s - s[2]) / (now - s[1])
+            p.cpu_sample = (p.pid, now, cpu_s)
+        return round(p.usage, 2)
+
+    def status(self) -> dict[str, Any]:
+        """The status object (docs/status-schema.md)."""
+        assert self.services is not None
+        now = time.monotonic()
+        parts = []
+        for p in self.parts:
+            parts.append({
+                "id": p.id,
+                "name": p.name,
+                "role": p.cfg.role,
+                "pid": p.pid,
+                "state": str(p.state),
+                "restarts": p.restarts,
+                "uptime_s": round(now - p.started, 3) if p.alive and p.started else 0.0,
+                "boot_s": p.boot_s,
+                "restart_policy": p.cfg.restart,
+                "last_exit": p.last_exit,
+                "memory": {
+                    "assigned_bytes": self.services.assigned_bytes(p.name) if p.alive else 0,
+                    "guest_visible_bytes": p.guest_visible_bytes,
+                    "startup_bytes": p.cfg.memory.startup,
+                    "minimum_bytes": p.cfg.memory.minimum,
+                    "maximum_bytes": p.cfg.memory.maximum,
+                },
+                "cpu": {
+                    "weight": p.cpu.weight,
+                    "limit_percent": p.cpu.limit_percent,
+                    "reserve_percent": p.cpu.reserve_percent,
+                    "usage_percent": self._cpu_usage(p),
+                },
+                "devices": p.cfg.devices,
+                "channels": [],
+            })
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "cluster": self.cluster,
+            "supervisor_pid": os.getpid(),
+            "state": "stopping" if self.stopping else "running",
+            "uptime_s": round(now - self._t0, 3),
+            "run_dir": str(self.rundir.path),
+            "backends": self.services.backends(),
+            "partitions": parts,
+        }
+
+    # -- the control socket ----------------------------------------------------------------
+
+    def _on_accept(self, _f: object) -> None:
+        assert self._listener is not None
+        for _ in range(16):
+            try:
+                s, _addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            s.setblocking(False)
+            c = _Conn(s)
+            self._conns[s.fileno()] = c
+            self._sel.register(s, selectors.EVENT_READ, lambda _f, c=c: self._on_conn(c))
+
+    def _on_conn(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":
+            self._drop(c)
+            return
+        if data:
+            try:
+                items = c.reader.feed(data)
+            except ControlError as e:
+                self._send(c, {"ok": False, "error": str(e), "code": e.code})
+                c.closing = True
+                items = []
+            for item in items:
+                if isinstance(item, ControlError):
+                    self._send(c, {"ok": False, "error": str(item), "code": item.code})
+                else:
+                    self._send(c, self._handle(c, item))
+        self._flush(c)
+
+    def _send(self, c: _Conn, obj: dict[str, Any]) -> None:
+        if obj:
+            c.out += encode(obj)
+            if len(c.out) > _WATCH_BUFFER_MAX:  # a client that does not read: let it go
+                c.out.clear()
+                c.closing = True
+            else:
+                self._flush(c)
+
+    def _flush(self, c: _Conn) -> None:
+        if c.sock.fileno() < 0:
+            return
+        while c.out:
+            try:
+                n = c.sock.send(c.out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop(c)
+                return
+            del c.out[:n]
+        if c.closing and not c.out:
+            self._drop(c)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            if self._sel.get_key(c.sock).events != events:
+                self._sel.modify(c.sock, events, lambda _f, c=c: self._on_conn_ready(c))
+
+    def _on_conn_ready(self, c: _Conn) -> None:
+        self._on_conn(c) if not c.out else self._flush(c)
+
+    def _drop(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if fd < 0:
+            return
+        self._conns.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(c.sock)
+        c.sock.close()
+
+    def _find(self, ref: object) -> Partition:
+        if (isinstance(ref, int) and not isinstance(ref, bool)) or (
+                isinstance(ref, str) and ref.isdigit()):
+            i = int(ref)  # type: ignore[arg-type]
+            if 0 <= i < len(self.parts):
+                return self.parts[i]
+        elif isinstance(ref, str) and ref in self._by_name:
+            return self._by_name[ref]
+        raise ControlError(f"no such partition: {ref}", "not_found")
+
+    def _handle(self, c: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        try:
+            if op == "ping":
+                return {"ok": True, "cluster": self.cluster, "pid": os.getpid(),
+                        "protocol": PROTOCOL_VERSION}
+            if op == "status":
+                return {"ok": True, "status": self.status()}
+            if op == "watch":
+                c.watching = True
+                return {"event": "snapshot", "status": self.status()}
+            if op == "stop":
+                self.begin_stop(force=bool(req.get("force")))
+                return {"ok": True, "state": "stopping"}
+            if isinstance(op, str) and op.startswith("partition."):
+                return self._handle_partition(op, req)
+            raise ControlError(f"unknown op: {op!r}", "bad_request")
+        except ControlError as e:
+            return {"ok": False, "error": str(e), "code": e.code}
+
+    def _handle_partition(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        if "name" not in req:
+            raise ControlError(f"{op} needs a partition \"name\"", "bad_request")
+        p = self._find(req["name"])
+        if op == "partition.set":
+            return self._handle_set(p, req)
+        if self.stopping:
+            raise ControlError(f"cluster {self.cluster} is stopping", "invalid")
+        if op == "partition.start":
+            if p.alive or p.state == PartitionState.RESTARTING:
+                raise ControlError(f"{p.name} is already {p.state}", "invalid")
+            if p.cfg.role == "child" and not self.parts[0].alive:
+                raise ControlError(f"start the root ({self.parts[0].name}) first", "invalid")
+            self._timers.cancel(p.timer)
+            p.failures = 0
+            self._spawn(p)
+        elif op == "partition.stop":
+            if not p.alive and p.state in (PartitionState.STOPPED, PartitionState.CRASHED):
+                raise ControlError(f"{p.name} is not running ({p.state})", "invalid")
+            self._stop_partition(p)
+        elif op == "partition.restart":
+            if p.alive:
+                p.restart_after_stop = True
+                self._stop_partition(p)
+            else:
+                self._timers.cancel(p.timer)
+                p.restarts += 1
+                self._spawn(p)
+        elif op == "partition.kill":
+            if not p.alive:
+                raise ControlError(f"{p.name} is not running ({p.state})", "invalid")
+            p.want_stop = True
+            self._set_state(p, PartitionState.STOPPING)
+            self._kill(p)
+        else:
+            raise ControlError(f"unknown op: {op!r}", "bad_request")
+        return {"ok": True, "name": p.name, "state": str(p.state), "pid": p.pid}
+
+    def _handle_set(self, p: Partition, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.services is not None
+        w = req.get("cpu_weight", p.cpu.weight)
+        lim = req.get("cpu_limit", p.cpu.limit_percent)
+        res = req.get("cpu_reserve", p.cpu.reserve_percent)
+        for key, v in (("cpu_weight", w), ("cpu_limit", lim), ("cpu_reserve", res)):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ControlError(f"{key} must be a number", "invalid")
+        if not (isinstance(w, int) and 1 <= w <= 10000):
+            raise ControlError(f"cpu_weight must be an integer 1-10000, got {w}", "invalid")
+        if not 0 < lim <= 100:
+            raise ControlError(f"cpu_limit must be in (0, 100] %, got {lim}", "invalid")
+        if not 0 <= res <= 100:
+            raise ControlError(f"cpu_reserve must be in [0, 100] %, got {res}", "invalid")
+        if res > lim:
+            raise ControlError(f"cpu_reserve ({res} %) exceeds cpu_limit ({lim} %)", "invalid")
+        new = CpuSettings(int(w), float(lim), float(res))
+        try:
+            self.services.set_cpu(p.name, new)
+        except (OSError, ValueError) as e:
+            raise ControlError(f"cannot apply CPU settings to {p.name}: {e}", "failed") from None
+        p.cpu = new
+        self._plog(p)("cpu settings", weight=new.weight, limit_percent=new.limit_percent,
+                      reserve_percent=new.reserve_percent)
+        return {"ok": True, "name": p.name, "cpu": {
+            "weight": new.weight, "limit_percent": new.limit_percent,
+            "reserve_percent": new.reserve_percent}}
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def _signame(sig: int | None) -> str | None:
+    if sig is None:
+        return None
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hv.supervisor --cluster NAME --config FILE [--ready-fd N] ...``"""
+    ap = argparse.ArgumentParser(prog="python -m hv.supervisor",
+                                 description="The Viridian supervisor of one cluster "
+                                 "(normally started by `viridian up`).")
+    ap.add_argument("--cluster", default="default")
+    ap.add_argument("--config", help="TOML config (default: the embedded default cluster)")
+    ap.add_argument("--ready-fd", type=int, help="write one JSON line here once serving")
+    ap.add_argument("--lock-fd", type=int, help="an fd that already holds the cluster lock")
+    ap.add_argument("--attached", action="store_true",
+                    help="stop gracefully (SIGTERM) when the parent process dies")
+    ap.add_argument("--daemon", action="store_true",
+                    help="fork into the background at once (the parent exits 0)")
+    args = ap.parse_args(argv)
+
+    if args.daemon and os.fork() > 0:
+        os._exit(0)  # the caller reaps this one; the supervisor lives on in the child
+    if args.daemon:
+        os.setsid()
+    if args.attached:
+        from hv.proc import die_with_parent
+
+        die_with_parent(signal.SIGTERM)
+
+    def report(obj: dict[str, Any]) -> None:
+        if args.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(args.ready_fd, encode(obj))
+                os.close(args.ready_fd)
+            args.ready_fd = None
+
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(process_title(args.cluster, "supervisor"))
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    try:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            from hv.config import default_config
+
+            config = default_config()
+    except ConfigError as e:
+        report({"ok": False, "error": f"bad config: {e}", "code": "config"})
+        print(f"hv.supervisor: bad config: {e}", file=sys.stderr)
+        return 1
+    sup = Supervisor(args.cluster, config, RunDir(args.cluster), args.lock_fd)
+    try:
+        sup.setup()
+    except BlockingIOError:
+        msg = f"cluster {args.cluster!r} is already running"
+        report({"ok": False, "error": msg, "code": "running"})
+        print(f"hv.supervisor: {msg}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        report({"ok": False, "error": f"cannot set up {sup.rundir.path}: {e}", "code": "failed"})
+        raise
+    try:
+        return sup.run(ready=lambda: report({"ok": True, "pid": os.getpid(),
+                                             "run_dir": str(sup.rundir.path)}))
+    finally:
+        sup.teardown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The child partition process (``python -m partitions.child``); see partitions/runtime.py."""

@@ -1,0 +1,1 @@
+"""The root partition process (``python -m partitions.root``); see partitions/runtime.py."""
