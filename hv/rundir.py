@@ -118,12 +118,17 @@ def cluster_processes(cluster: str) -> list[psutil.Process]:
     """Live processes that belong to ``cluster``: by title, or by the command line a
     partition or supervisor has before it sets its title."""
     title = f"viridian[{cluster}]:"
+    group = f"/viridian/{cluster} "
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
         if p.info["status"] == psutil.STATUS_ZOMBIE or not cmd:
             continue
-        if cmd[0].startswith(title) or (
+        line = " ".join(cmd) + " "
+        if line.startswith(title) or (
+            # hv/cpu.py's cgroup reaper of this cluster (it outlives a killed supervisor)
+            ("viridian-cgroup-reaper" in line or "hv.cpu reap" in line) and group in line
+        ) or (
             any(c in ("partitions.root", "partitions.child", "hv.supervisor") for c in cmd)
             and "--cluster" in cmd
             and cmd[cmd.index("--cluster") + 1 : cmd.index("--cluster") + 2] == [cluster]
@@ -323,6 +328,7 @@ class RunDir:
                     mq.add(name)
                 elif kind == "cgroup" and os.path.isdir(name):
                     cg.add(name)
+        cg.update(str(d) for d in cgroup_dirs(self.cluster) if d.is_dir())
         out.shm, out.mq, out.cgroups = sorted(shm), sorted(mq), sorted(cg)
         if self.path.is_dir():
             out.sockets = sorted(str(p) for p in self.path.rglob("*") if is_socket(p))
@@ -358,8 +364,15 @@ class RunDir:
         for path in found.sockets:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for path in found.cgroups:
-            _rmdir_cgroup(Path(path))
+        if found.cgroups:
+            try:
+                from hv.cpu import sweep_groups
+            except ImportError:
+                sweep_groups = None  # type: ignore[assignment]
+            if sweep_groups is not None:
+                sweep_groups(self.cluster)
+            for path in found.cgroups:
+                _rmdir_cgroup(Path(path))
         crashed = self.pid_file.exists() or manifest is not None
         for f in (self.pid_file, self.manifest_file):
             with contextlib.suppress(OSError):
@@ -369,6 +382,12 @@ class RunDir:
             shutil.rmtree(prev, ignore_errors=True)
             os.replace(self.logs, prev)
         return found
+
+
+def cgroup_dirs(cluster: str) -> list[Path]:
+    """Where hv/cpu.py puts a cluster's CPU groups (cgroup v2 and v1 layouts)."""
+    root = Path("/sys/fs/cgroup")
+    return [root / sub / "viridian" / cluster for sub in ("", "cpu", "cpu,cpuacct", "cpuacct,cpu")]
 
 
 def is_socket(path: Path) -> bool:

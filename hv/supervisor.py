@@ -287,9 +287,15 @@ class Supervisor:
             if self._manifest_dirty:
                 self.manifest.save()
                 self._manifest_dirty = False
-            for key, _ in self._sel.select(self._timers.timeout()):
+            timeout = self._timers.timeout()
+            tick = self.services.tick_interval() if self.services else None
+            if tick is not None:
+                timeout = tick if timeout is None else min(timeout, tick)
+            for key, _ in self._sel.select(timeout):
                 key.data(key.fileobj)
             self._timers.run_due()
+            if tick is not None and self.services is not None:
+                self.services.tick()
         return 0
 
     # -- partitions ------------------------------------------------------------------------
@@ -317,7 +323,7 @@ class Supervisor:
         p.usage = 0.0
         try:
             grant = self.services.add_partition(p.name, p.id, p.cfg.memory.startup, p.cpu)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             self._plog(p)("cannot grant memory", level="error", error=str(e))
             self._set_state(p, PartitionState.CRASHED, error=f"memory: {e}")
             self._after_exit(p, crashed=True, ran_s=0.0)
@@ -588,6 +594,7 @@ class Supervisor:
         """The status object (docs/status-schema.md)."""
         assert self.services is not None
         now = time.monotonic()
+        self.services.measure_cpu()
         parts = []
         for p in self.parts:
             parts.append({
@@ -794,7 +801,9 @@ class Supervisor:
         new = CpuSettings(int(w), float(lim), float(res))
         try:
             self.services.set_cpu(p.name, new)
-        except (OSError, ValueError) as e:
+        except ValueError as e:
+            raise ControlError(f"cannot apply CPU settings to {p.name}: {e}", "invalid") from None
+        except OSError as e:
             raise ControlError(f"cannot apply CPU settings to {p.name}: {e}", "failed") from None
         p.cpu = new
         self._plog(p)("cpu settings", weight=new.weight, limit_percent=new.limit_percent,
