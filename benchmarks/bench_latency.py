@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from . import transports as tr
-from .harness import CPair, PyPair, percentiles
+from .harness import CPair, CpuWatch, PyPair, percentiles
 
 # A failure before the measurement would add a second, misleading error.
 NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
@@ -72,12 +72,14 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
         }
         benchmark.extra_info.update(info)
         rounds: list[list[int]] = []
-        benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
-                           rounds=cfg.lat_rounds, warmup_rounds=0 if cfg.quick else 1,
-                           iterations=1)
+        with CpuWatch(pair.pids) as watch:
+            benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
+                               rounds=cfg.lat_rounds, warmup_rounds=0 if cfg.quick else 1,
+                               iterations=1)
     finally:
         pair.close()
     samples = [x for r in rounds[-cfg.lat_rounds:] for x in r]
     pct = percentiles(samples)
-    benchmark.extra_info.update(pct)
-    bench_store["latency"][key] = {**info, **pct, "worker_stats": pair.bye}
+    benchmark.extra_info.update(pct, machine=watch.result)
+    bench_store["latency"][key] = {**info, **pct, "worker_stats": pair.bye,
+                                   "machine": watch.result}

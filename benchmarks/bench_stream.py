@@ -16,6 +16,7 @@ import pytest
 from .harness import (
     C_ROWS,
     SIZES,
+    CpuWatch,
     calibrate,
     check_n,
     open_stream_pair,
@@ -82,8 +83,9 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
         benchmark.extra_info.update(info)
         before = len(pair.timings)
         last: list = []
-        benchmark.pedantic(lambda: last.append(pair.round(n)), rounds=cfg.rounds,
-                           warmup_rounds=cfg.warmup, iterations=1)
+        with CpuWatch(pair.pids) as watch:
+            benchmark.pedantic(lambda: last.append(pair.round(n)), rounds=cfg.rounds,
+                               warmup_rounds=cfg.warmup, iterations=1)
         own = pair.timings[before:][-cfg.rounds:]
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats else statistics.median(own)
@@ -98,7 +100,8 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
         "GB_per_s": mps * size / 1e9,
         "round_msgs_per_s": [n / x for x in own],
         "worker_stats": {**pair.bye, "last_round": last[-1] if last else None},
+        "machine": watch.result,
     }
     benchmark.extra_info.update(msgs_per_s=mps, GB_per_s=mps * size / 1e9,
-                                round_median_s=median)
+                                round_median_s=median, machine=watch.result)
     bench_store["stream"].setdefault(key, {})[str(size)] = res

@@ -83,7 +83,7 @@ class BenchConfig:
         return cls(
             quick=quick,
             round_s=_env_float("VIRIDIAN_BENCH_ROUND_S", 0.005 if quick else 0.1),
-            rounds=_env_int("VIRIDIAN_BENCH_ROUNDS", 1 if quick else 15),
+            rounds=_env_int("VIRIDIAN_BENCH_ROUNDS", 1 if quick else 25),
             warmup=_env_int("VIRIDIAN_BENCH_WARMUP", 0 if quick else 2),
             lat_rounds=_env_int("VIRIDIAN_BENCH_LAT_ROUNDS", 1 if quick else 10),
             lat_pings=_env_int("VIRIDIAN_BENCH_LAT_PINGS", 200 if quick else 2000),
@@ -457,6 +457,66 @@ def calibrate(pair: Any, size: int, k: int, cfg: BenchConfig) -> int:
 
 def check_n(size: int) -> int:
     return max(64, min(2000, 8 * MiB // size))
+
+
+class CpuWatch:
+    """How busy the machine was with *other* work while a benchmark ran.
+
+    From /proc/stat (all CPUs) minus the CPU time of the benchmark's own
+    processes (psutil) and of this process; plus the hypervisor's steal time.
+    Resolution is one clock tick (10 ms) per process: read it as a flag for a
+    noisy run, not as a measurement.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self.procs = [psutil.Process()]
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                self.procs.append(p)
+                self.procs.extend(p.children(recursive=True))
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.ncpu = os.cpu_count() or 1
+        self.result: dict[str, float] = {}
+
+    @staticmethod
+    def _stat() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        busy = v[0] + v[1] + v[2] + v[5] + v[6]
+        steal = v[7] if len(v) > 7 else 0
+        return busy, steal
+
+    def _own(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def __enter__(self) -> CpuWatch:
+        self.t0 = time.monotonic()
+        self.stat0 = self._stat()
+        self.own0 = self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self.t0
+        busy1, steal1 = self._stat()
+        own = self._own() - self.own0
+        busy = (busy1 - self.stat0[0]) / self.tick
+        steal = (steal1 - self.stat0[1]) / self.tick
+        cap = max(wall * self.ncpu, 1e-9)
+        self.result = {
+            "wall_s": round(wall, 3),
+            "own_cpu_pct": round(100 * own / cap, 1),
+            "foreign_cpu_pct": round(max(0.0, 100 * (busy - own) / cap), 1),
+            "steal_pct": round(100 * steal / cap, 1),
+        }
 
 
 def percentiles(samples_ns: list[int]) -> dict[str, float]:
