@@ -80,11 +80,34 @@ def _foreign_holders(names: set[str]) -> set[str]:
     return held
 
 
+def _child_pids(pid: int) -> list[int]:
+    """Direct children, from /proc/PID/task/*/children (no scan of all of /proc)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(map(int, f.read().split()))
+    return out
+
+
 def _children() -> dict[int, psutil.Process]:
     try:
-        return {p.pid: p for p in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return {}
+        pids, todo = [], [os.getpid()]
+        while todo:
+            kids = _child_pids(todo.pop())
+            pids += kids
+            todo += kids
+    except OSError:  # no CONFIG_PROC_CHILDREN, or a task exiting under us
+        try:
+            return {p.pid: p for p in psutil.Process().children(recursive=True)}
+        except psutil.Error:
+            return {}
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
