@@ -53,6 +53,7 @@ def test_layout_constants_match_the_spec() -> None:
     assert lib.VMBR_FEAT_PENDING_SEND_SZ == 1 and lib.VMBR_FLAG_COMPLETION_REQUESTED == 1
 
 
+@pytest.mark.multiprocess
 def test_imports_from_outside_the_source_tree(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-c", "import vmbus.ring as r; print(r.lib.VMBR_ABI_VERSION)"],
@@ -65,6 +66,7 @@ def test_imports_from_outside_the_source_tree(tmp_path: Path) -> None:
     assert int(r.stdout) == vmbus.ring.ABI_VERSION
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc")
 def test_c_source_compiles_without_warnings(tmp_path: Path) -> None:
     r = subprocess.run(

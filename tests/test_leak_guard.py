@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 LEAKY = """
 import os, subprocess, sys, uuid
 

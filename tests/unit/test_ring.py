@@ -1084,6 +1084,7 @@ print("survived")
 """
 
 
+@pytest.mark.multiprocess
 def test_unclosed_rings_collected_with_their_buffers_do_not_crash() -> None:
     # CPython clears a memoryview in a garbage cycle even while exported; a
     # ring must give its export back first, or cffi's release segfaults.
