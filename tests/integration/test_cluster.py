@@ -1,0 +1,469 @@
+"""The cluster through the real ``viridian`` CLI: up, status, partition ops, down, faults.
+
+Every test runs real processes (a supervisor, a root, children) in a private
+run directory and ends with a leak check: no process of the cluster, no
+/dev/shm entry or message queue with its prefix, no socket file, no cgroup.
+The ``clusters`` fixture stops every cluster a test started and kills
+stragglers by cluster name, even when the test failed.  Waits poll the
+control socket or watch its events, always with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from hv.control import ControlClient
+from hv.rundir import RunDir, cluster_processes
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
+
+CLI_TIMEOUT_S = 60.0
+LEAVES_LINE = re.compile(
+    r"stopped (\d+) partitions in [\d.]+ s; 0 processes, 0 shm, 0 mq, 0 sockets left")
+
+
+# -- the status schema (docs/status-schema.md), as a tool would check it ----------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class MemoryStatus(_Strict):
+    assigned_bytes: int
+    guest_visible_bytes: int | None
+
+
+class CpuStatus(_Strict):
+    weight: int
+    limit_percent: float
+    reserve_percent: float
+    usage_percent: float
+
+
+class PartitionStatus(_Strict):
+    name: str
+    role: Literal["root", "child"]
+    pid: int | None
+    state: Literal["starting", "running", "stopping", "stopped", "crashed", "restarting"]
+    restarts: int
+    uptime_s: float
+    memory: MemoryStatus
+    cpu: CpuStatus
+    channels: list[Any]
+
+
+class ClusterStatus(_Strict):
+    schema_version: int
+    cluster: str
+    supervisor_pid: int
+    partitions: list[PartitionStatus]
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------
+
+
+class Env:
+    """A private run directory and the CLI pointed at it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.env = {**os.environ, "VIRIDIAN_RUNTIME_DIR": str(base), "NO_COLOR": "1",
+                    "COLUMNS": "80"}
+        self.started: list[str] = []
+
+    def cli(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "partitions.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def up(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        self.started.append(name)
+        r = self.cli("up", "--detach", "--name", name, *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    def rundir(self, name: str) -> RunDir:
+        return RunDir(name, self.base)
+
+    def client(self, name: str) -> ControlClient:
+        return ControlClient(self.rundir(name).control_socket, timeout=5.0)
+
+    def status(self, name: str) -> dict[str, Any]:
+        with self.client(name) as c:
+            st = c.request("status")["status"]
+        ClusterStatus.model_validate(st)
+        return st
+
+    def part(self, name: str, pname: str) -> dict[str, Any]:
+        return next(p for p in self.status(name)["partitions"] if p["name"] == pname)
+
+    def wait_status(self, name: str, pred: Callable[[dict[str, Any]], bool],
+                    timeout: float = 10.0) -> dict[str, Any]:
+        """Poll the status until ``pred`` holds; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if pred(st):
+                return st
+            assert time.monotonic() < deadline, f"timed out; last status: {st}"
+            time.sleep(0.02)
+
+
+def _unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    base = Path(tempfile.mkdtemp(prefix="vir-"))  # short: AF_UNIX paths are <= 107 bytes
+    e = Env(base)
+    try:
+        yield e
+    finally:
+        for name in e.started:
+            try:
+                e.cli("down", "--name", name, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            procs = cluster_processes(name)
+            for p in procs:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(procs, timeout=5)
+            rd = e.rundir(name)
+            if rd.supervisor() is None:
+                rd.sweep()
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_no_leaks(env: Env, name: str, pids: list[int], timeout: float = 5.0) -> None:
+    """Nothing of cluster ``name`` is left: processes, shm, mq, sockets, cgroups."""
+    rd = env.rundir(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if not gone(pid)]
+        left = rd.leftovers()
+        if not alive and not left:
+            break
+        assert time.monotonic() < deadline, f"left behind: pids {alive}; {left.describe()}"
+        time.sleep(0.02)  # the cgroup reaper may still be finishing after kill -9
+    assert not rd.control_socket.exists()
+    assert not rd.pid_file.exists()
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"viridian-{name}-")]
+    assert shm == []
+
+
+def all_pids(st: dict[str, Any]) -> list[int]:
+    return [st["supervisor_pid"]] + [p["pid"] for p in st["partitions"] if p["pid"]]
+
+
+def events_until(c: ControlClient, pred: Callable[[dict[str, Any]], bool],
+                 timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Events from a watching connection up to and including the first that matches."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out; events so far: {seen}"
+        ev = next(c.events(left), None)
+        assert ev is not None, f"supervisor went away; events so far: {seen}"
+        seen.append(ev)
+        if pred(ev):
+            return seen
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_cluster_up_status_down(env: Env) -> None:
+    name = _unique()
+    r = env.up(name)
+    out = r.stdout
+    for part in ("supervisor", "root", "child1", "child2"):
+        assert re.search(rf"✓ {part}\s", out), out
+    assert str(env.rundir(name).path) in out
+    assert "viridian status" in out and "viridian down" in out
+
+    st = env.status(name)
+    assert st["cluster"] == name and st["schema_version"] >= 1
+    assert [p["name"] for p in st["partitions"]] == ["root", "child1", "child2"]
+    assert [p["role"] for p in st["partitions"]] == ["root", "child", "child"]
+    for p in st["partitions"]:
+        assert p["state"] == "running" and p["restarts"] == 0 and p["channels"] == []
+        assert psutil.Process(p["pid"]).ppid() == st["supervisor_pid"]
+        assert p["memory"]["guest_visible_bytes"] == p["memory"]["assigned_bytes"] > 0
+        assert p["cpu"]["weight"] == 100
+    assert {p.info["cmdline"][0] for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"viridian[{name}]")}
+
+    # The JSON of the CLI is the same schema.
+    r = env.cli("status", "--name", name, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    ClusterStatus.model_validate(json.loads(r.stdout))
+
+    # The table fits 80 columns and names every partition.
+    r = env.cli("status", "--name", name)
+    assert r.returncode == 0, r.stderr
+    assert all(len(line) <= 80 for line in r.stdout.splitlines()), r.stdout
+    for pname in ("root", "child1", "child2"):
+        assert pname in r.stdout
+
+    pids = all_pids(st)
+    r = env.cli("down", "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = LEAVES_LINE.search(r.stdout)
+    assert m and m.group(1) == "3", r.stdout
+    assert_no_leaks(env, name, pids)
+
+    # down is idempotent; status of a stopped cluster is "no such cluster".
+    r = env.cli("down", "--name", name)
+    assert r.returncode == 0 and "not running" in r.stdout
+    r = env.cli("status", "--name", name)
+    assert r.returncode == 3 and "no such cluster" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_kill9_child_is_noticed_and_restarted(env: Env) -> None:
+    name = _unique()
+    env.up(name)
+    before = env.status(name)
+    victim = before["partitions"][1]
+    with env.client(name) as watch:
+        watch.watch()
+        os.kill(victim["pid"], signal.SIGKILL)
+        seen = events_until(watch, lambda e: e.get("name") == "child1"
+                            and e.get("state") == "running")
+    states = [e["state"] for e in seen if e.get("name") == "child1"]
+    assert states[:2] == ["crashed", "restarting"], seen
+    crashed = next(e for e in seen if e["state"] == "crashed")
+    assert crashed["exit"]["signal_name"] == "SIGKILL"
+    assert crashed["exited_pid"] == victim["pid"]
+    st = env.status(name)
+    child1 = st["partitions"][1]
+    assert child1["restarts"] == 1 and child1["state"] == "running"
+    assert child1["pid"] != victim["pid"] and gone(victim["pid"])
+    assert child1["last_exit"]["signal_name"] == "SIGKILL"
+    # The others were not touched.
+    assert st["partitions"][0]["pid"] == before["partitions"][0]["pid"]
+    assert st["partitions"][2]["pid"] == before["partitions"][2]["pid"]
+
+    pids = [*all_pids(st), victim["pid"]]
+    r = env.cli("down", "--name", name)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, name, pids)
+
+
+def test_kill9_root_is_noticed_and_restarted(env: Env) -> None:
+    name = _unique()
+    env.up(name)
+    before = env.status(name)
+    root = before["partitions"][0]
+    os.kill(root["pid"], signal.SIGKILL)
+    st = env.wait_status(name, lambda s: s["partitions"][0]["restarts"] == 1
+                         and s["partitions"][0]["state"] == "running")
+    assert st["partitions"][0]["pid"] != root["pid"]
+    assert [p["pid"] for p in st["partitions"][1:]] == [p["pid"] for p in before["partitions"][1:]]
+    pids = [*all_pids(st), root["pid"]]
+    r = env.cli("down", "--name", name)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, name, pids)
+
+
+def test_kill9_supervisor_ends_every_partition(env: Env) -> None:
+    name = _unique()
+    env.up(name)
+    st = env.status(name)
+    parts = [p["pid"] for p in st["partitions"]]
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    while not all(gone(pid) for pid in parts):
+        assert time.monotonic() - t0 < 1.0, "a partition outlived its supervisor by 1 s"
+        time.sleep(0.01)
+
+    r = env.cli("status", "--name", name)
+    assert r.returncode == 3 and "supervisor died" in r.stderr, r.stderr
+    # The next up detects and cleans what the dead cluster left, then starts afresh.
+    r = env.up(name)
+    assert "cleaned up a crashed run" in r.stdout, r.stdout
+    assert "sockets" in r.stdout
+    st2 = env.status(name)
+    assert st2["supervisor_pid"] != st["supervisor_pid"]
+    assert (env.rundir(name).path / "logs.prev").is_dir()
+    r = env.cli("down", "--name", name)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, name, all_pids(st) + all_pids(st2))
+
+
+def test_kill9_supervisor_then_down_cleans(env: Env) -> None:
+    name = _unique()
+    env.up(name)
+    st = env.status(name)
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    r = env.cli("down", "--name", name)
+    assert r.returncode == 0 and "cleaned up" in r.stdout, r.stdout + r.stderr
+    assert_no_leaks(env, name, all_pids(st))
+
+
+def test_partition_commands(env: Env) -> None:
+    name = _unique()
+    env.up(name)
+    old = env.part(name, "child2")["pid"]
+
+    r = env.cli("partition", "stop", "child2", "--name", name)
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+    p = env.part(name, "child2")
+    assert p["state"] == "stopped" and p["pid"] is None and gone(old)
+
+    r = env.cli("partition", "start", "2", "--name", name)  # by id
+    assert r.returncode == 0 and "running" in r.stdout, r.stdout + r.stderr
+    p = env.part(name, "child2")
+    assert p["state"] == "running" and p["restarts"] == 0
+
+    r = env.cli("partition", "restart", "child2", "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p2 = env.part(name, "child2")
+    assert p2["state"] == "running" and p2["restarts"] == 1 and p2["pid"] != p["pid"]
+
+    r = env.cli("partition", "kill", "child1", "--name", name)
+    assert r.returncode == 0 and "stays stopped" in r.stdout, r.stdout + r.stderr
+    assert env.part(name, "child1")["state"] == "stopped"  # a kill is not restarted
+
+    r = env.cli("partition", "set", "child2", "--cpu-weight", "300", "--cpu-limit", "50",
+                "--cpu-reserve", "10", "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cpu = env.part(name, "child2")["cpu"]
+    assert (cpu["weight"], cpu["limit_percent"], cpu["reserve_percent"]) == (300, 50, 10)
+
+    st = env.status(name)
+    r = env.cli("down", "--name", name)
+    m = LEAVES_LINE.search(r.stdout)
+    assert m and m.group(1) == "2", r.stdout + r.stderr  # child1 was already off
+    assert_no_leaks(env, name, [*all_pids(st), old, p["pid"]])
+
+
+def test_two_named_clusters_side_by_side(env: Env, tmp_path: Path) -> None:
+    a, b = _unique("a"), _unique("b")
+    r = env.cli("config", "default")
+    assert r.returncode == 0
+    cfg = tmp_path / "one-child.toml"
+    # The default, read back, minus child2: `config default` output is a valid config.
+    cfg.write_text(r.stdout.split('[[partition]]\nname = "child2"')[0])
+    env.up(a)
+    env.up(b, "--config", str(cfg))
+    sa, sb = env.status(a), env.status(b)
+    assert len(sa["partitions"]) == 3 and len(sb["partitions"]) == 2
+    assert sa["supervisor_pid"] != sb["supervisor_pid"]
+    assert not set(all_pids(sa)) & set(all_pids(sb))
+
+    r = env.cli("down", "--name", a)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, a, all_pids(sa))
+    assert env.status(b)["partitions"][1]["state"] == "running"  # b did not notice
+    r = env.cli("down", "--name", b)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, b, all_pids(sb))
+
+
+def test_errors_are_one_line_with_exit_codes(env: Env, tmp_path: Path) -> None:
+    missing = _unique("none")
+    r = env.cli("status", "--name", missing)
+    assert r.returncode == 3 and "no such cluster" in r.stderr
+    r = env.cli("partition", "stop", "child1", "--name", missing)
+    assert r.returncode == 3 and "no such cluster" in r.stderr
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[partition]]\nname = "root"\nrole = "root"\n'
+                   '[[partition]]\nname = "c1"\nmemory = { startup = "8M", minimum = "64M" }\n')
+    r = env.cli("up", "--detach", "--name", _unique(), "--config", str(bad))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert str(bad) in r.stderr and "partition[1] (c1).memory" in r.stderr
+    assert "minimum <= startup" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad.write_text('[[partition]]\nname = "root"\nrole = "root"\ncpu = { wieght = 5 }\n')
+    r = env.cli("up", "--detach", "--name", _unique(), "--config", str(bad))
+    assert r.returncode == 1 and "partition[0] (root).cpu.wieght: unknown key" in r.stderr
+    r = env.cli("up", "--detach", "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 1 and "nope.toml: cannot read" in r.stderr
+
+    r = env.cli("up", "--detach", "--name", "bad name!")
+    assert r.returncode == 2
+    r = env.cli("partition", "set", "child1", "--cpu-weight", "0")
+    assert r.returncode == 2
+
+    name = _unique()
+    env.up(name)
+    st = env.status(name)
+    r = env.cli("up", "--detach", "--name", name)
+    assert r.returncode == 1 and "already running" in r.stderr, r.stdout + r.stderr
+    assert env.status(name)["supervisor_pid"] == st["supervisor_pid"]
+    r = env.cli("partition", "stop", "child9", "--name", name)
+    assert r.returncode == 3 and "no such partition: child9" in r.stderr
+    r = env.cli("partition", "set", "7", "--cpu-weight", "5", "--name", name)
+    assert r.returncode == 3 and "no such partition" in r.stderr
+    r = env.cli("partition", "set", "child1", "--name", name)
+    assert r.returncode == 2
+    r = env.cli("partition", "set", "child1", "--cpu-limit", "10", "--cpu-reserve", "20",
+                "--name", name)
+    assert r.returncode == 1 and "exceeds" in r.stderr
+
+    r = env.cli("down", "--name", name)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, name, all_pids(st))
+
+
+def test_foreground_up_stops_cleanly_on_sigint(env: Env) -> None:
+    name = _unique()
+    env.started.append(name)
+    proc = subprocess.Popen([sys.executable, "-m", "partitions.cli", "up", "--name", name],
+                            env=env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            if env.rundir(name).supervisor() is not None:
+                try:
+                    st = env.status(name)
+                except OSError:
+                    st = None
+                if st and all(p["state"] == "running" for p in st["partitions"]):
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "Gracefully stopping" in out
+    assert LEAVES_LINE.search(out), out
+    assert_no_leaks(env, name, all_pids(st))
