@@ -305,18 +305,56 @@ class _Cgroup:
     def apply(self, name: str, weight: float, limit: float | None) -> None:
         raise NotImplementedError
 
+    # The cluster's group competes with its siblings (other clusters, and in
+    # v1 every task of the root group at 1024 shares).  So that a cluster
+    # weighs what its partitions would weigh as plain processes, the cluster
+    # group gets the sum of its partitions' weights (in "processes at weight
+    # 100"), and the viridian group the sum of its clusters.
+    WEIGHT_FILE = ""
+
+    def _level_value(self, processes: float) -> str:
+        raise NotImplementedError
+
+    def _level_processes(self, value: str) -> float:
+        raise NotImplementedError
+
+    def apply_total(self, total_weight: float) -> None:
+        with contextlib.suppress(OSError):
+            _write(self.cluster_dir / self.WEIGHT_FILE, self._level_value(total_weight / 100))
+        self._update_base()
+
+    def _update_base(self) -> None:
+        total = 0.0
+        with contextlib.suppress(OSError):
+            for d in self.base.iterdir():
+                if d.is_dir():
+                    with contextlib.suppress(OSError, ValueError):
+                        total += self._level_processes((d / self.WEIGHT_FILE).read_text())
+        if total > 0:
+            with contextlib.suppress(OSError):
+                _write(self.base / self.WEIGHT_FILE, self._level_value(total))
+
     def remove(self, name: str) -> bool:
         return _remove_group(self.group(name), self.root / "cgroup.procs")
 
     def close(self) -> bool:
         ok = _remove_group(self.cluster_dir, self.root / "cgroup.procs")
-        with contextlib.suppress(OSError):
-            self.base.rmdir()  # fails while another cluster runs: fine
+        try:
+            self.base.rmdir()  # fails while another cluster runs: then re-weigh it
+        except OSError:
+            self._update_base()
         return ok
 
 
 class _CgroupV1(_Cgroup):
     version = 1
+    WEIGHT_FILE = "cpu.shares"
+
+    def _level_value(self, processes: float) -> str:
+        return str(min(262144, max(2, round(processes * 1024))))
+
+    def _level_processes(self, value: str) -> float:
+        return int(value) / 1024
 
     def apply(self, name: str, weight: float, limit: float | None) -> None:
         g = self.group(name)
@@ -329,6 +367,13 @@ class _CgroupV1(_Cgroup):
 
 class _CgroupV2(_Cgroup):
     version = 2
+    WEIGHT_FILE = "cpu.weight"
+
+    def _level_value(self, processes: float) -> str:
+        return str(min(10000, max(1, round(processes * 100))))
+
+    def _level_processes(self, value: str) -> float:
+        return int(value) / 100
 
     def _prepare(self) -> None:
         super()._prepare()
@@ -656,6 +701,7 @@ class CpuArbiter:
         if self._cg is not None:
             for n, p in self._parts.items():
                 self._cg.apply(n, weights[n], p.settings.limit_percent)
+            self._cg.apply_total(sum(weights.values()))
 
     def remove_partition(self, name: str) -> None:
         """Stop arbitrating ``name`` (its processes are continued if they
