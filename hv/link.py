@@ -4,34 +4,45 @@ Layer: hv.  The supervisor keeps one end and hands the other to the partition
 process as fd 3.  Identity is the socket: whatever arrives on a partition's
 link is from that partition, so no partition can speak as another.
 
-It is an ``AF_UNIX``/``SOCK_SEQPACKET`` pair, so message boundaries are kept
-and file descriptors ride along (SCM_RIGHTS: memory grants, doorbells).  Each
-message starts with one kind byte:
+It is an ``AF_UNIX``/``SOCK_SEQPACKET`` pair carrying the frames of
+hv/hypercalls.py (16-byte header: length, kind, fd count, flags, sequence),
+with file descriptors riding along (SCM_RIGHTS).  Frame kinds:
 
-``J`` (0x4A)  control, a UTF-8 JSON object, both directions
-              supervisor -> partition: ``boot`` (with the memory fds), ``stop``
-              partition -> supervisor: ``hello``, ``memory`` (reports)
-``H`` (0x48)  a hypercall: request partition -> supervisor, reply back; the
-              bytes after the kind byte are hv/hypercalls.py's encoding
+=========  ======================  ===================================================
+kind       direction               body
+=========  ======================  ===================================================
+1 HYPERCALL partition -> supervisor hypercall input value + input block (hv.hypercalls)
+2 REPLY     supervisor -> partition hypercall output value + output block
+3 MEMORY    supervisor -> partition MAP / BALLOON / GRANT / ... with memfds (hv.memory)
+0x100       both                    a runtime message: one UTF-8 JSON object
+RUNTIME
+=========  ======================  ===================================================
 
-Trust: for the supervisor every message from a partition is untrusted input;
-``recv`` bounds the size and the number of fds, and the supervisor closes any
-fd a partition sends it.
+Runtime messages (``{"op": ...}``):
+
+- supervisor -> partition: ``boot`` (first frame; carries the partition's three
+  SynIC fds: page memfd, interrupt eventfd, EOM eventfd; and its name, id,
+  role, and the connection IDs it may use), ``stop``;
+- partition -> supervisor: ``hello`` (booted; ``guest_visible_bytes``),
+  ``memory`` (``guest_visible_bytes`` changed).
+
+Trust: for the supervisor every frame from a partition is untrusted input.
+The decoder bounds frame size and fd count and raises ``WireError`` on
+anything malformed (the supervisor then kills that partition, nothing else);
+the supervisor closes any fd a partition sends it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 from typing import Any
 
-__all__ = ["KIND_CONTROL", "KIND_HYPERCALL", "MAX_FDS", "MAX_MESSAGE_BYTES", "Link", "socketpair"]
+from hv.hypercalls import Frame, FrameDecoder, FrameWriter, WireError, recv_frames
 
-KIND_CONTROL = 0x4A  # "J"
-KIND_HYPERCALL = 0x48  # "H"
-MAX_MESSAGE_BYTES = 65536
-MAX_FDS = 16
+__all__ = ["KIND_RUNTIME", "SupervisorEnd", "decode_runtime", "runtime_frame", "socketpair"]
+
+KIND_RUNTIME = 0x100
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -39,70 +50,68 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-class Link:
-    """One end of a partition link.  Owns the socket.
+def runtime_frame(obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> Frame:
+    """A runtime message; ``fds`` stay the caller's (sending duplicates them)."""
+    return Frame(KIND_RUNTIME, 0, json.dumps(obj, separators=(",", ":")).encode(), list(fds))
 
-    Raises from every method: ``OSError`` when the peer is gone.
+
+def decode_runtime(frame: Frame) -> dict[str, Any] | None:
+    """The JSON object of a runtime frame, or None if it is not a valid one."""
+    if frame.kind != KIND_RUNTIME:
+        return None
+    try:
+        obj = json.loads(frame.body)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class SupervisorEnd:
+    """The supervisor's end of one partition link: never blocks on the partition.
+
+    ``send`` queues a frame and writes what the socket takes; when it returns
+    False the caller waits for the socket to be writable and calls ``flush``.
+    A partition that stops reading makes ``send`` raise ``WireError`` once
+    1 MiB is queued.
     """
 
-    __slots__ = ("sock",)
+    __slots__ = ("decoder", "sock", "writer")
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.sock = sock
-
-    @classmethod
-    def from_fd(cls, fd: int) -> Link:
-        return cls(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd))
+        self.decoder = FrameDecoder()
+        self.writer = FrameWriter()
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def send_control(self, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-        data = bytes([KIND_CONTROL]) + json.dumps(obj, separators=(",", ":")).encode()
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.send(data)
-
-    def send_hypercall(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        if fds:
-            socket.send_fds(self.sock, [bytes([KIND_HYPERCALL]) + data], list(fds))
-        else:
-            self.sock.send(bytes([KIND_HYPERCALL]) + data)
-
-    def recv(self) -> tuple[int, bytes, list[int]] | None:
-        """The next message as (kind, body, fds), or None when the peer closed.
-
-        The caller owns the returned fds.  A truncated message is dropped
-        (kind 0) with its fds closed.
+    def send(self, frame: Frame) -> bool:
+        """Queue ``frame`` and flush; True when nothing is left queued.
 
         Raises:
-            BlockingIOError: non-blocking socket and nothing to read.
+            WireError: the partition is not reading.
+            OSError: the partition is gone.
         """
-        data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE_BYTES, MAX_FDS)
-        if not data and not fds:
-            return None
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            close_fds(fds)
-            return (0, b"", [])
-        return (data[0] if data else 0, bytes(data[1:]), list(fds))
+        self.writer.push(frame)
+        return self.writer.flush(self.sock)
 
-    @staticmethod
-    def decode_control(body: bytes) -> dict[str, Any] | None:
-        """The JSON object of a control message, or None if it is not one."""
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return None
-        return obj if isinstance(obj, dict) else None
+    def flush(self) -> bool:
+        return self.writer.flush(self.sock)
+
+    def recv(self) -> list[Frame] | None:
+        """Frames completed by one read, or None when the partition closed its end.
+
+        Raises:
+            BlockingIOError: nothing to read.
+            WireError: a malformed frame (the link is unusable afterwards).
+        """
+        return recv_frames(self.sock, self.decoder)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.decoder.close()
+        self.sock.close()
 
 
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+__all__ += ["WireError"]

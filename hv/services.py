@@ -1,31 +1,57 @@
 """The hypervisor services as the supervisor sees them: one narrow facade.
 
-Layer: hv.  The supervisor (hv/supervisor.py) asks this module for a
-partition's boot grant, hands it hypercalls, tells it when a partition starts
-and exits, and reads accounting back.  Behind it are the service modules
-(hv/memory.py, hv/cpu.py, hv/hypercalls.py, hv/synic.py); while one is not
-installed, a minimal stand-in keeps the cluster running:
+Layer: hv.  The supervisor (hv/supervisor.py) asks this module to set a
+partition up before its process starts (memory, SynIC, router entry, CPU
+group), hands it every hypercall frame, tells it when a partition exits, and
+reads accounting back.  Behind it:
 
-- memory: one memfd of the startup size per partition, granted at GPA 0;
-- CPU (hv/cpu.py ``CpuArbiter``: cgroup v2, v1, or a userspace credit
-  scheduler): without it, settings are kept and reported, nothing is enforced;
-- hypercalls: every call answers HV_STATUS_INVALID_HYPERCALL_CODE (2).
+- hv/memory.py ``GuestMemory``: the partition's memfd ranges (startup range
+  at GPA 0), sent as one MEMORY (MAP) frame at boot;
+- hv/synic.py ``SynicHost``: its message page, event flags, interrupt and EOM;
+- hv/hypercalls.py ``HypercallRouter``: HvPostMessage / HvSignalEvent with
+  permission checks over the cluster's connections (below);
+- hv/cpu.py ``CpuArbiter``: weight / limit / reserve (cgroup v2, v1, or a
+  userspace credit scheduler); without that module, CPU settings are kept
+  and reported but not enforced.
 
-``backends()`` says which is in use; ``viridian status --json`` shows it.
+Connections (the router's table; each partition learns its IDs at boot):
+
+=====================  =======  ==========  ================================
+connection ID          kind     target      who may use it
+=====================  =======  ==========  ================================
+1 (VMBus message)      message  root        every child
+2 (VMBus event)        event    root        every child (flags 0..2047)
+0x10000 + child id     message  that child  the root
+0x20000 + child id     event    that child  the root (flags 0..2047)
+=====================  =======  ==========  ================================
+
+A partition's resources live exactly as long as its process: a restart gets
+fresh memory and a fresh SynIC, and the router answers INVALID_PORT_ID for a
+partition that is down.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BootGrant", "CpuSettings", "Services"]
+from hv.hypercalls import (
+    FLAGS_PER_SINT,
+    VMBUS_EVENT_CONNECTION_ID,
+    VMBUS_MESSAGE_CONNECTION_ID,
+    Connection,
+    ConnectionKind,
+    Frame,
+    HypercallRouter,
+)
+from hv.memory import GuestMemory
+from hv.synic import SynicHost
 
-HV_STATUS_INVALID_HYPERCALL_CODE = 2
-HV_STATUS_INVALID_HYPERCALL_INPUT = 3
+__all__ = ["ROOT_EVENT_BASE", "ROOT_MESSAGE_BASE", "BootGrant", "CpuSettings", "Services"]
+
+ROOT_MESSAGE_BASE = 0x10000  # + child id: root -> child messages
+ROOT_EVENT_BASE = 0x20000  # + child id: root -> child events
 
 
 @dataclass
@@ -37,42 +63,11 @@ class CpuSettings:
 
 @dataclass
 class BootGrant:
-    """What a partition gets at boot: memory ranges with their fds, and extras.
+    """What a partition gets at boot (the fds stay owned by the services)."""
 
-    ``fds`` are owned by the services (the supervisor sends dups and closes nothing).
-    """
-
-    memory: list[dict[str, int]] = field(default_factory=list)  # [{"gpa", "bytes"}]
-    fds: list[int] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _FallbackMemory:
-    """One memfd of the startup size per running partition."""
-
-    name = "memfd (stand-in)"
-
-    def __init__(self) -> None:
-        self._fds: dict[str, tuple[int, int]] = {}
-
-    def grant(self, name: str, startup_bytes: int) -> BootGrant:
-        self.release(name)
-        fd = os.memfd_create(f"viridian-{name}-ram", os.MFD_CLOEXEC)
-        os.ftruncate(fd, startup_bytes)
-        self._fds[name] = (fd, startup_bytes)
-        return BootGrant(memory=[{"gpa": 0, "bytes": startup_bytes}], fds=[fd])
-
-    def assigned_bytes(self, name: str) -> int:
-        return self._fds.get(name, (-1, 0))[1]
-
-    def release(self, name: str) -> None:
-        fd, _ = self._fds.pop(name, (-1, 0))
-        if fd >= 0:
-            os.close(fd)
-
-    def close(self) -> None:
-        for name in list(self._fds):
-            self.release(name)
+    synic_fds: list[int]
+    memory: Frame
+    connections: dict[str, Any] = field(default_factory=dict)
 
 
 def _load_cpu_arbiter(cluster: str) -> Any:
@@ -86,26 +81,57 @@ def _load_cpu_arbiter(cluster: str) -> Any:
         return cpu.CpuArbiter(cluster, mechanism="userspace")
 
 
+@dataclass
+class _Live:
+    """The resources of one running partition."""
+
+    memory: GuestMemory
+    synic: SynicHost
+
+
 class Services:
-    """The service modules behind one facade, with stand-ins for missing ones.
+    """The service modules behind one facade.
 
     Args:
-        cluster: the cluster's name (prefix of any named object).
-        manifest: the run directory's ``Manifest``; named objects go in it.
+        cluster: the cluster's name.
+        root_id: the root partition's id (0).
+        child_ids: the children's ids (the connection table is built from them).
     """
 
-    def __init__(self, cluster: str, manifest: Any) -> None:
+    def __init__(self, cluster: str, root_id: int, child_ids: list[int]) -> None:
         self.cluster = cluster
-        self.manifest = manifest
-        self.memory = _FallbackMemory()
+        self.root_id = root_id
+        self.router = HypercallRouter(root_id)
         self.cpu: dict[str, CpuSettings] = {}
+        self.live: dict[int, _Live] = {}
         self.arbiter = _load_cpu_arbiter(cluster)
         self._usage: dict[str, float] = {}
+        kids = frozenset(child_ids)
+        root = frozenset({root_id})
+        self.router.add_connection(Connection(VMBUS_MESSAGE_CONNECTION_ID, root_id,
+                                              ConnectionKind.MESSAGE, kids))
+        self.router.add_connection(Connection(VMBUS_EVENT_CONNECTION_ID, root_id,
+                                              ConnectionKind.EVENT, kids,
+                                              flag_count=FLAGS_PER_SINT))
+        for c in child_ids:
+            self.router.add_connection(Connection(ROOT_MESSAGE_BASE + c, c,
+                                                  ConnectionKind.MESSAGE, root))
+            self.router.add_connection(Connection(ROOT_EVENT_BASE + c, c, ConnectionKind.EVENT,
+                                                  root, flag_count=FLAGS_PER_SINT))
+        self._child_ids = list(child_ids)
 
     def backends(self) -> dict[str, str]:
-        return {"memory": self.memory.name,
+        return {"memory": "memfd ranges (hv.memory)", "synic": "hv.synic",
                 "cpu": self.arbiter.mechanism if self.arbiter else "none (settings only)",
-                "hypercalls": "none (every call: INVALID_HYPERCALL_CODE)"}
+                "hypercalls": "hv.hypercalls router"}
+
+    def connections_of(self, pid_: int) -> dict[str, Any]:
+        """The connection IDs partition ``pid_`` may use, by purpose (sent at boot)."""
+        if pid_ == self.root_id:
+            return {"to_child_message": {str(c): ROOT_MESSAGE_BASE + c for c in self._child_ids},
+                    "to_child_event": {str(c): ROOT_EVENT_BASE + c for c in self._child_ids}}
+        return {"to_root_message": VMBUS_MESSAGE_CONNECTION_ID,
+                "to_root_event": VMBUS_EVENT_CONNECTION_ID}
 
     def _cpu_args(self, s: CpuSettings) -> dict[str, Any]:
         """Our settings in hv.cpu's terms: a 100 % limit is no cap."""
@@ -115,19 +141,38 @@ class Services:
 
     # -- partition life cycle ------------------------------------------------------------
 
-    def add_partition(self, name: str, pid_id: int, startup_bytes: int,
+    def add_partition(self, pid_: int, name: str, memory: tuple[int, int, int],
                       cpu: CpuSettings) -> BootGrant:
-        """Before the process starts: its memory and (later) SynIC; returns the grant."""
-        self.cpu[name] = cpu
-        if self.arbiter is not None:
-            from hv.cpu import CpuSettings as ArbiterSettings
+        """Before the process starts: its memory, SynIC, router entry and CPU group.
 
-            self.arbiter.add_partition(name, ArbiterSettings(**self._cpu_args(cpu)))
+        Args:
+            pid_: the partition id.
+            memory: (startup, minimum, maximum) bytes.
+
+        Raises:
+            OSError, ValueError: a resource could not be made (nothing is kept).
+        """
+        self.remove_partition(pid_, name)
+        startup, minimum, maximum = memory
+        mem = GuestMemory(pid_, startup, minimum_bytes=minimum, maximum_bytes=maximum, name=name)
         try:
-            return self.memory.grant(name, startup_bytes)
+            syn = SynicHost(pid_, label=f"{self.cluster}-{name}")
         except BaseException:
-            self.remove_partition(name)
+            mem.close()
             raise
+        self.live[pid_] = _Live(mem, syn)
+        try:
+            self.router.add_partition(pid_, syn, memory=mem)
+            self.cpu[name] = cpu
+            if self.arbiter is not None:
+                from hv.cpu import CpuSettings as ArbiterSettings
+
+                self.arbiter.add_partition(name, ArbiterSettings(**self._cpu_args(cpu)))
+        except BaseException:
+            self.remove_partition(pid_, name)
+            raise
+        return BootGrant(list(syn.handles()), mem.map_message().frame(),
+                         self.connections_of(pid_))
 
     def partition_started(self, name: str, pid: int) -> None:
         """The process exists: put it under CPU arbitration."""
@@ -135,20 +180,39 @@ class Services:
             with contextlib.suppress(ProcessLookupError, KeyError):
                 self.arbiter.attach(name, pid)
 
-    def remove_partition(self, name: str) -> None:
-        """The process is gone (any exit): release everything it held."""
-        self.memory.release(name)
-        if self.arbiter is not None:
+    def remove_partition(self, pid_: int, name: str) -> None:
+        """The process is gone (any exit): release everything it held.
+
+        Its grants to the root are revoked (the REVOKE frames come out of
+        ``take_outbox``); messages queued for it are dropped."""
+        self.router.remove_partition(pid_)
+        live = self.live.pop(pid_, None)
+        if live is not None:
+            live.synic.close()
+            live.memory.close()
+        if self.arbiter is not None and name in self.arbiter.partitions():
             self.arbiter.remove_partition(name)
         self._usage.pop(name, None)
 
     # -- while running -------------------------------------------------------------------
 
-    def hypercall(self, caller: str, request: bytes) -> bytes:
-        """Route one encoded hypercall from ``caller``; returns the encoded reply."""
-        if len(request) < 2:
-            return struct.pack("<H", HV_STATUS_INVALID_HYPERCALL_INPUT)
-        return struct.pack("<H", HV_STATUS_INVALID_HYPERCALL_CODE)
+    def eom_fileno(self, pid_: int) -> int:
+        return self.live[pid_].synic.eom_fileno()
+
+    def service_synic(self, pid_: int) -> None:
+        """The partition signalled EOM: refill its freed message slots."""
+        live = self.live.get(pid_)
+        if live is not None:
+            live.synic.service()
+
+    def hypercall(self, caller: int, frame: Frame) -> Frame | None:
+        """Route one HYPERCALL frame from ``caller`` (the link's owner); returns
+        the REPLY frame (None: no reply wanted).  Raises WireError if malformed."""
+        return self.router.handle_frame(caller, frame)
+
+    def take_outbox(self) -> list[tuple[int, Frame]]:
+        """Frames the router produced for other partitions (grants to the root)."""
+        return self.router.take_outbox()
 
     def set_cpu(self, name: str, settings: CpuSettings) -> None:
         """Change a partition's CPU settings (live if it runs).
@@ -160,8 +224,9 @@ class Services:
             self.arbiter.set(name, **self._cpu_args(settings))
         self.cpu[name] = settings
 
-    def assigned_bytes(self, name: str) -> int:
-        return self.memory.assigned_bytes(name)
+    def assigned_bytes(self, pid_: int) -> int:
+        live = self.live.get(pid_)
+        return live.memory.assigned_bytes if live is not None else 0
 
     def measure_cpu(self) -> None:
         """Take one usage sample of every partition (call once per status)."""
@@ -187,7 +252,9 @@ class Services:
             self.arbiter.tick()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.memory.close()
+        for pid_ in list(self.live):
+            live = self.live.pop(pid_)
+            live.synic.close()
+            live.memory.close()
         if self.arbiter is not None:
             self.arbiter.close()

@@ -11,7 +11,8 @@ It stays thin: one thread, one ``selectors`` loop over
 - a **pidfd** per partition (``os.pidfd_open``): readable the moment the
   process exits, kill -9 included; reaped with ``waitid(P_PIDFD)``, so there
   is no SIGCHLD handler and no pid-reuse race;
-- each partition's **link**: boot, hello, memory reports, hypercalls;
+- each partition's **link** (hv/link.py): boot, hello, memory reports,
+  hypercalls (routed by hv/services.py), and its SynIC's EOM eventfd;
 - the **control socket** and its client connections;
 - a wakeup socket for SIGTERM/SIGINT (``signal.set_wakeup_fd``);
 
@@ -56,8 +57,9 @@ from typing import Any
 
 from hv.config import ClusterConfig, ConfigError, PartitionConfig, load_config
 from hv.control import PROTOCOL_VERSION, ControlError, LineReader, encode
+from hv.hypercalls import Frame, FrameKind
 from hv.jsonlog import JsonLog
-from hv.link import KIND_CONTROL, KIND_HYPERCALL, Link, close_fds, socketpair
+from hv.link import SupervisorEnd, WireError, decode_runtime, runtime_frame, socketpair
 from hv.rundir import Manifest, RunDir, process_title
 from hv.services import CpuSettings, Services
 
@@ -96,7 +98,8 @@ class Partition:
     state: PartitionState = PartitionState.STOPPED
     pid: int | None = None
     pidfd: int | None = None
-    link: Link | None = None
+    link: SupervisorEnd | None = None
+    eom_fd: int | None = None
     started: float | None = None  # monotonic, when the process was spawned
     boot_s: float | None = None  # spawn -> hello
     restarts: int = 0
@@ -217,7 +220,7 @@ class Supervisor:
             self.manifest.data["supervisor"] = {"pid": me}
         self.manifest.add("process", save=False, pid=me, name="supervisor",
                           create_time=_create_time(me))
-        self.services = Services(self.cluster, self.manifest)
+        self.services = Services(self.cluster, self.parts[0].id, [p.id for p in self.parts[1:]])
         with contextlib.suppress(FileNotFoundError):
             rd.control_socket.unlink()  # a stale one: the lock proves its owner is dead
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -321,11 +324,13 @@ class Supervisor:
         p.guest_visible_bytes = None
         p.cpu_sample = None
         p.usage = 0.0
+        mem = p.cfg.memory
         try:
-            grant = self.services.add_partition(p.name, p.id, p.cfg.memory.startup, p.cpu)
+            grant = self.services.add_partition(p.id, p.name, (mem.startup, mem.minimum,
+                                                               mem.maximum), p.cpu)
         except (OSError, ValueError) as e:
-            self._plog(p)("cannot grant memory", level="error", error=str(e))
-            self._set_state(p, PartitionState.CRASHED, error=f"memory: {e}")
+            self._plog(p)("cannot set up its resources", level="error", error=str(e))
+            self._set_state(p, PartitionState.CRASHED, error=str(e))
             self._after_exit(p, crashed=True, ran_s=0.0)
             return
         sup_end, part_end = socketpair()
@@ -346,7 +351,7 @@ class Supervisor:
             ], setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM))
         except OSError as e:
             sup_end.close()
-            self.services.remove_partition(p.name)
+            self.services.remove_partition(p.id, p.name)
             self._plog(p)("cannot start", level="error", error=str(e))
             self._set_state(p, PartitionState.CRASHED, error=f"spawn: {e}")
             self._after_exit(p, crashed=True, ran_s=0.0)
@@ -358,19 +363,19 @@ class Supervisor:
         p.pidfd = os.pidfd_open(pid)
         p.started = time.monotonic()
         p.boot_s = None
-        p.link = Link(sup_end)
+        p.link = SupervisorEnd(sup_end)
         self.manifest.add("process", save=False, pid=pid, name=p.name,
                           create_time=_create_time(pid))
         self._manifest_dirty = True
         self._sel.register(p.pidfd, selectors.EVENT_READ, lambda _f, p=p: self._on_exit(p))
         self._sel.register(sup_end, selectors.EVENT_READ, lambda _f, p=p: self._on_link(p))
-        try:
-            p.link.send_control({"op": "boot", "cluster": self.cluster, "name": p.name,
-                                 "id": p.id, "role": p.cfg.role, "memory": grant.memory,
-                                 **grant.extra}, grant.fds)
-        except OSError as e:  # it died already: the pidfd reports it
-            self._plog(p)("cannot send boot", level="error", error=str(e))
-        sup_end.setblocking(False)
+        p.eom_fd = self.services.eom_fileno(p.id)
+        self._sel.register(p.eom_fd, selectors.EVENT_READ,
+                           lambda _f, p=p: self.services and self.services.service_synic(p.id))
+        self._to_partition(p, runtime_frame({"op": "boot", "cluster": self.cluster, "name": p.name,
+                                     "id": p.id, "role": p.cfg.role,
+                                     "connections": grant.connections}, grant.synic_fds))
+        self._to_partition(p, grant.memory)
         self.services.partition_started(p.name, pid)
         p.timer = self._timers.call_later(BOOT_TIMEOUT_S, lambda: self._boot_timeout(p))
         self._set_state(p, PartitionState.STARTING)
@@ -385,30 +390,77 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
 
+    def _to_partition(self, p: Partition, frame: Frame) -> None:
+        """Queue a frame for a partition; never blocks.  A partition that stops
+        reading its link is killed (it cannot stall the supervisor)."""
+        if p.link is None:
+            return
+        try:
+            if not p.link.send(frame):
+                self._sel.modify(p.link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 lambda _f, p=p: self._on_link(p))
+        except WireError as e:
+            self._plog(p)("not reading its link: killed", level="error", error=str(e))
+            self._kill(p)
+        except OSError:
+            pass  # it is gone; its pidfd says so
+
     def _on_link(self, p: Partition) -> None:
-        assert p.link is not None and self.services is not None
+        assert self.services is not None
+        link = p.link
+        if link is None:
+            return
+        if link.writer.pending_bytes:
+            try:
+                if link.flush():
+                    self._sel.modify(link.sock, selectors.EVENT_READ,
+                                     lambda _f, p=p: self._on_link(p))
+            except OSError:
+                pass
         for _ in range(64):  # bounded: one chatty partition cannot starve the others
             try:
-                msg = p.link.recv()
+                frames = link.recv()
             except BlockingIOError:
                 return
-            except OSError:
-                msg = None
-            if msg is None:  # it closed its end; its pidfd tells when it is gone
-                self._sel.unregister(p.link.sock)
-                p.link.close()
-                p.link = None
+            except (WireError, OSError) as e:
+                self._plog(p)("malformed frames: killed", level="error", error=str(e))
+                self._close_link(p)
+                self._kill(p)
                 return
-            kind, body, fds = msg
-            close_fds(fds)  # a partition never hands the supervisor a descriptor
-            if kind == KIND_HYPERCALL:
-                reply = self.services.hypercall(p.name, body)
-                with contextlib.suppress(OSError):
-                    p.link.send_hypercall(reply)
-            elif kind == KIND_CONTROL and (obj := Link.decode_control(body)) is not None:
-                self._on_partition_message(p, obj)
-            else:
-                self._plog(p)("malformed message dropped", level="warning", kind=kind)
+            if frames is None:  # it closed its end; its pidfd tells when it is gone
+                self._close_link(p)
+                return
+            for fr in frames:
+                self._on_frame(p, fr)
+
+    def _on_frame(self, p: Partition, fr: Frame) -> None:
+        assert self.services is not None
+        fr.close_fds()  # a partition never hands the supervisor a descriptor
+        if fr.kind == FrameKind.HYPERCALL:
+            try:
+                reply = self.services.hypercall(p.id, fr)
+            except WireError as e:
+                self._plog(p)("malformed hypercall: killed", level="error", error=str(e))
+                self._kill(p)
+                return
+            if reply is not None:
+                self._to_partition(p, reply)
+            for target, out in self.services.take_outbox():
+                if 0 <= target < len(self.parts):
+                    self._to_partition(self.parts[target], out)
+                else:
+                    out.close_fds()
+        elif (obj := decode_runtime(fr)) is not None:
+            self._on_partition_message(p, obj)
+        else:
+            self._plog(p)("unexpected frame dropped", level="warning", kind=fr.kind)
+
+    def _close_link(self, p: Partition) -> None:
+        if p.link is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(p.link.sock)
+            p.link.close()
+            p.link = None
 
     def _on_partition_message(self, p: Partition, obj: dict[str, Any]) -> None:
         op = obj.get("op")
@@ -444,14 +496,18 @@ class Supervisor:
             code, sig = None, info.si_status
         self._sel.unregister(p.pidfd)
         os.close(p.pidfd)
-        if p.link is not None:
-            self._sel.unregister(p.link.sock)
-            p.link.close()
-            p.link = None
+        self._close_link(p)
+        if p.eom_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(p.eom_fd)
+            p.eom_fd = None
         self._timers.cancel(p.timer)
         p.timer = None
         assert self.services is not None
-        self.services.remove_partition(p.name)
+        self.services.remove_partition(p.id, p.name)
+        for target, out in self.services.take_outbox():  # its grants to the root, revoked
+            if 0 <= target < len(self.parts):
+                self._to_partition(self.parts[target], out)
         self.manifest.remove("process", save=False, pid=p.pid)
         self._manifest_dirty = True
         ran_s = time.monotonic() - (p.started or time.monotonic())
@@ -507,13 +563,10 @@ class Supervisor:
         if self._forced:
             self._kill(p)
             return
-        sent = False
-        if p.link is not None:
-            with contextlib.suppress(OSError):
-                p.link.send_control({"op": "stop"})
-                sent = True
-        if not sent:
+        if p.link is None:
             self._kill(p)
+        else:
+            self._to_partition(p, runtime_frame({"op": "stop"}))
         p.timer = self._timers.call_later(STOP_TIMEOUT_S, lambda: self._stop_timeout(p))
 
     def _stop_timeout(self, p: Partition) -> None:
@@ -609,7 +662,7 @@ class Supervisor:
                 "restart_policy": p.cfg.restart,
                 "last_exit": p.last_exit,
                 "memory": {
-                    "assigned_bytes": self.services.assigned_bytes(p.name) if p.alive else 0,
+                    "assigned_bytes": self.services.assigned_bytes(p.id),
                     "guest_visible_bytes": p.guest_visible_bytes,
                     "startup_bytes": p.cfg.memory.startup,
                     "minimum_bytes": p.cfg.memory.minimum,

@@ -10,10 +10,16 @@ starts them with their partition link as fd 3 (hv/link.py)::
 Bootstrap, in order: die with the supervisor (PR_SET_PDEATHSIG, so kill -9 of
 the supervisor ends every partition), ignore SIGINT (only the supervisor stops
 a partition), set the process title ``viridian[CLUSTER]: NAME``, wait for the
-supervisor's ``boot`` message, map the memory it granted (memfds that came
-with it), answer ``hello`` with the bytes it can see, then sleep in a
-selector until a message arrives: an idle partition uses no CPU.  A ``stop``
-message, or the link closing, ends it with exit status 0.
+supervisor's ``boot`` message (with the SynIC's three fds) and the MEMORY
+frame that maps its guest memory (memfds), answer ``hello`` with the bytes it
+can see, then sleep in a selector on its link and its SynIC interrupt until
+something arrives: an idle partition uses no CPU.  A ``stop`` message, or the
+link closing, ends it with exit status 0.
+
+The wire is hv/link.py's (frames of hv/hypercalls.py).  ``HvClient`` makes
+hypercalls; frames that arrive while it waits for a reply are kept for the
+loop.  SynIC messages and event flags are handed to ``on_synic`` (the VMBus
+layer plugs in there); until something does, they are counted and dropped.
 
 Trust: the partition trusts its supervisor (the hypervisor); it validates
 only what it needs to run (message shapes, fd counts).
@@ -22,229 +28,171 @@ only what it needs to run (message shapes, fd counts).
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import selectors
 import signal
-import struct
+import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from hv.hypercalls import Frame, FrameKind, HypercallClient, WireError, send_frame
 from hv.jsonlog import JsonLog
-from hv.link import KIND_CONTROL, KIND_HYPERCALL, Link, close_fds
+from hv.link import decode_runtime, runtime_frame
+from hv.memory import GrantTable, GuestMemoryView, MemoryOp
 from hv.proc import die_with_parent
+from hv.synic import SynicGuest, SynicMessage
 
-__all__ = ["BOOT_TIMEOUT_S", "GuestMemoryView", "HvClient", "PartitionRuntime", "main"]
+__all__ = ["BOOT_TIMEOUT_S", "HvClient", "PartitionRuntime", "main"]
 
 BOOT_TIMEOUT_S = 15.0
 HYPERCALL_TIMEOUT_S = 5.0
 
 
-class GuestMemoryView:
-    """The partition's view of its guest-physical memory: the ranges it was granted.
-
-    Each range is a memfd the supervisor sent, mapped shared; its GPA base is
-    in the boot message.  ``guest_visible_bytes`` is what this partition can use.
-    """
-
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int, mmap.mmap]] = []  # (gpa, bytes, mapping)
-
-    def add(self, gpa: int, fd: int, nbytes: int) -> None:
-        """Map ``nbytes`` of memfd ``fd`` at ``gpa`` (adopts and closes the fd)."""
-        try:
-            if os.fstat(fd).st_size < nbytes:
-                raise ValueError(f"grant at gpa {gpa:#x} is smaller than announced")
-            m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self.ranges.append((gpa, nbytes, m))
-
-    @property
-    def guest_visible_bytes(self) -> int:
-        return sum(n for _, n, _ in self.ranges)
-
-    def close(self) -> None:
-        for _, _, m in self.ranges:
-            m.close()
-        self.ranges.clear()
-
-
-class HvClient:
-    """Hypercalls from this partition, over its link to the supervisor.
-
-    Each call sends one ``H`` message and waits for the reply; control messages
-    that arrive meanwhile are queued for the runtime's loop (``pending``).
-    The encoding is hv/hypercalls.py's when it is installed, else the spec's
-    input layout behind a little-endian u16 call code (replies: u16 status).
-    """
-
-    POST_MESSAGE = 0x5C
-    SIGNAL_EVENT = 0x5D
-
-    def __init__(self, link: Link) -> None:
-        self.link = link
-        self.pending: deque[tuple[int, bytes, list[int]]] = deque()
-        try:
-            from hv import hypercalls
-        except ImportError:
-            hypercalls = None  # type: ignore[assignment]
-        self._hc: Any = hypercalls
-
-    def call(self, request: bytes, timeout: float = HYPERCALL_TIMEOUT_S) -> bytes:
-        """Send an encoded hypercall and return the encoded reply.
-
-        Raises:
-            TimeoutError: no reply within ``timeout``.
-            ConnectionError: the supervisor is gone.
-        """
-        self.link.send_hypercall(request)
-        deadline = time.monotonic() + timeout
-        sock = self.link.sock
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no hypercall reply from the supervisor")
-            sock.settimeout(left)
-            try:
-                msg = self.link.recv()
-            except TimeoutError:
-                raise TimeoutError("no hypercall reply from the supervisor") from None
-            finally:
-                sock.setblocking(False)
-            if msg is None:
-                raise ConnectionError("the supervisor closed the partition link")
-            if msg[0] == KIND_HYPERCALL:
-                close_fds(msg[2])
-                return msg[1]
-            self.pending.append(msg)
-
-    def post_message(self, connection_id: int, message_type: int, payload: bytes) -> int:
-        """HvPostMessage (0x5C): the HvStatus the supervisor answered."""
-        hc = self._hc
-        if hc is not None and hasattr(hc, "encode_post_message"):
-            return int(hc.decode_reply(self.call(
-                hc.encode_post_message(connection_id, message_type, payload))))
-        body = struct.pack("<HIIII", self.POST_MESSAGE, connection_id, 0, message_type,
-                           len(payload)) + payload[:240].ljust(240, b"\0")
-        return self._status(self.call(body))
-
-    def signal_event(self, connection_id: int, flag_number: int = 0) -> int:
-        """HvSignalEvent (0x5D): the HvStatus the supervisor answered."""
-        hc = self._hc
-        if hc is not None and hasattr(hc, "encode_signal_event"):
-            return int(hc.decode_reply(self.call(
-                hc.encode_signal_event(connection_id, flag_number))))
-        return self._status(self.call(struct.pack("<HIHH", self.SIGNAL_EVENT, connection_id,
-                                                  flag_number, 0)))
-
-    @staticmethod
-    def _status(reply: bytes) -> int:
-        if len(reply) < 2:
-            raise ConnectionError("malformed hypercall reply")
-        return int(struct.unpack_from("<H", reply)[0])
+class HvClient(HypercallClient):
+    """Hypercalls from this partition over its link: ``post_message``,
+    ``signal_event``, ``share_pages``, ``revoke_grant`` (hv.hypercalls), each
+    returning the HvStatus the supervisor answered."""
 
 
 class PartitionRuntime:
-    """One partition process: its link, memory, hypercall client and main loop."""
+    """One partition process: its link, memory, SynIC, hypercall client and loop.
 
-    def __init__(self, link: Link, log: JsonLog, name: str, role: str) -> None:
-        self.link = link
+    Attributes:
+        memory: the guest memory it was granted (``GuestMemoryView``).
+        grants: the root's table of pages children shared with it (root only).
+        synic: its SynIC (after boot).
+        on_synic: called with (messages, event flags) when the SynIC fires.
+        connections: the connection IDs it may use (from the boot message).
+    """
+
+    def __init__(self, sock: socket.socket, log: JsonLog, name: str, role: str) -> None:
+        self.sock = sock
         self.log = log
         self.name = name
         self.role = role
         self.memory = GuestMemoryView()
-        self.hv = HvClient(link)
+        self.grants = GrantTable() if role == "root" else None
+        self.synic: SynicGuest | None = None
+        self.hv = HvClient(sock, timeout=HYPERCALL_TIMEOUT_S)
         self.boot_info: dict[str, Any] = {}
-        self._sel = selectors.DefaultSelector()
+        self.connections: dict[str, Any] = {}
+        self.messages = 0
+        self.events = 0
+        self.on_synic: Callable[[list[SynicMessage], list[int]], None] | None = None
         self._stop = False
-        self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {
+        self.handlers: dict[str, Callable[[dict[str, Any], Frame], None]] = {
+            "boot": self._on_boot,
             "stop": self._on_stop,
-            "memory.add": self._on_memory_add,
         }
 
+    # -- boot ------------------------------------------------------------------------------
+
     def boot(self, timeout: float = BOOT_TIMEOUT_S) -> None:
-        """Wait for the supervisor's ``boot``, map the granted memory, say ``hello``.
+        """Wait for ``boot`` and the memory map, then say ``hello``.
 
         Raises:
-            TimeoutError, ConnectionError, ValueError: no usable boot message.
+            TimeoutError, ConnectionError, WireError: no usable boot.
         """
-        self.link.sock.settimeout(timeout)
-        try:
-            msg = self.link.recv()
-        finally:
-            self.link.sock.setblocking(False)
-        if msg is None:
-            raise ConnectionError("the supervisor closed the link before boot")
-        kind, body, fds = msg
-        obj = Link.decode_control(body) if kind == KIND_CONTROL else None
-        if obj is None or obj.get("op") != "boot":
-            close_fds(fds)
-            raise ValueError("the first message was not boot")
-        self.boot_info = obj
-        self._map(obj.get("memory", []), fds)
-        self.link.send_control({"op": "hello", "guest_visible_bytes":
-                                self.memory.guest_visible_bytes})
-        self.log("booted", role=self.role, guest_visible_bytes=self.memory.guest_visible_bytes,
+        deadline = time.monotonic() + timeout
+        while self.synic is None or not self.memory.ranges:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no boot message from the supervisor")
+            for fr in self.hv.poll(left):
+                self._dispatch(fr)
+        self.send({"op": "hello", "guest_visible_bytes": self.memory.visible_bytes})
+        self.log("booted", role=self.role, guest_visible_bytes=self.memory.visible_bytes,
                  ranges=len(self.memory.ranges))
 
-    def _map(self, ranges: list[dict[str, Any]], fds: list[int]) -> None:
-        if len(ranges) != len(fds):
-            close_fds(fds)
-            raise ValueError(f"{len(ranges)} memory ranges announced, {len(fds)} fds received")
-        for r, fd in zip(ranges, fds, strict=True):
-            self.memory.add(int(r["gpa"]), fd, int(r["bytes"]))
+    def _on_boot(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.synic is not None or len(fr.fds) != 3:
+            raise WireError("a second boot, or a boot without the three SynIC fds")
+        self.synic = SynicGuest(*fr.fds)
+        fr.fds = []  # adopted
+        self.boot_info = obj
+        conns = obj.get("connections")
+        self.connections = conns if isinstance(conns, dict) else {}
 
-    def _on_stop(self, obj: dict[str, Any], fds: list[int]) -> None:
-        close_fds(fds)
+    def _on_stop(self, obj: dict[str, Any], fr: Frame) -> None:
         self.log("stop requested")
         self._stop = True
 
-    def _on_memory_add(self, obj: dict[str, Any], fds: list[int]) -> None:
-        self._map(obj.get("memory", []), fds)
-        self.report_memory()
+    # -- messages from the supervisor --------------------------------------------------------
 
-    def report_memory(self) -> None:
-        self.link.send_control({"op": "memory",
-                                "guest_visible_bytes": self.memory.guest_visible_bytes})
+    def send(self, obj: dict[str, Any]) -> None:
+        send_frame(self.sock, runtime_frame(obj))
 
-    def _dispatch(self, kind: int, body: bytes, fds: list[int]) -> None:
-        obj = Link.decode_control(body) if kind == KIND_CONTROL else None
-        handler = self.handlers.get(str(obj.get("op"))) if obj else None
-        if handler is None or obj is None:
-            close_fds(fds)
-            self.log("unexpected message", level="warning", kind=kind)
-            return
-        handler(obj, fds)
+    def _dispatch(self, fr: Frame) -> None:
+        try:
+            if fr.kind == FrameKind.MEMORY:
+                before = self.memory.visible_bytes
+                op = int.from_bytes(fr.body[:4], "little")
+                if self.grants is not None and op in (MemoryOp.GRANT, MemoryOp.REVOKE):
+                    self.grants.apply_frame(fr)  # a child's shared pages
+                else:
+                    self.memory.apply_frame(fr)
+                if self.synic is not None and self.memory.visible_bytes != before:
+                    self.send({"op": "memory", "guest_visible_bytes": self.memory.visible_bytes})
+                return
+            obj = decode_runtime(fr)
+            handler = self.handlers.get(str(obj.get("op"))) if obj is not None else None
+            if obj is None or handler is None:
+                self.log("unexpected frame", level="warning", kind=fr.kind)
+                return
+            handler(obj, fr)
+        finally:
+            fr.close_fds()
+
+    def _on_interrupt(self) -> None:
+        assert self.synic is not None
+        self.synic.interrupt.clear()
+        msgs = self.synic.read_messages()
+        flags = self.synic.take_events()
+        self.messages += len(msgs)
+        self.events += len(flags)
+        if self.on_synic is not None and (msgs or flags):
+            self.on_synic(msgs, flags)
+
+    # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve messages until ``stop`` or the link closes; returns the exit status."""
-        self._sel.register(self.link.sock, selectors.EVENT_READ)
-        while not self._stop:
-            while self.hv.pending and not self._stop:
-                self._dispatch(*self.hv.pending.popleft())
-            if self._stop:
-                break
-            self._sel.select()  # no timeout: an idle partition sleeps in the kernel
+        """Serve until ``stop`` or the link closes; returns the exit status."""
+        assert self.synic is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "link")
+        sel.register(self.synic.fileno(), selectors.EVENT_READ, "synic")
+        try:
             while not self._stop:
-                try:
-                    msg = self.link.recv()
-                except BlockingIOError:
+                # Frames that arrived while a hypercall waited for its reply come first.
+                while self.hv.unsolicited and not self._stop:
+                    self._dispatch(self.hv.unsolicited.popleft())
+                if self._stop:
                     break
-                if msg is None:
-                    self.log("supervisor closed the link")
-                    self._stop = True
-                    break
-                self._dispatch(*msg)
-        self._sel.close()
+                for key, _ in sel.select():  # no timeout: idle costs nothing
+                    if key.data == "synic":
+                        self._on_interrupt()
+                    else:
+                        try:
+                            frames = self.hv.poll(1e-3)  # poll(0) would not read
+                        except ConnectionError:
+                            self.log("supervisor closed the link")
+                            return 0
+                        for fr in frames:
+                            self._dispatch(fr)
+        finally:
+            sel.close()
         return 0
 
     def close(self) -> None:
+        self.hv.close()
+        if self.synic is not None:
+            self.synic.close()
+        if self.grants is not None:
+            self.grants.close()
         self.memory.close()
-        self.link.close()
+        self.sock.close()
         self.log.close()
 
 
@@ -273,15 +221,15 @@ def main(role: str, argv: list[str] | None = None) -> int:
         pass
     log = JsonLog(args.log, partition=args.partition, pid=os.getpid())
     try:
-        link = Link.from_fd(args.fd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=args.fd)
     except OSError as e:
         log("no partition link", level="error", error=str(e))
         return 2
-    rt = PartitionRuntime(link, log, args.partition, role)
+    rt = PartitionRuntime(sock, log, args.partition, role)
     try:
         rt.boot()
         return rt.run()
-    except (OSError, ValueError, TimeoutError) as e:
+    except (OSError, ValueError, TimeoutError, WireError) as e:
         log("failed", level="error", error=f"{type(e).__name__}: {e}")
         print(f"partition {args.partition}: {e}", file=sys.stderr)
         return 1
