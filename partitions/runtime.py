@@ -21,6 +21,10 @@ hypercalls; frames that arrive while it waits for a reply are kept for the
 loop.  SynIC messages and event flags are handed to ``on_synic`` (the VMBus
 layer plugs in there); until something does, they are counted and dropped.
 
+``VIRIDIAN_PARTITION_HOOK=module:function`` (inherited from ``viridian up``)
+makes every partition call ``function(runtime)`` after boot, before its loop:
+the way to put code into a partition without a device model (tests use it).
+
 Trust: the partition trusts its supervisor (the hypervisor); it validates
 only what it needs to run (message shapes, fd counts).
 """
@@ -130,7 +134,10 @@ class PartitionRuntime:
                 before = self.memory.visible_bytes
                 op = int.from_bytes(fr.body[:4], "little")
                 if self.grants is not None and op in (MemoryOp.GRANT, MemoryOp.REVOKE):
-                    self.grants.apply_frame(fr)  # a child's shared pages
+                    msg = self.grants.apply_frame(fr)  # a child's shared pages
+                    self.log("grant" if op == MemoryOp.GRANT else "revoke",
+                             grant_id=msg.grant_id, owner=msg.owner,
+                             pages=sum(seg.npages for seg in msg.segments))
                 else:
                     self.memory.apply_frame(fr)
                 if self.synic is not None and self.memory.visible_bytes != before:
@@ -228,6 +235,12 @@ def main(role: str, argv: list[str] | None = None) -> int:
     rt = PartitionRuntime(sock, log, args.partition, role)
     try:
         rt.boot()
+        hook = os.environ.get("VIRIDIAN_PARTITION_HOOK")
+        if hook:
+            import importlib
+
+            module, _, func = hook.partition(":")
+            getattr(importlib.import_module(module), func)(rt)
         return rt.run()
     except (OSError, ValueError, TimeoutError, WireError) as e:
         log("failed", level="error", error=f"{type(e).__name__}: {e}")

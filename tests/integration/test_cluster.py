@@ -467,3 +467,57 @@ def test_foreground_up_stops_cleanly_on_sigint(env: Env) -> None:
     assert "Gracefully stopping" in out
     assert LEAVES_LINE.search(out), out
     assert_no_leaks(env, name, all_pids(st))
+
+
+def _log_records(env: Env, name: str, partition: str) -> list[dict[str, Any]]:
+    import json
+
+    path = env.rundir(name).log_file(partition)
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def test_hypercalls_between_real_partitions(env: Env) -> None:
+    """child1 -> root messages and events are delivered; a child cannot reach another
+    child's connections nor share pages it does not own (statuses, nothing more)."""
+    from hv.hypercalls import HvStatus
+
+    env.env["VIRIDIAN_PARTITION_HOOK"] = "cluster_probe:run"
+    here = str(Path(__file__).resolve().parent)
+    env.env["PYTHONPATH"] = os.pathsep.join(
+        x for x in (here, env.env.get("PYTHONPATH")) if x)
+    name = _unique()
+    env.up(name)
+    deadline = time.monotonic() + 10
+    while True:
+        child1 = _log_records(env, name, "child1")
+        root = _log_records(env, name, "root")
+        calls = {r["call"]: r["status"] for r in child1 if r["event"] == "probe call"}
+        got_welcome = any(r["event"] == "probe message" and r["payload"] == "welcome"
+                          for r in child1)
+        if len(calls) == 6 and got_welcome and any(r["event"] == "grant" for r in root):
+            break
+        assert time.monotonic() < deadline, (child1, root)
+        time.sleep(0.02)
+    assert calls == {
+        "post_root": HvStatus.SUCCESS,
+        "signal_root": HvStatus.SUCCESS,
+        "post_other_child": HvStatus.INVALID_CONNECTION_ID,
+        "signal_other_child": HvStatus.INVALID_CONNECTION_ID,
+        "share_not_mine": HvStatus.ACCESS_DENIED,
+        "share_mine": HvStatus.SUCCESS,
+    }
+    hello = [r for r in root if r["event"] == "probe message"]
+    assert [(r["origin"], r["payload"]) for r in hello] == [(1, "hello root")]
+    assert any(r["event"] == "probe events" and r["flags"] == [5] for r in root)
+    grants = [r for r in root if r["event"] == "grant"]
+    assert [(g["owner"], g["pages"]) for g in grants] == [(1, 3)]
+    assert not [r for r in _log_records(env, name, "child2") if r["event"].startswith("probe m")]
+    # Nothing else happened: every partition still runs, none restarted.
+    st = env.status(name)
+    assert all(p["state"] == "running" and p["restarts"] == 0 for p in st["partitions"])
+    r = env.cli("down", "--name", name)
+    assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
+    assert_no_leaks(env, name, all_pids(st))
