@@ -163,8 +163,17 @@ int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int out
     return 0;
 }
 
+void vmbr_close(struct vmbr_ring *r)
+{
+    r->corrupt = VMBR_CLOSED;
+    r->base = NULL;
+}
+
 void vmbr_snapshot(const struct vmbr_ring *r, struct vmbr_snapshot *s)
 {
+    memset(s, 0, sizeof(*s));
+    if (r->corrupt == VMBR_CLOSED)
+        return;
     /* Relaxed: a diagnostic snapshot; no ordering is implied or needed. */
     s->write_index = atomic_load_explicit(SHARED(r, VMBR_OFF_WRITE_INDEX), memory_order_relaxed);
     s->read_index = atomic_load_explicit(SHARED(r, VMBR_OFF_READ_INDEX), memory_order_relaxed);
@@ -275,13 +284,22 @@ static inline uint32_t put_packet(struct vmbr_ring *r, uint32_t w, uint32_t type
     return copy_in(r, off, &trailer, VMBR_TRAILER_BYTES);
 }
 
-int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
-                       const char *ext, uint32_t ext_bytes, const char *payload,
-                       uint32_t payload_bytes)
+static inline int writable_type(uint32_t type_flags, int ext)
 {
-    if (r->corrupt)
-        return VMBR_E_CORRUPT;
-    if (ext_bytes & 7u || ext_bytes > VMBR_MAX_PACKET_BYTES)
+    uint16_t type = (uint16_t)type_flags;
+    if (ext)
+        return type == VMBR_PKT_DATA_USING_XFER_PAGES || type == VMBR_PKT_DATA_USING_GPA_DIRECT;
+    return type == VMBR_PKT_DATA_INBAND || type == VMBR_PKT_COMP;
+}
+
+static int64_t write_one(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                         const char *ext, uint32_t ext_bytes, const char *payload,
+                         uint32_t payload_bytes)
+{
+    /* Only types the peer's reader accepts: anything else would make the
+     * peer declare the ring corrupt. */
+    if (!writable_type(type_flags, ext_bytes != 0) ||
+        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
         return VMBR_E_INVAL;
     uint64_t used = (uint64_t)VMBR_DESC_BYTES + ext_bytes + payload_bytes;
     uint64_t padded = (used + 7u) & ~(uint64_t)7u;
@@ -302,13 +320,23 @@ int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_
     return publish_write(r);
 }
 
+int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                       const char *ext, uint32_t ext_bytes, const char *payload,
+                       uint32_t payload_bytes)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    if (ext_bytes & 7u || ext_bytes > VMBR_MAX_PACKET_BYTES)
+        return VMBR_E_INVAL;
+    return write_one(r, type_flags, trans_id, ext, ext_bytes, payload, payload_bytes);
+}
+
 int64_t vmbr_write(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
                    const char *payload, uint32_t payload_bytes)
 {
-    uint16_t type = (uint16_t)type_flags;
-    if (type == VMBR_PKT_DATA_USING_XFER_PAGES || type == VMBR_PKT_DATA_USING_GPA_DIRECT)
-        return VMBR_E_INVAL; /* these need their extended header: vmbr_write_ext */
-    return vmbr_write_ext(r, type_flags, trans_id, NULL, 0, payload, payload_bytes);
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    return write_one(r, type_flags, trans_id, NULL, 0, payload, payload_bytes);
 }
 
 int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
@@ -317,8 +345,8 @@ int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     *written = 0;
     if (r->corrupt)
         return VMBR_E_CORRUPT;
-    uint16_t type = (uint16_t)type_flags;
-    if (type == VMBR_PKT_DATA_USING_XFER_PAGES || type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+    if (!writable_type(type_flags, 0) ||
+        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
         return VMBR_E_INVAL;
     for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
         uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
@@ -517,7 +545,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *s
         struct vmbr_desc d;
         int64_t len = next_packet(r, w, &d);
         if (len < 0)
-            break; /* publish what was good; the error is sticky */
+            break; /* deliver what was good; the error is sticky */
         if (len == 0)
             break;
         if ((uint64_t)pos + (uint64_t)len > out_cap) {
@@ -598,6 +626,7 @@ int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v)
     v->first_len = plen <= room ? plen : room;
     v->second_len = plen - v->first_len;
     r->peeked = (uint32_t)len;
+    r->peeked_payload = plen;
     return len;
 }
 
@@ -611,6 +640,7 @@ int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit)
     r->peeked = 0;
     r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
     r->packets++;
+    r->bytes += r->peeked_payload;
     return commit ? vmbr_commit_read(r) : 0;
 }
 
@@ -624,6 +654,8 @@ int64_t vmbr_bytes_readable(struct vmbr_ring *r)
 
 void vmbr_mask_interrupts(struct vmbr_ring *r)
 {
+    if (r->corrupt)
+        return;
     /* Relaxed: masking is only an optimisation.  A writer that still sees
      * the old 0 sends one spurious signal, which the eventfd absorbs. */
     atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 1, memory_order_relaxed);
@@ -631,6 +663,8 @@ void vmbr_mask_interrupts(struct vmbr_ring *r)
 
 int64_t vmbr_unmask_interrupts(struct vmbr_ring *r)
 {
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
     /* Relaxed store, ordered by the fence below. */
     atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 0, memory_order_relaxed);
     /* Full fence: orders the mask store before the write_index re-check.

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 5
+#define VMBR_ABI_VERSION 6
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -70,6 +70,7 @@
 #define VMBR_BAD_FLAGS 6          /* a flag bit other than COMPLETION_REQUESTED     */
 #define VMBR_BAD_TOO_BIG 7        /* packet larger than the reader's copy buffer    */
 #define VMBR_BAD_EXT_HEADER 8     /* type 7/9 header inconsistent (set by Python)   */
+#define VMBR_CLOSED 9             /* not corruption: the endpoint was closed        */
 
 /*
  * Private state of one ring endpoint.  It lives in the owner's private memory,
@@ -86,6 +87,7 @@ struct vmbr_ring {
     uint32_t bad_value;     /* the offending value, for the error message       */
     uint32_t peeked;        /* reader: bytes of the packet vmbr_peek validated  */
     uint32_t peer_index;    /* writer: read_index as last seen (validated)      */
+    uint32_t peeked_payload; /* reader: payload bytes of the peeked packet      */
     uint64_t packets;       /* packets moved through this endpoint              */
     uint64_t bytes;         /* payload bytes moved                              */
     uint64_t signals;       /* times we told the caller to signal the peer      */
@@ -115,6 +117,7 @@ struct vmbr_view {
 };
 
 void vmbr_init_control(uint8_t *base);
+void vmbr_close(struct vmbr_ring *r);
 int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int outgoing);
 void vmbr_snapshot(const struct vmbr_ring *r, struct vmbr_snapshot *s);
 
@@ -158,14 +161,17 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   or above 2 GiB) or VMBR_E_CORRUPT (our starting index, read once from the
  *   shared page, is out of range or unaligned).
  *
- * vmbr_write: one packet (descriptor, payload, zero padding, trailer),
- *   published at once.  type_flags = packet type | descriptor flags << 16
+ * vmbr_close: detaches r from its memory; every later call on r returns
+ *   VMBR_E_CORRUPT with r->corrupt == VMBR_CLOSED and touches no memory.
+ *
+ * vmbr_write: one inband (6) or completion (11) packet (descriptor, payload,
+ *   zero padding, trailer), published at once.  type_flags = packet type | descriptor flags << 16
  *   (one argument instead of two: every argument costs ~8 ns in cffi).
  *   Returns 0 when it does not fit (nothing written), 1 when written, 2 when
- *   written and the reader must be signalled, or a negative error (types 7
- *   and 9 give VMBR_E_INVAL: they need vmbr_write_ext).
+ *   written and the reader must be signalled, or a negative error (any other
+ *   type gives VMBR_E_INVAL: 7 and 9 need vmbr_write_ext).
  *
- * vmbr_write_ext: the same with an extended header (types 7 and 9) between
+ * vmbr_write_ext: a type 7 or 9 packet, with its extended header between
  *   descriptor and payload; ext_bytes must be a multiple of 8.
  *
  * vmbr_write_batch: the payloads laid end to end in blob, lens[i] bytes each;

@@ -57,7 +57,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -83,6 +83,7 @@ _REASONS = {
     lib.VMBR_BAD_TOO_BIG: "packet_too_big",
     lib.VMBR_BAD_EXT_HEADER: "bad_extended_header",
 }
+_CLOSED = lib.VMBR_CLOSED
 
 # Hot-path bindings: a module global is cheaper to reach than lib.<name>.
 _write = lib.vmbr_write
@@ -158,11 +159,14 @@ class _RingEnd:
     def _error(self, rc: int) -> Exception:
         if rc == lib.VMBR_E_CORRUPT:
             r = self._r
+            if r.corrupt == _CLOSED:
+                return ValueError("I/O on a closed ring")
             return RingCorruptError(_REASONS.get(r.corrupt, f"reason {r.corrupt}"), r.bad_value)
         if rc == lib.VMBR_E_INVAL:
             return ValueError(
-                "invalid ring call: packet types 7 and 9 carry ranges; use "
-                "try_write_xfer_pages / try_write_gpa_direct"
+                "invalid packet: try_write and write_many send DATA_INBAND or COMP with "
+                "only the completion-requested flag; types 7 and 9 carry ranges "
+                "(try_write_xfer_pages, try_write_gpa_direct)"
             )
         if rc == lib.VMBR_E_TOO_BIG:
             return ValueError(
@@ -175,7 +179,11 @@ class _RingEnd:
     def corrupt(self) -> str | None:
         """None, or why the peer's writes made this ring unusable."""
         c = self._r.corrupt
-        return _REASONS.get(c, str(c)) if c else None
+        return _REASONS.get(c, str(c)) if c and c != _CLOSED else None
+
+    @property
+    def closed(self) -> bool:
+        return self._r.corrupt == _CLOSED
 
     @property
     def max_payload_bytes(self) -> int:
@@ -220,6 +228,7 @@ class _RingEnd:
         """Detach: release the view of the buffer (the buffer itself is the
         caller's; an mmap can be closed after this)."""
         if self._view is not None:
+            lib.vmbr_close(self._r)  # every later call fails cleanly, touching no memory
             ffi.release(self._view)
             self._view = None
 
@@ -474,14 +483,16 @@ class PacketView:
 
     ``segments`` are one or two memoryviews of the payload (two when it wraps
     around the end of the ring).  They stay valid until ``release()`` (or the
-    end of a ``with`` block), which consumes the packet.
+    end of a ``with`` block), which consumes the packet.  Any other read from
+    the ring in between delivers that packet itself and makes the view stale:
+    its ``release()`` then consumes nothing and raises ValueError.
 
     Trust: the descriptor was copied and validated, but the payload bytes are
     the peer's live memory and may change while you look: copy before you
     parse.  Use this for bulk data only.
     """
 
-    __slots__ = ("_ring", "flags", "packet_type", "segments", "trans_id")
+    __slots__ = ("_ring", "_where", "flags", "packet_type", "segments", "trans_id")
 
     def __init__(
         self,
@@ -490,8 +501,10 @@ class PacketView:
         flags: int,
         trans_id: int,
         segments: tuple[memoryview, ...],
+        where: tuple[Any, ...],
     ) -> None:
         self._ring = ring
+        self._where = where
         self.packet_type = PacketType(packet_type)
         self.flags = flags
         self.trans_id = trans_id
@@ -514,7 +527,10 @@ class PacketView:
             for s in self.segments:
                 s.release()
             ring, self._ring = self._ring, None
-            ring._consume_view()
+            if not ring._consume_view(self._where):
+                raise ValueError(
+                    "stale PacketView: another read delivered this packet since peek()"
+                )
 
     def __enter__(self) -> PacketView:
         return self
@@ -573,7 +589,8 @@ class IncomingRing(_RingEnd):
             self._count,
         )
         if rc < 0:
-            # Good packets before the bad one were copied and published.
+            # The packets before the damage were copied out and are delivered
+            # first; the ring is dead, so read_index is not published for them.
             err = self._error(rc)
             if self._count[0] == 0:
                 raise err
@@ -673,8 +690,10 @@ class IncomingRing(_RingEnd):
         p = Packet(hdr)
         off = p.offset8 * 8
         ranges = None
-        if off > 16 or p.packet_type in (PacketType.DATA_USING_GPA_DIRECT,
-                                         PacketType.DATA_USING_XFER_PAGES):
+        if off > 16 or p.packet_type in (
+            PacketType.DATA_USING_GPA_DIRECT,
+            PacketType.DATA_USING_XFER_PAGES,
+        ):
             ext = hdr + _unpack(self._hdr + 16, off - 16)  # 7/9 with no header: corrupt
             try:
                 check_extended_header(ext)
@@ -689,7 +708,8 @@ class IncomingRing(_RingEnd):
         if self._i < self._n:
             p = Packet(self._braw, self._bstarts[self._i])
             seg = memoryview(p.payload)
-            return PacketView(self, p.packet_type, p.flags, p.trans_id, (seg,))
+            where = ("ahead", self._braw, self._i)
+            return PacketView(self, p.packet_type, p.flags, p.trans_id, (seg,), where)
         if self._pending_error is not None:
             raise self._pending_error
         v = self._vview
@@ -706,17 +726,24 @@ class IncomingRing(_RingEnd):
         segs = [self._mv[base : base + v.first_len]]
         if v.second_len:
             segs.append(self._mv[CONTROL_BYTES : CONTROL_BYTES + v.second_len])
-        return PacketView(self, v.type, v.flags, v.trans_id, tuple(segs))
+        where = ("ring", int(self._r.index))
+        return PacketView(self, v.type, v.flags, v.trans_id, tuple(segs), where)
 
-    def _consume_view(self) -> None:
-        if self._i < self._n:
+    def _consume_view(self, where: tuple[Any, ...]) -> bool:
+        """Consume the packet a view shows; False if the view is stale."""
+        if where[0] == "ahead":
+            if self._braw is not where[1] or self._i != where[2]:
+                return False
             self._i += 1
-            return
+            return True
+        if self._i < self._n or not self._r.peeked or self._r.index != where[1]:
+            return False
         rc = lib.vmbr_consume(self._r, 1)
         if rc < 0:
             raise self._error(rc)
         if rc & 1:
             self._signal()
+        return True
 
     # -- state and waiting -----------------------------------------------------
     @property

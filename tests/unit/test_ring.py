@@ -1095,3 +1095,77 @@ def test_unclosed_rings_collected_with_their_buffers_do_not_crash() -> None:
         timeout=60,
     )
     assert (r.returncode, r.stdout.strip()) == (0, "survived"), r.stderr
+
+
+# -- endpoint lifetime, writer type checks, stale views, zero-copy counters ---------------------
+def test_calls_on_a_closed_ring_raise_instead_of_touching_memory():
+    shm = SharedMemory.create(8192)
+    try:
+        init_ring(shm.map)
+        out, inc = OutgoingRing(shm.map), IncomingRing(shm.map)
+        out.close()
+        inc.close()
+        shm.map.close()  # the mapping is gone: any access would fault
+        shm.map = None
+        for call in (
+            lambda: out.try_write(b"x"),
+            inc.try_read,
+            inc.unmask_interrupts,
+            out.bytes_writable,
+            inc.bytes_readable,
+        ):
+            with pytest.raises(ValueError, match="closed ring"):
+                call()
+        inc.mask_interrupts()  # a no-op, not a fault
+        assert out.closed and inc.closed and out.corrupt is None
+        assert out.debug_info()["write_index"] == 0
+    finally:
+        shm.close()
+
+
+@pytest.mark.parametrize("ptype", [0, 1, 5, 8, 0xC, 0x106])
+def test_writer_refuses_types_the_reader_would_call_corrupt(ring, ptype):
+    _, out, inc = ring
+    with pytest.raises(ValueError, match="invalid packet"):
+        out.try_write(b"x", packet_type=ptype)
+    with pytest.raises(ValueError, match="invalid packet"):
+        out.write_many([b"x"], packet_type=ptype)
+    assert out.debug_info()["write_index"] == 0 and inc.try_read() is None
+
+
+def test_completion_packets_are_writable(ring):
+    _, out, inc = ring
+    assert out.try_write(b"done", packet_type=PacketType.COMP, trans_id=9)
+    p = inc.try_read()
+    assert p.packet_type is PacketType.COMP and p.trans_id == 9
+
+
+def test_stale_view_consumes_nothing_and_says_so(ring):
+    _, out, inc = ring
+    for i in range(3):
+        assert out.try_write(bytes([i]) * 8)
+    view = inc.peek()  # packet 0, in place
+    assert inc.try_read().payload == bytes(8)  # another read delivers packet 0 (and reads ahead)
+    with pytest.raises(ValueError, match="stale"):
+        view.release()
+    assert [p.payload[:1] for p in inc] == [b"\x01", b"\x02"]  # nothing was dropped
+
+
+def test_stale_read_ahead_view_consumes_nothing(ring):
+    _, out, inc = ring
+    for i in range(3):
+        assert out.try_write(bytes([i]) * 8)
+    assert inc.try_read().payload[:1] == b"\x00"  # fills the read-ahead
+    view = inc.peek()  # packet 1, from the read-ahead
+    assert inc.try_read().payload[:1] == b"\x01"
+    with pytest.raises(ValueError, match="stale"):
+        view.release()
+    assert inc.try_read().payload[:1] == b"\x02"
+
+
+def test_zero_copy_reads_count_payload_bytes(ring):
+    _, out, inc = ring
+    assert out.try_write(b"a" * 24)
+    with inc.peek() as v:
+        assert v.payload_bytes == 24
+    assert inc.debug_info()["bytes"] == 24 and inc.debug_info()["packets"] == 1
