@@ -297,6 +297,7 @@ class GuestMemory:
         self._ranges: list[_Range] = []
         self._pinned: Counter[int] = Counter()  # pfn -> grants holding it
         self._grants: dict[int, Grant] = {}
+        self._closed_grants: set[int] = set()
         self._closed = False
         self._add_range(0, startup_bytes >> PAGE_SHIFT)
 
@@ -584,9 +585,12 @@ class GuestMemory:
         such grant)."""
         g = self._grants.pop(grant_id, None)
         if g is None:
-            return None
-        self._pinned.subtract(g.pfns)
-        self._pinned = +self._pinned
+            if grant_id not in self._closed_grants:
+                return None
+            self._closed_grants.discard(grant_id)  # closed before the root was told
+        else:
+            self._pinned.subtract(g.pfns)
+            self._pinned = +self._pinned
         return MemoryMessage(MemoryOp.REVOKE, self.partition_id, [], [], grant_id).frame()
 
     # -- lifetime --
@@ -601,6 +605,7 @@ class GuestMemory:
         if self._closed:
             return
         self._closed = True
+        self._closed_grants.update(self._grants)  # revoke() still tells the root
         self._grants.clear()
         self._pinned.clear()
         for r in self._ranges:

@@ -221,6 +221,14 @@ def test_router_share_pages_rogue_gets_nothing():
         r.remove_partition(CHILD1)
         ((to, frame),) = r.take_outbox()
         assert MemoryMessage.from_frame(frame).op == MemoryOp.REVOKE and m1.grants == {}
+        # ... even if its memory was closed first
+        _st, gid2 = r.share_pages(CHILD2, [7])
+        r.take_outbox()
+        m2.close()
+        r.remove_partition(CHILD2)
+        ((to, frame),) = r.take_outbox()
+        msg = MemoryMessage.from_frame(frame)
+        assert (to, msg.op, msg.grant_id) == (ROOT, MemoryOp.REVOKE, gid2)
     finally:
         m1.close()
         m2.close()
