@@ -295,11 +295,22 @@ class Supervisor:
             if tick is not None:
                 timeout = tick if timeout is None else min(timeout, tick)
             for key, _ in self._sel.select(timeout):
-                key.data(key.fileobj)
-            self._timers.run_due()
+                self._guarded(key.data, key.fileobj)
+            self._guarded(self._timers.run_due)
             if tick is not None and self.services is not None:
                 self.services.tick()
         return 0
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one event handler; a bug in it is logged, not fatal: if the supervisor
+        died, every partition would die with it."""
+        try:
+            fn(*args)
+        except Exception as e:
+            import traceback
+
+            self.log("internal error", level="error", error=f"{type(e).__name__}: {e}",
+                     traceback=traceback.format_exc())
 
     # -- partitions ------------------------------------------------------------------------
 
@@ -328,10 +339,10 @@ class Supervisor:
         try:
             grant = self.services.add_partition(p.id, p.name, (mem.startup, mem.minimum,
                                                                mem.maximum), p.cpu)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a service's own bug must not take the cluster down
+            # Not a crash of the partition: restarting cannot help, so no policy applies.
             self._plog(p)("cannot set up its resources", level="error", error=str(e))
             self._set_state(p, PartitionState.CRASHED, error=str(e))
-            self._after_exit(p, crashed=True, ran_s=0.0)
             return
         sup_end, part_end = socketpair()
         err_fd = os.open(self.rundir.logs / f"{p.name}.stderr",
@@ -354,7 +365,6 @@ class Supervisor:
             self.services.remove_partition(p.id, p.name)
             self._plog(p)("cannot start", level="error", error=str(e))
             self._set_state(p, PartitionState.CRASHED, error=f"spawn: {e}")
-            self._after_exit(p, crashed=True, ran_s=0.0)
             return
         finally:
             os.close(err_fd)

@@ -162,6 +162,14 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
         cfg = load_config(config_path) if config_path else default_config()
     except ConfigError as e:
         _fail("up", f"bad config: {e}")
+    import os
+
+    ncpus = len(os.sched_getaffinity(0))
+    reserved = sum(p.cpu.reserve for p in cfg.partitions)
+    if reserved > 100 * ncpus:
+        _fail("up", f"bad config: {config_path or '<embedded default>'}: partition.cpu.reserve: "
+              f"the reserves add up to {reserved:g} % but this machine has {ncpus} CPUs "
+              f"({100 * ncpus} %)")
     rd = _rundir(cluster)
     out = Reporter()
     source = config_path or "the embedded default config"

@@ -233,7 +233,8 @@ def start_cluster(rd: RunDir, config_toml: str, partitions: int, detach: bool,
             elif state == "crashed":
                 out.step(False, name, f"crashed at boot ({_exit_text(ev)}); see "
                          f"{rd.logs / (name + '.stderr')}")
-                if ev.get("restarts", 0) == 0 and snap_policy(snap, name) == "never":
+                if ev.get("error") or (ev.get("restarts", 0) == 0
+                                       and snap_policy(snap, name) == "never"):
                     raise CliError(f"partition {name} failed to start ({_exit_text(ev)})")
     except (CliError, TimeoutError, ControlError) as e:
         client.close()
