@@ -40,7 +40,8 @@ from typing import Any
 
 from hv.hypercalls import Frame, FrameDecoder, FrameWriter, WireError, recv_frames
 
-__all__ = ["KIND_RUNTIME", "SupervisorEnd", "decode_runtime", "runtime_frame", "socketpair"]
+__all__ = ["KIND_RUNTIME", "SupervisorEnd", "WireError", "decode_runtime", "runtime_frame",
+           "socketpair"]
 
 KIND_RUNTIME = 0x100
 
@@ -113,5 +114,3 @@ class SupervisorEnd:
         self.decoder.close()
         self.sock.close()
 
-
-__all__ += ["WireError"]

@@ -197,23 +197,22 @@ class Manifest:
 
     @property
     def objects(self) -> list[dict[str, object]]:
-        objs = self.data["objects"]
-        assert isinstance(objs, list)
-        return [o for o in objs if isinstance(o, dict)]
+        """The recorded objects (entries that are not objects are ignored)."""
+        return [o for o in self._list() if isinstance(o, dict)]
 
     def add(self, kind: str, save: bool = True, **fields: object) -> None:
-        self.objects_list().append({"kind": kind, **fields})
+        self._list().append({"kind": kind, **fields})
         if save:
             self.save()
 
     def remove(self, kind: str, save: bool = True, **match: object) -> None:
-        objs = self.objects_list()
+        objs = self._list()
         objs[:] = [o for o in objs if not (o.get("kind") == kind
                                           and all(o.get(k) == v for k, v in match.items()))]
         if save:
             self.save()
 
-    def objects_list(self) -> list[dict[str, object]]:
+    def _list(self) -> list[dict[str, object]]:
         objs = self.data["objects"]
         assert isinstance(objs, list)
         return objs

@@ -216,8 +216,7 @@ class Supervisor:
             self._lock_fd = rd.lock()
         self.log = JsonLog(rd.log_file("supervisor"), partition="supervisor", pid=os.getpid())
         me = os.getpid()
-        with contextlib.suppress(OSError):
-            self.manifest.data["supervisor"] = {"pid": me}
+        self.manifest.data["supervisor"] = {"pid": me}
         self.manifest.add("process", save=False, pid=me, name="supervisor",
                           create_time=_create_time(me))
         self.services = Services(self.cluster, self.parts[0].id, [p.id for p in self.parts[1:]])

@@ -209,9 +209,9 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
                 continue
             st, name = ev["state"], ev["name"]
             if st == "crashed":
-                from .launcher import _exit_text
+                from .launcher import exit_text
 
-                out.step(False, name, f"crashed ({_exit_text(ev)})")
+                out.step(False, name, f"crashed ({exit_text(ev)})")
             elif st == "restarting":
                 out.step(None, name, f"restarting in {ev.get('backoff_s', 0):.1f} s")
             elif st == "running":

@@ -74,7 +74,7 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def _exit_text(ev: dict[str, Any]) -> str:
+def exit_text(ev: dict[str, Any]) -> str:
     ex = ev.get("exit") or {}
     if ex.get("signal_name"):
         return f"killed by {ex['signal_name']}"
@@ -231,11 +231,11 @@ def start_cluster(rd: RunDir, config_toml: str, partitions: int, detach: bool,
                 out.step(True, name, f"pid {ev['pid']}, "
                          f"{_fmt_bytes(ev.get('guest_visible_bytes'))} visible", ev.get("boot_s"))
             elif state == "crashed":
-                out.step(False, name, f"crashed at boot ({_exit_text(ev)}); see "
+                out.step(False, name, f"crashed at boot ({exit_text(ev)}); see "
                          f"{rd.logs / (name + '.stderr')}")
                 if ev.get("error") or (ev.get("restarts", 0) == 0
                                        and snap_policy(snap, name) == "never"):
-                    raise CliError(f"partition {name} failed to start ({_exit_text(ev)})")
+                    raise CliError(f"partition {name} failed to start ({exit_text(ev)})")
     except (CliError, TimeoutError, ControlError) as e:
         client.close()
         out.line("[red]start-up failed[/]; stopping the cluster again")
@@ -345,7 +345,7 @@ def stop_cluster(rd: RunDir, out: Reporter, quiet: bool = False,
             if ev.get("event") == "state" and ev.get("exited_pid"):  # a process ended
                 stopped += 1
                 if not quiet:
-                    how = "stopped" if ev["state"] == "stopped" else _exit_text(ev)
+                    how = "stopped" if ev["state"] == "stopped" else exit_text(ev)
                     out.step(ev["state"] == "stopped", ev["name"], how, time.monotonic() - asked)
     except (ControlError, TimeoutError, OSError):
         pass  # the supervisor went away or hung: the pid wait below decides
@@ -443,6 +443,6 @@ def wait_partition(rd: RunDir, op: str, name: str, timeout: float = 20.0
             if ev["state"] in ("stopped", "crashed"):
                 seen_stop = True
             if op in ("start", "restart") and ev["state"] == "crashed":
-                raise CliError(f"{pname} crashed while starting ({_exit_text(ev)})")
+                raise CliError(f"{pname} crashed while starting ({exit_text(ev)})")
             if ev["state"] in target and seen_stop:
                 return ans, ev, time.monotonic() - t0
