@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from . import transports as tr
-from .harness import CPair, CpuWatch, PyPair, percentiles
+from .harness import CPair, PyPair, QuietGate, percentiles
 
 # A failure before the measurement would add a second, misleading error.
 NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
@@ -72,14 +72,15 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
         }
         benchmark.extra_info.update(info)
         rounds: list[list[int]] = []
-        with CpuWatch(pair.pids) as watch:
-            benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
-                               rounds=cfg.lat_rounds, warmup_rounds=0 if cfg.quick else 1,
-                               iterations=1)
+        gate = QuietGate(cfg, pair.pids)
+        benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
+                           setup=gate.setup, teardown=gate.teardown, rounds=cfg.lat_rounds,
+                           warmup_rounds=0 if cfg.quick else 1, iterations=1)
+        machine = gate.summary(cfg.lat_rounds)
     finally:
         pair.close()
     samples = [x for r in rounds[-cfg.lat_rounds:] for x in r]
     pct = percentiles(samples)
-    benchmark.extra_info.update(pct, machine=watch.result)
+    benchmark.extra_info.update(pct, machine=machine)
     bench_store["latency"][key] = {**info, **pct, "worker_stats": pair.bye,
-                                   "machine": watch.result}
+                                   "machine": machine}

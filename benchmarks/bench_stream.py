@@ -16,7 +16,7 @@ import pytest
 from .harness import (
     C_ROWS,
     SIZES,
-    CpuWatch,
+    QuietGate,
     calibrate,
     check_n,
     open_stream_pair,
@@ -64,7 +64,7 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
     k = batch_k(size, cfg.ring_data) if key in ("viridian-batch", "c-ring-batch") else 1
     opts = stream_opts(key, size, cfg)
     benchmark.group = f"stream {size_label(size)}"
-    with open_stream_pair(key, size, cfg, ring_bench) as pair:
+    with open_stream_pair(key, size, cfg, ring_bench, bench_store["notes"]) as pair:
         pair.check(check_n(size))
         n = calibrate(pair, size, k, cfg)
         info = {
@@ -83,10 +83,12 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
         benchmark.extra_info.update(info)
         before = len(pair.timings)
         last: list = []
-        with CpuWatch(pair.pids) as watch:
-            benchmark.pedantic(lambda: last.append(pair.round(n)), rounds=cfg.rounds,
-                               warmup_rounds=cfg.warmup, iterations=1)
+        gate = QuietGate(cfg, pair.pids)
+        benchmark.pedantic(lambda: last.append(pair.round(n)), setup=gate.setup,
+                           teardown=gate.teardown, rounds=cfg.rounds,
+                           warmup_rounds=cfg.warmup, iterations=1)
         own = pair.timings[before:][-cfg.rounds:]
+        machine = gate.summary(cfg.rounds)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats else statistics.median(own)
     mps = n / median
@@ -100,8 +102,8 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
         "GB_per_s": mps * size / 1e9,
         "round_msgs_per_s": [n / x for x in own],
         "worker_stats": {**pair.bye, "last_round": last[-1] if last else None},
-        "machine": watch.result,
+        "machine": machine,
     }
     benchmark.extra_info.update(msgs_per_s=mps, GB_per_s=mps * size / 1e9,
-                                round_median_s=median, machine=watch.result)
+                                round_median_s=median, machine=machine)
     bench_store["stream"].setdefault(key, {})[str(size)] = res

@@ -230,42 +230,40 @@ def system_lines(system: dict[str, Any]) -> list[str]:
     return lines
 
 
-NOISE_PCT = 5.0  # other processes' share of the CPUs that makes a result suspect
+NOISE_PCT = 10.0  # other processes' share of the CPUs that makes a round suspect
 SPREAD = 1.5  # fastest / slowest round above this: a bimodal or disturbed run
 
 
 def noise_lines(store: dict[str, Any]) -> list[str]:
     """Results taken while the machine was busy with other work, or whose
     rounds disagree widely (the C ring's bimodal regimes, see shared/perf)."""
-    busy, spread = [], []
+    busy, spread, waited = [], [], 0.0
 
-    def noisy(m: dict[str, Any]) -> bool:
-        # Clock-tick resolution: a window under 0.5 s says nothing.
-        return m.get("wall_s", 0) >= 0.5 and (
-            m.get("foreign_cpu_pct", 0) > NOISE_PCT or m.get("steal_pct", 0) > NOISE_PCT)
+    def check(name: str, m: dict[str, Any]) -> None:
+        nonlocal waited
+        waited += m.get("quiet_wait_s") or 0.0
+        n, k = m.get("rounds_watched") or 0, m.get("noisy_rounds") or 0
+        if n and k / n > 0.2:
+            busy.append(f"{name} ({k}/{n} rounds, up to {m['max_foreign_cpu_pct']:.0f}% "
+                        f"other, {m['max_steal_pct']:.0f}% steal)")
 
     for key, by_size in store["stream"].items():
         for size, r in by_size.items():
-            m = r.get("machine") or {}
             name = f"{SHORT.get(key, key)} {size_label(int(size))}"
-            if noisy(m):
-                busy.append(f"{name} (other {m['foreign_cpu_pct']:.0f}%, steal "
-                            f"{m['steal_pct']:.0f}%)")
+            check(name, r.get("machine") or {})
             rr = r.get("round_msgs_per_s") or []
             if rr and min(rr) > 0 and max(rr) / min(rr) > SPREAD:
                 spread.append(f"{name} ({fmt_rate(min(rr))}..{fmt_rate(max(rr))})")
     for key, r in store["latency"].items():
-        m = r.get("machine") or {}
-        if noisy(m):
-            busy.append(f"latency {key} (other {m['foreign_cpu_pct']:.0f}%, steal "
-                        f"{m['steal_pct']:.0f}%)")
+        check(f"latency {key}", r.get("machine") or {})
     lines = []
     if busy:
-        lines.append(f"Noise: other processes or the hypervisor took > {NOISE_PCT:g}% of the "
-                     f"CPUs during: " + "; ".join(busy))
+        lines.append(f"Noise: in more than 20% of the rounds other processes or the hypervisor "
+                     f"took > {NOISE_PCT:g}% of the CPUs: " + "; ".join(busy))
     else:
-        lines.append(f"Noise: no benchmark ran while other work took > {NOISE_PCT:g}% of the "
-                     "CPUs (/proc/stat minus the benchmark's processes; steal time)")
+        lines.append(f"Noise: no benchmark had more than 20% of its rounds disturbed (other "
+                     f"processes or steal > {NOISE_PCT:g}% of the CPUs)")
+    lines[-1] += f"; {waited:.1f} s spent waiting for a quiet machine between rounds"
     if spread:
         lines.append(f"Spread: fastest/slowest round > {SPREAD:g}x in: " + "; ".join(spread))
     return lines

@@ -474,14 +474,38 @@ class PyRingConsumer(Consumer):
 # multiprocessing.Queue and multiprocessing.Pipe
 
 
+def release_semaphores(*locks: Any) -> None:
+    """Unlink multiprocessing's named semaphores (/dev/shm/sem.mp-*) now, by
+    running their finalizers: with "spawn" a name is only needed until every
+    child has opened it.  After that a name in /dev/shm is only a target for
+    other processes' cleanups (a leak guard that unlinks it makes the
+    finalizer fail later, at some garbage collection); a name that is already
+    gone is not an error here."""
+    from multiprocessing import resource_tracker, util
+    from multiprocessing.synchronize import SemLock
+
+    names = {getattr(lk._semlock, "name", None) for lk in locks if lk is not None} - {None}
+    for f in list(util._finalizer_registry.values()):
+        args = getattr(f, "_args", None)
+        if getattr(f, "_callback", None) is SemLock._cleanup and args and args[0] in names:
+            try:
+                f()
+            except FileNotFoundError:
+                resource_tracker.unregister(args[0], "semaphore")
+
+
 def _mpq_setup(size: int, ring_data: int, opts: dict[str, Any]) -> Setup:
     q = opts["ctx"].Queue(maxsize=1024)  # bounded, as in the baselines
 
+    def unlink() -> None:
+        release_semaphores(q._rlock, q._wlock, q._sem)
+
     def cleanup() -> None:
+        unlink()
         q.close()
         q.join_thread()
 
-    return Setup(q, q, cleanup=cleanup, info={"maxsize": 1024})
+    return Setup(q, q, after_ready=unlink, cleanup=cleanup, info={"maxsize": 1024})
 
 
 class MpQueueProducer(Producer):
