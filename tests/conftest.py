@@ -3,8 +3,10 @@
 ``_no_leaks`` (autouse) snapshots, before each test, the entries of /dev/shm,
 this process's open file descriptors and its child processes, and compares
 after the test.  Anything new fails the test (as a teardown error).  Leftover
-children are killed and reaped and leftover /dev/shm entries unlinked first,
-so one leaky test cannot make the next one fail too.  Leaked fds are only
+children are killed and reaped first, so one leaky test cannot make the next
+one fail too; a /dev/shm entry is only reported, never unlinked (the next
+test's snapshot includes it): /dev/shm records no creator, and unlinking what
+might be another program's object would break that program.  Leaked fds are only
 reported, never closed: an fd belongs to some live object (an mmap keeps its
 own dup), and closing it behind that object's back would corrupt whatever
 reuses the number.
@@ -15,7 +17,7 @@ their fds) alive; the fd check is skipped then, to report one failure once.
 /dev/shm is machine-wide: other programs (a benchmark run next to the suite,
 say) create entries there while a test runs.  A new entry that a process
 outside this one's tree has open or mapped is theirs and is left alone; only
-the others count as this test's leak (and are unlinked).
+the others count as this test's leak.
 """
 
 from __future__ import annotations
@@ -145,12 +147,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if new_shm:  # (children are dead by now: what is still held is someone else's)
         new_shm -= _foreign_holders(new_shm)
     if new_shm:
-        for name in new_shm:
-            try:
-                os.unlink(os.path.join(_SHM, name))
-            except OSError:
-                pass
-        problems.append(f"/dev/shm entries left behind (unlinked): {sorted(new_shm)}")
+        problems.append(f"/dev/shm entries left behind: {sorted(new_shm)}")
 
     if not request.node.stash.get(_failed_key, False):
         after = _fds()
