@@ -49,8 +49,10 @@ _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
 
 def _load_libatomic() -> Any | None:
-    names = [ctypes.util.find_library("atomic"), "libatomic.so.1"]
-    for name in names:
+    # The soname first: find_library runs ldconfig (a process) in every partition.
+    for name in ("libatomic.so.1", None):
+        if name is None:
+            name = ctypes.util.find_library("atomic")
         if not name:
             continue
         try:

@@ -145,7 +145,13 @@ def effective_weights(
         if free_w == 0:
             # every partition is reserve-bound: weights proportional to reserves
             return {n: max(s.reserve_percent, 1e-3) for n, s in settings.items()}
-        total = free_w / (1.0 - r_b) if r_b < 1 else math.inf
+        if r_b >= 1.0 - 1e-9:
+            # the bound reserves fill the machine: they split it by reserve, and
+            # the others get a token weight (they run only when those idle)
+            return {
+                n: (s.reserve_percent if n in bound else 1e-3) for n, s in settings.items()
+            }
+        total = free_w / (1.0 - r_b)
         newly = {
             n
             for n, s in settings.items()

@@ -997,8 +997,10 @@ class HypercallClient:
         if not self.unsolicited:
             deadline = time.monotonic() + timeout
             while not self.unsolicited:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._read_some(left):
+                left = max(0.0, deadline - time.monotonic())
+                # one read even when no time is left: poll(0) must not ignore
+                # frames already waiting in the socket
+                if not self._read_some(left) or left == 0.0:
                     break
         out = list(self.unsolicited)
         self.unsolicited.clear()

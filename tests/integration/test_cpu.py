@@ -5,6 +5,8 @@ measures at most 21 %), plus cleanup after close and after kill -9."""
 
 from __future__ import annotations
 
+import math
+
 import os
 import select
 import signal
@@ -68,6 +70,15 @@ def test_effective_weights_honour_reserves():
     # a reserve already met by the weight changes nothing
     s = {"a": CpuSettings(weight=900, reserve_percent=10), "b": CpuSettings(weight=100)}
     assert effective_weights(s, 1) == {"a": 900, "b": 100}
+    # reserves that exactly fill the machine split it by reserve; the rest get a token
+    s = {
+        "a": CpuSettings(reserve_percent=100),
+        "b": CpuSettings(reserve_percent=100),
+        "c": CpuSettings(weight=100),
+    }
+    w = effective_weights(s, 2)
+    assert all(math.isfinite(v) and v > 0 for v in w.values())
+    assert w["a"] == w["b"] and w["c"] / sum(w.values()) < 1e-4
     with pytest.raises(CpuSettingsError, match="reserves add up to 150 %"):
         effective_weights(
             {"a": CpuSettings(reserve_percent=100), "b": CpuSettings(reserve_percent=50)}, 1

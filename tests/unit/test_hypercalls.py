@@ -473,3 +473,17 @@ def test_client_times_out():
     finally:
         a.close()
         b.close()
+
+
+def test_poll_zero_reads_frames_already_waiting():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        client = HypercallClient(a, timeout=1)
+        assert client.poll(0) == []
+        H.send_frame(b, Frame(0x100, 0, b"stop"))
+        frames = client.poll(0)  # no time to wait, but the frame is there
+        assert [(f.kind, f.body) for f in frames] == [(0x100, b"stop")]
+        client.close()
+    finally:
+        a.close()
+        b.close()
