@@ -6,7 +6,6 @@ measures at most 21 %), plus cleanup after close and after kill -9."""
 from __future__ import annotations
 
 import math
-
 import os
 import select
 import signal
