@@ -484,20 +484,33 @@ class GuestMemory:
         """Balloon ``nbytes`` chosen by the supervisor: the highest pages
         that are neither ballooned nor shared (for a partition without a
         cooperating balloon driver)."""
+        self._check_open()
         _check_size("balloon size", nbytes)
+        a = self.assigned_bytes
+        if a - nbytes < self.minimum_bytes:  # the limit first: no page scan to refuse
+            raise MemoryLimitError(
+                f"ballooning {format_bytes(nbytes)} from {self.name} would go below its "
+                f"minimum of {format_bytes(self.minimum_bytes)} (assigned {format_bytes(a)})"
+            )
         want = nbytes >> PAGE_SHIFT
-        picked: list[int] = []
+        runs: list[tuple[int, int]] = []
+        found = 0
         for r in reversed(self._ranges):
+            picked: list[int] = []
             for i in range(r.npages - 1, -1, -1):
-                if len(picked) == want:
+                if found + len(picked) == want:
                     break
                 if not r.ballooned[i] and not self._pinned[r.gpa_pfn + i]:
                     picked.append(r.gpa_pfn + i)
-        if len(picked) < want:
-            raise GuestMemoryError(
-                f"{self.name} has only {len(picked)} pages that can be ballooned"
-            )
-        return self.balloon(_runs(sorted(picked)))
+            # runs per range: adjacent ranges are separate memfds (``balloon``
+            # takes runs within one range)
+            runs += _runs(sorted(picked))
+            found += len(picked)
+            if found == want:
+                break
+        if found < want:
+            raise GuestMemoryError(f"{self.name} has only {found} pages that can be ballooned")
+        return self.balloon(runs)
 
     def unballoon(self, pfn_ranges: Iterable[tuple[int, int]]) -> MemoryMessage:
         """Give ballooned pages back (they come back zero-filled).  Refuses

@@ -224,6 +224,24 @@ class Services:
             self.arbiter.set(name, **self._cpu_args(settings))
         self.cpu[name] = settings
 
+    def hot_add(self, pid_: int, nbytes: int) -> Frame:
+        """Grow a running partition's memory by ``nbytes`` (a new memfd range
+        after its last one); returns the MAP frame to send it.
+
+        Raises:
+            hv.memory.GuestMemoryError (MemoryLimitError): above its maximum.
+        """
+        return self.live[pid_].memory.hot_add(nbytes).frame()
+
+    def balloon(self, pid_: int, nbytes: int) -> Frame:
+        """Take ``nbytes`` back from a running partition (its highest free
+        pages, punched out of the memfd); returns the BALLOON frame to send it.
+
+        Raises:
+            hv.memory.GuestMemoryError: below its minimum, or not enough free pages.
+        """
+        return self.live[pid_].memory.balloon_bytes(nbytes).frame()
+
     def assigned_bytes(self, pid_: int) -> int:
         live = self.live.get(pid_)
         return live.memory.assigned_bytes if live is not None else 0

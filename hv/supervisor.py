@@ -802,6 +802,8 @@ class Supervisor:
                 return {"ok": True, "state": "stopping"}
             if isinstance(op, str) and op.startswith("partition."):
                 return self._handle_partition(op, req)
+            if op in ("memory.add", "memory.balloon"):
+                return self._handle_memory(op, req)
             raise ControlError(f"unknown op: {op!r}", "bad_request")
         except ControlError as e:
             return {"ok": False, "error": str(e), "code": e.code}
@@ -843,6 +845,32 @@ class Supervisor:
         else:
             raise ControlError(f"unknown op: {op!r}", "bad_request")
         return {"ok": True, "name": p.name, "state": str(p.state), "pid": p.pid}
+
+    def _handle_memory(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Hot-add to or balloon a running partition (the mechanism; the
+        Dynamic Memory protocol and its balancer drive it in issue 5)."""
+        from hv.memory import GuestMemoryError
+
+        if "name" not in req:
+            raise ControlError(f"{op} needs a partition \"name\"", "bad_request")
+        p = self._find(req["name"])
+        nbytes = req.get("bytes")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise ControlError("bytes must be a positive integer", "invalid")
+        if nbytes % 4096:
+            raise ControlError(f"bytes must be a multiple of 4096, got {nbytes}", "invalid")
+        if not p.alive or p.state != PartitionState.RUNNING or self.services is None:
+            raise ControlError(f"{p.name} is not running ({p.state})", "invalid")
+        try:
+            frame = (self.services.hot_add if op == "memory.add" else self.services.balloon)(
+                p.id, nbytes)
+        except GuestMemoryError as e:
+            raise ControlError(str(e), "invalid") from None
+        self._to_partition(p, frame)
+        assigned = self.services.assigned_bytes(p.id)
+        self._plog(p)("hot-add" if op == "memory.add" else "balloon", bytes=nbytes,
+                      assigned_bytes=assigned)
+        return {"ok": True, "name": p.name, "assigned_bytes": assigned}
 
     def _handle_set(self, p: Partition, req: dict[str, Any]) -> dict[str, Any]:
         assert self.services is not None

@@ -26,7 +26,7 @@ import psutil
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from hv.control import ControlClient
+from hv.control import ControlClient, ControlError
 from hv.rundir import RunDir, cluster_processes
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
@@ -521,3 +521,35 @@ def test_hypercalls_between_real_partitions(env: Env) -> None:
     r = env.cli("down", "--name", name)
     assert LEAVES_LINE.search(r.stdout), r.stdout + r.stderr
     assert_no_leaks(env, name, all_pids(st))
+
+
+def test_hot_add_and_balloon_a_running_child(env: Env) -> None:
+    """The supervisor grows and shrinks a running child's guest memory; the
+    child maps the new range and reports what it can use; accounting is exact."""
+    name = _unique()
+    env.up(name)
+    mib = 1 << 20
+    child = env.part(name, "child1")
+    assert child["memory"]["assigned_bytes"] == 256 * mib
+    pid = child["pid"]
+    with env.client(name) as c:
+        r = c.request("memory.add", name="child1", bytes=128 * mib)
+        assert r["ok"] and r["assigned_bytes"] == 384 * mib
+    st = env.wait_status(name, lambda s: next(
+        p for p in s["partitions"] if p["name"] == "child1")["memory"]["guest_visible_bytes"]
+        == 384 * mib)
+    c1 = next(p for p in st["partitions"] if p["name"] == "child1")
+    assert c1["memory"]["assigned_bytes"] == 384 * mib and c1["pid"] == pid  # no restart
+    with env.client(name) as c:
+        r = c.request("memory.balloon", name="child1", bytes=64 * mib)
+        assert r["ok"] and r["assigned_bytes"] == 320 * mib
+        with pytest.raises(ControlError, match="exceed its maximum"):
+            c.request("memory.add", name="child1", bytes=1024 * mib)
+        with pytest.raises(ControlError, match="minimum"):
+            c.request("memory.balloon", name="child1", bytes=300 * mib)
+        with pytest.raises(ControlError, match="multiple of 4096"):
+            c.request("memory.add", name="child1", bytes=1000)
+    env.wait_status(name, lambda s: next(
+        p for p in s["partitions"] if p["name"] == "child1")["memory"]["guest_visible_bytes"]
+        == 320 * mib)
+    assert env.part(name, "child2")["memory"]["assigned_bytes"] == 256 * mib

@@ -143,6 +143,17 @@ def test_unballoon_and_balloon_bytes(mem):
         m.balloon_bytes(4 * MiB)  # only 3 MiB may go (minimum 1 MiB)
 
 
+def test_balloon_bytes_across_a_hot_added_range(mem):
+    m, view = mem
+    deliver(m.hot_add(2 * MiB), view)          # pfns 1024..1535, a second memfd
+    msg = m.balloon_bytes(3 * MiB)             # all of it plus 1 MiB of the first range
+    assert sorted((s.gpa_pfn, s.npages) for s in msg.segments) == [(768, 256), (1024, 512)]
+    deliver(msg, view)
+    assert m.assigned_bytes == 3 * MiB == view.visible_bytes
+    with pytest.raises(GuestMemoryError, match="below its minimum"):
+        m.balloon_bytes(3 * MiB)
+
+
 def test_audit_catches_a_partition_touching_ballooned_pages(mem):
     m, _view = mem
     m.balloon([(100, 10)])
