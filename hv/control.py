@@ -30,6 +30,11 @@ Ops (``name`` is a partition name or its numeric id; the root is 0):
 ``partition.kill``            SIGKILL it and keep it stopped (Hyper-V "Turn Off")
 ``partition.set``             ``cpu_weight`` 1-10000, ``cpu_limit`` (0, 100],
                               ``cpu_reserve`` [0, 100]; live; answers ``"cpu"``
+``memory.add``                ``bytes`` (a multiple of 4096): hot-add a new memfd
+                              range to a running partition; answers
+                              ``"assigned_bytes"``; refused above its maximum
+``memory.balloon``            ``bytes``: take back its highest free pages (punched
+                              out of the memfd); refused below its minimum
 ``watch``                     turns the connection into an event stream: one
                               ``{"event": "snapshot", "status": {...}}``, then
                               ``{"event": "state", "name", "state", "pid",
