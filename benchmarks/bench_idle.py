@@ -73,6 +73,7 @@ def test_idle_reader_cpu(benchmark, bench_cfg, bench_store):
         assert writer.try_write(b"w" * 64)
         woke = pair.idle_done("wake", 10.0)
         out["wake"] = {**woke, "parent_wait_s": time.monotonic() - t0}
+        out["pinning"] = pair.ready
     finally:
         pair.close()
     assert not out["reader"]["woke"], "the idle reader woke up with nothing to read"

@@ -130,6 +130,8 @@ class PyPair:
             # The b side (consumer / ponger) starts first (zmq binds there),
             # unless the transport says otherwise (iceoryx2).
             plan = [(roles[1], setup.b_args, cfg.cpus[1]), (roles[0], setup.a_args, cfg.cpus[0])]
+            if roles[0] == "idle":  # a reader: it sits where consumers sit
+                plan = [(roles[0], setup.a_args, cfg.cpus[1])]
             t = tr.TRANSPORTS.get(key)
             if t is not None and t.producer_first:
                 plan.reverse()

@@ -147,8 +147,10 @@ def idle_lines(store: dict[str, Any]) -> list[str]:
         return ["Idle reader CPU: n/a"]
     sched = idle.get("schedstat_percent")
     wake = idle.get("wake", {})
+    cpu = (idle.get("pinning") or {}).get("idle", {}).get("affinity")
     return [
-        f"Idle reader CPU: {idle['cpu_percent']:.3f} % (psutil user+sys over "
+        f"Idle reader CPU{f' (pinned to CPU {cpu[0]})' if cpu else ''}: "
+        f"{idle['cpu_percent']:.3f} % (psutil user+sys over "
         f"{idle['wall_s']:.2f} s in wait_readable, default spin {idle['spin_ns'] // 1000} us "
         f"then eventfd)"
         + (f"; schedstat {sched:.4f} %" if sched is not None else "")
