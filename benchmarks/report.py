@@ -91,6 +91,9 @@ def stream_table(store: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         f"{cfg['rounds']} rounds of ~{cfg['round_s'] * 1000:.0f} ms",
         "  xmpQ = x multiprocessing.Queue, xpyR = x pure-Python ring, %C = % of the C ring "
         "(per packet), xiox = x iceoryx2; GB = 10^9 B",
+        "  Viridian per-packet: try_write / try_read().payload, at 64 KiB read_into a "
+        "preallocated bytearray; batch: write_many(k) / drain(256); C ring: vmbr_write / "
+        "vmbr_read, batch vmbr_write_batch / vmbr_drain; every consumer copies each message out",
     ]
     head = " " * name_w + " | " + " | ".join(size_label(s).center(block_w) for s in SIZES)
     sub = "transport".ljust(name_w) + " | " + " | ".join(
