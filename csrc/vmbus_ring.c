@@ -530,8 +530,8 @@ int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
     return len | sig;
 }
 
-int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *starts,
-                   uint32_t max_packets, uint32_t *count)
+int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t batch_bytes,
+                   uint32_t *starts, uint32_t max_packets, uint32_t *count)
 {
     r->peeked = 0; /* any other read invalidates a pending peek */
     *count = 0;
@@ -541,13 +541,11 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *s
     if (load_write_index(r, &w))
         return VMBR_E_CORRUPT;
     uint32_t pos = 0, n = 0, ext = 0;
-    while (n < max_packets) {
+    while (n < max_packets && pos < batch_bytes) {
         struct vmbr_desc d;
         int64_t len = next_packet(r, w, &d);
-        if (len < 0)
-            break; /* deliver what was good; the error is sticky */
-        if (len == 0)
-            break;
+        if (len <= 0)
+            break; /* empty, or damaged: deliver what was good; the error is sticky */
         if ((uint64_t)pos + (uint64_t)len > out_cap) {
             if (n == 0)
                 return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
@@ -556,19 +554,43 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t *s
         memcpy(out + pos, &d, VMBR_DESC_BYTES);
         copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + pos + VMBR_DESC_BYTES,
                  (uint32_t)len - VMBR_DESC_BYTES);
-        starts[n++] = pos;
+        starts[2 * n] = pos;
+        starts[2 * n + 1] = pos + (uint32_t)d.offset8 * 8u;
+        n++;
         ext |= d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT;
         pos += (uint32_t)len;
         r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
         r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
     }
     *count = n;
-    starts[n] = pos; /* the end of the last packet: callers size their copy by it */
+    starts[2 * n] = pos; /* the end of the last packet */
     r->packets += n;
     int64_t sig = vmbr_commit_read(r);
     if (r->corrupt)
         return VMBR_E_CORRUPT;
     return sig | (ext ? 2 : 0);
+}
+
+int64_t vmbr_drain_io(struct vmbr_ring *r)
+{
+    uint32_t n;
+    int64_t rc = vmbr_drain(r, r->io_out, r->io_cap, r->io_batch, r->io_starts, r->io_max, &n);
+    if (rc < 0)
+        return n ? (int64_t)n << 32 | r->io_starts[2 * n] | (int64_t)1 << 50 : rc;
+    if (!n)
+        return 0;
+    return (int64_t)n << 32 | r->io_starts[2 * n] | rc << 48;
+}
+
+int64_t vmbr_spin_drain_io(struct vmbr_ring *r)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    vmbr_mask_interrupts(r); /* we are polling: the writer need not signal */
+    int64_t avail = vmbr_spin_readable(r, r->io_spin_ns);
+    if (avail <= 0)
+        return avail;
+    return vmbr_drain_io(r);
 }
 
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,

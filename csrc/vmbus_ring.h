@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 6
+#define VMBR_ABI_VERSION 7
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -88,6 +88,17 @@ struct vmbr_ring {
     uint32_t peeked;        /* reader: bytes of the packet vmbr_peek validated  */
     uint32_t peer_index;    /* writer: read_index as last seen (validated)      */
     uint32_t peeked_payload; /* reader: payload bytes of the peeked packet      */
+    /* Reader I/O parameters for the one-argument calls (vmbr_drain_io,
+     * vmbr_spin_drain_io): cffi passes one argument through a fast path
+     * (METH_O) but packs several into a tuple, ~100 ns more per call.
+     * Set once by the owner; private memory like the rest of this struct. */
+    char *io_out;           /* the read-ahead buffer                            */
+    uint32_t *io_starts;    /* 2 * io_max + 1 entries, see vmbr_drain           */
+    uint32_t io_cap;        /* bytes of io_out                                  */
+    uint32_t io_batch;      /* stop adding packets past this many bytes         */
+    uint32_t io_max;        /* most packets per batch                           */
+    uint32_t io_pad;
+    uint64_t io_spin_ns;    /* how long vmbr_spin_drain_io polls an empty ring  */
     uint64_t packets;       /* packets moved through this endpoint              */
     uint64_t bytes;         /* payload bytes moved                              */
     uint64_t signals;       /* times we told the caller to signal the peer      */
@@ -135,8 +146,10 @@ int64_t vmbr_set_pending(struct vmbr_ring *r, uint32_t need_bytes);
 int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap);
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap,
                        char *dst, uint32_t dst_cap, uint32_t *payload_bytes);
-int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap,
+int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t batch_bytes,
                    uint32_t *starts, uint32_t max_packets, uint32_t *count);
+int64_t vmbr_drain_io(struct vmbr_ring *r);
+int64_t vmbr_spin_drain_io(struct vmbr_ring *r);
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
 int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
 int64_t vmbr_commit_read(struct vmbr_ring *r);
@@ -147,8 +160,6 @@ int64_t vmbr_unmask_interrupts(struct vmbr_ring *r);
 int64_t vmbr_spin_readable(struct vmbr_ring *r, uint64_t spin_ns);
 int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t spin_ns);
 /* cdef end */
-/* vmbr_drain also ORs 2 into its result when the batch holds a packet of type
- * 7 or 9, whose extended header the caller must validate. */
 
 /*
  * Return conventions, in detail:
@@ -190,11 +201,23 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   as vmbr_read, or VMBR_E_INVAL (nothing consumed) when hdr or dst is too
  *   small for this packet.
  *
- * vmbr_drain: up to max_packets packets, each copied to out at starts[i]
- *   (8-aligned, back to back), one publication; starts[count] is set to the
- *   end of the last one, so starts must hold max_packets + 1 entries.  Returns 0 or 1 (signal the
- *   writer) with *count set, or a negative error.  Stops early when the next
- *   packet would not fit in out_cap.
+ * vmbr_drain: up to max_packets packets, each copied to out back to back
+ *   (8-aligned), one publication.  starts[2i] is where packet i starts in
+ *   out and starts[2i+1] where its payload starts; starts[2*count] is the end
+ *   of the last packet (= where packet i's payload ends, for the last one),
+ *   so starts must hold 2 * max_packets + 1 entries.  Stops before a packet
+ *   that would not fit in out_cap, and after the packet that reaches
+ *   batch_bytes (a soft cap: a big batch would keep the writer's space
+ *   unpublished for the whole copy).  Returns 0 or 1 (signal the writer),
+ *   ORed with 2 when the batch holds a type 7 or 9 packet whose extended
+ *   header the caller must validate, with *count set; or a negative error.
+ *
+ * vmbr_drain_io / vmbr_spin_drain_io: vmbr_drain with the io_* fields of r,
+ *   as one argument.  The spin form first polls an empty ring for up to
+ *   io_spin_ns with interrupts masked (the mask stays set; the caller clears
+ *   it with vmbr_unmask_interrupts before it sleeps).  Returns count << 32 |
+ *   end-of-batch, with bit 48 = signal the writer and bit 49 = validate
+ *   extended headers; 0 when empty; or a negative error.
  *
  * vmbr_peek: validates the next packet's descriptor (copied out) and reports
  *   where its payload lies in the data area, without consuming it.  Returns 0

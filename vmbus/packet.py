@@ -145,25 +145,34 @@ def check_extended_header(raw: bytes, pos: int = 0) -> None:
         _parse_xfer_pages(raw, start, end)
 
 
+#: Wire value -> PacketType, without an Enum call (~10x cheaper on hot paths).
+_PTYPES = {int(t): t for t in PacketType}
+
+
 class Packet:
     """A packet read from a ring: descriptor fields, payload and, for types 7
     and 9, the parsed ranges.
 
     A Packet is a window on a private copy of the packet (often shared by a
-    whole batch), decoded on first access, so that reading a packet costs one
-    small object and no parsing.  ``Packet(raw)`` wraps the raw bytes of one
-    packet (descriptor first) as found in a ring.
+    whole batch): ``payload`` is sliced out when the packet is handed out,
+    the other fields are decoded on first access.  ``Packet(raw)`` wraps the
+    raw bytes of one packet (descriptor first) as found in a ring.
     """
 
-    __slots__ = ("_pos", "_raw")
+    __slots__ = ("_pos", "_raw", "payload")
 
     def __init__(self, raw: bytes, pos: int = 0) -> None:
         self._raw = raw
         self._pos = pos
+        #: The bytes from offset8·8 to len8·8 of the packet (padding included).
+        self.payload = raw[
+            pos + (raw[pos + 2] | raw[pos + 3] << 8) * 8 : pos
+            + (raw[pos + 4] | raw[pos + 5] << 8) * 8
+        ]
 
     @property
     def packet_type(self) -> PacketType:
-        return PacketType(self._raw[self._pos] | self._raw[self._pos + 1] << 8)
+        return _PTYPES[self._raw[self._pos] | self._raw[self._pos + 1] << 8]
 
     @property
     def flags(self) -> int:
@@ -184,13 +193,6 @@ class Packet:
     @property
     def len8(self) -> int:
         return self._raw[self._pos + 4] | self._raw[self._pos + 5] << 8
-
-    @property
-    def payload(self) -> bytes:
-        """The bytes from offset8·8 to len8·8 of the packet (padding included)."""
-        raw, pos = self._raw, self._pos
-        start = pos + (raw[pos + 2] | raw[pos + 3] << 8) * 8
-        return raw[start : pos + (raw[pos + 4] | raw[pos + 5] << 8) * 8]
 
     @property
     def ranges(self) -> tuple[GpaRange, ...] | tuple[TransferPageRange, ...] | None:

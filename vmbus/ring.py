@@ -34,6 +34,8 @@ from ._ring_cffi import ffi, lib
 from .doorbell import Doorbell
 from .errors import RingCorruptError
 from .packet import (
+    _DESC,
+    _PTYPES,
     GpaRange,
     Packet,
     PacketType,
@@ -57,7 +59,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -87,8 +89,9 @@ _CLOSED = lib.VMBR_CLOSED
 
 # Hot-path bindings: a module global is cheaper to reach than lib.<name>.
 _write = lib.vmbr_write
-_drain = lib.vmbr_drain
-_spin_readable = lib.vmbr_spin_readable
+_drain_io = lib.vmbr_drain_io
+_spin_drain_io = lib.vmbr_spin_drain_io
+_read_into = lib.vmbr_read_into
 _unmask = lib.vmbr_unmask_interrupts
 _unpack = ffi.unpack
 _new = object.__new__
@@ -384,7 +387,7 @@ class OutgoingRing(_RingEnd):
     ) -> bool:
         """Wait until a packet of ``need_bytes`` ring bytes (see ``packet_bytes``)
         fits: spin for up to ``spin_ns``, then publish pending_send_sz and block
-        on ``doorbell`` (rung by the reader when enough space frees up).
+        on ``doorbell``, which the reader rings when that much is free.
         Returns False on timeout."""
         r = self._r
         if spin_ns:
@@ -440,42 +443,55 @@ class ReadInfo(NamedTuple):
 
 
 class PacketBatch(Sequence[Packet]):
-    """Packets drained with one C call: a private copy of them, back to back."""
+    """Packets drained with one C call: a private copy of them, back to back.
 
-    __slots__ = ("_raw", "_starts")
+    ``starts`` holds, per packet i, its start (2i), its payload's start
+    (2i + 1), and after the last packet the batch's end (vmbr_drain's layout).
+    """
+
+    __slots__ = ("_raw", "_st")
 
     def __init__(self, raw: bytes, starts: list[int]) -> None:
         self._raw = raw
-        self._starts = starts  # len(packets) + 1 entries; the last is the end
+        self._st = starts
 
     def __len__(self) -> int:
-        return len(self._starts) - 1
+        return len(self._st) >> 1
+
+    def _packet(self, i: int) -> Packet:
+        st, raw = self._st, self._raw
+        j = i + i
+        p = _new(Packet)
+        p._raw = raw
+        p._pos = st[j]
+        p.payload = raw[st[j + 1] : st[j + 2]]
+        return p
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
         n = len(self)
+        if isinstance(i, slice):
+            return [self._packet(j) for j in range(*i.indices(n))]
         if i < 0:
             i += n
         if not 0 <= i < n:
             raise IndexError("packet index out of range")
-        return Packet(self._raw, self._starts[i])
+        return self._packet(i)
 
     def __iter__(self) -> Iterator[Packet]:
-        raw = self._raw
-        for pos in self._starts[:-1]:
-            p = _new(Packet)
-            p._raw = raw
-            p._pos = pos
-            yield p
+        for i in range(len(self)):
+            yield self._packet(i)
 
     @property
     def total_bytes(self) -> int:
         """Bytes of all packets in the batch (descriptors and padding included)."""
-        return self._starts[-1] - self._starts[0] if self._starts else 0
+        return self._st[-1] - self._st[0]
 
     def payloads(self) -> list[bytes]:
-        return [p.payload for p in self]
+        st, raw = self._st, self._raw
+        return [raw[st[j + 1] : st[j + 2]] for j in range(0, len(st) - 1, 2)]
+
+
+_EMPTY_BATCH = PacketBatch(b"", [0])
 
 
 class PacketView:
@@ -546,8 +562,8 @@ class IncomingRing(_RingEnd):
         buffer: the ring's memory (control page first), already initialised.
         on_signal: called when the writer must be signalled (it was waiting
             for space and now has enough).
-        readahead_bytes: size of the private batch buffer (at least the
-            largest packet the ring can hold is always allocated).
+        readahead_bytes: a batch stops after the packet that reaches this many
+            bytes (the copy buffer itself always holds the largest packet).
         readahead_packets: most packets copied out per C call.
     """
 
@@ -563,63 +579,70 @@ class IncomingRing(_RingEnd):
         self._outsize = max(readahead_bytes, self.max_payload_bytes + 16)
         self._out = ffi.new("char[]", self._outsize)
         self._maxpk = max(1, readahead_packets)
-        self._starts = ffi.new("uint32_t[]", self._maxpk + 1)
-        self._count = ffi.new("uint32_t *")
+        self._starts = ffi.new("uint32_t[]", 2 * self._maxpk + 1)
+        r = self._r
+        r.io_out = self._out
+        r.io_starts = self._starts
+        r.io_cap = self._outsize
+        r.io_batch = max(1, readahead_bytes)
+        r.io_max = self._maxpk
+        r.io_spin_ns = self._spin_ns = DEFAULT_SPIN_NS
         self._hdr = ffi.new("char[]", 4096)
+        self._hdr_mv = ffi.buffer(self._hdr)
         self._pay_len = ffi.new("uint32_t *")
         self._vview = ffi.new("struct vmbr_view *")
         self._mv = memoryview(ffi.buffer(self._view))  # for zero-copy views
+        # The current batch: raw bytes and, per packet i, st[2i] = its start,
+        # st[2i+1] = its payload's start, st[2i+2] = its end (vmbr_drain).
         self._braw = b""
-        self._bstarts: list[int] = [0]
+        self._bst: list[int] = [0]
         self._i = 0
         self._n = 0
         self._pending_error: Exception | None = None
 
     # -- the read-ahead --------------------------------------------------------
-    def _fill(self, max_packets: int) -> int:
-        """Copy up to max_packets packets out of the ring into a new batch."""
-        if self._pending_error is not None:
-            raise self._pending_error
-        rc = _drain(
-            self._r,
-            self._out,
-            self._outsize,
-            self._starts,
-            min(max_packets, self._maxpk),
-            self._count,
-        )
-        if rc < 0:
-            # The packets before the damage were copied out and are delivered
-            # first; the ring is dead, so read_index is not published for them.
-            err = self._error(rc)
-            if self._count[0] == 0:
-                raise err
-            self._pending_error = err
-        n = self._count[0]
-        if n == 0:
-            return 0
-        if rc > 0 and rc & 1:
-            self._signal()
-        starts = _unpack(self._starts, n + 1)
-        raw = _unpack(self._out, starts[n])
-        if rc < 0 or rc & 2:  # rc < 0: the good packets before the damage may be 7/9 too
-            n = self._check_ext(raw, starts)
-            if n == 0:  # the first packet's header is bad: an error, not "empty"
-                raise self._pending_error  # type: ignore[misc]
-        self._braw, self._bstarts, self._i, self._n = raw, starts, 0, n
+    def _take(self, rc: int) -> int:
+        """Make the batch a vmbr_drain_io result (rc > 0) describes current."""
+        n = rc >> 32 & 0xFFFF
+        end = rc & 0xFFFFFFFF
+        raw = _unpack(self._out, end)
+        st = [0, self._starts[1], end] if n == 1 else _unpack(self._starts, 2 * n + 1)
+        if rc >> 48:
+            if rc >> 48 & 1:
+                self._signal()
+            if rc >> 50 & 1:
+                # The packets before the damage were copied out and are
+                # delivered first; the ring is dead, so read_index is not
+                # published for them.
+                self._pending_error = self._error(lib.VMBR_E_CORRUPT)
+            if rc >> 49 & 3:  # types 7/9 inside (or damage after): check their headers
+                n = self._check_ext(raw, st, n)
+                if n == 0:  # the first packet is bad: an error, not "empty"
+                    raise self._pending_error  # type: ignore[misc]
+        self._braw, self._bst, self._i, self._n = raw, st, 0, n
         return n
 
-    def _check_ext(self, raw: bytes, starts: list[int]) -> int:
-        for k in range(len(starts) - 1):
+    def _check_ext(self, raw: bytes, st: list[int], n: int) -> int:
+        for k in range(n):
             try:
-                check_extended_header(raw, starts[k])
+                check_extended_header(raw, st[2 * k])
             except RingCorruptError as e:
                 self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
                 self._r.bad_value = e.value & 0xFFFFFFFF
                 self._pending_error = e
-                del starts[k + 1 :]
+                del st[2 * k + 1 :]  # st[2k], the bad packet's start, ends the batch
                 return k
-        return len(starts) - 1
+        return n
+
+    def _refill(self) -> int:
+        if self._pending_error is not None:
+            raise self._pending_error
+        rc = _drain_io(self._r)
+        if rc <= 0:
+            if rc == 0:
+                return 0
+            raise self._error(rc)
+        return self._take(rc)
 
     def try_read(self) -> Packet | None:
         """The next packet, or None when the ring is empty.
@@ -630,25 +653,40 @@ class IncomingRing(_RingEnd):
         """
         i = self._i
         if i >= self._n:
-            if not self._fill(self._maxpk):
+            if not self._refill():
                 return None
             i = 0
         self._i = i + 1
+        st = self._bst
+        raw = self._braw
+        j = i + i
         p = _new(Packet)
-        p._raw = self._braw
-        p._pos = self._bstarts[i]
+        p._raw = raw
+        p._pos = st[j]
+        p.payload = raw[st[j + 1] : st[j + 2]]
         return p
 
     def drain(self, max_packets: int = 256) -> PacketBatch:
         """Up to ``max_packets`` packets with one C call (fewer when the ring
-        holds fewer, or they do not fit the read-ahead buffer)."""
-        if self._i >= self._n and not self._fill(max_packets):
-            return PacketBatch(b"", [0])
+        holds fewer, or the batch reaches ``readahead_bytes``)."""
+        if self._i >= self._n:
+            r = self._r
+            mx = min(max_packets, self._maxpk)
+            if mx != self._maxpk:
+                r.io_max = mx
+                try:
+                    n = self._refill()
+                finally:
+                    r.io_max = self._maxpk
+            else:
+                n = self._refill()
+            if not n:
+                return _EMPTY_BATCH
         i, j = self._i, min(self._n, self._i + max_packets)
         self._i = j
         if i == 0 and j == self._n:
-            return PacketBatch(self._braw, self._bstarts)
-        return PacketBatch(self._braw, self._bstarts[i : j + 1])
+            return PacketBatch(self._braw, self._bst)
+        return PacketBatch(self._braw, self._bst[2 * i : 2 * j + 1])
 
     def read_into(self, buffer: Any) -> ReadInfo | None:
         """Copy the next packet's payload straight into ``buffer`` (one copy out
@@ -659,7 +697,8 @@ class IncomingRing(_RingEnd):
                 is consumed).
         """
         if self._i < self._n:  # keep order: serve read-ahead first
-            p = Packet(self._braw, self._bstarts[self._i])
+            j = 2 * self._i
+            p = Packet(self._braw, self._bst[j])
             data = p.payload
             with memoryview(buffer) as mv:
                 if len(data) > mv.nbytes:
@@ -671,42 +710,40 @@ class IncomingRing(_RingEnd):
             raise self._pending_error
         dst = ffi.from_buffer(buffer, require_writable=True)
         try:
-            rc = lib.vmbr_read_into(self._r, self._hdr, 4096, dst, len(dst), self._pay_len)
+            rc = _read_into(self._r, self._hdr, 4096, dst, len(dst), self._pay_len)
         finally:
             ffi.release(dst)
-        if rc == 0:
-            return None
-        if rc == lib.VMBR_E_INVAL:
-            need = lib.vmbr_peek(self._r, self._vview)
-            if need > 0 and self._vview.offset_bytes > 4096:  # a huge ext header
-                self._fill(1)
-                return self.read_into(buffer)
-            raise ValueError("buffer too small for the next packet's payload")
-        if rc < 0:
+        if rc <= 0:
+            if rc == 0:
+                return None
+            if rc == lib.VMBR_E_INVAL:
+                need = lib.vmbr_peek(self._r, self._vview)
+                if need > 0 and self._vview.offset_bytes > 4096:  # a huge ext header
+                    self._refill()
+                    return self.read_into(buffer)
+                raise ValueError("buffer too small for the next packet's payload")
             raise self._error(rc)
         if rc & 1:
             self._signal()
-        hdr = _unpack(self._hdr, 16)
-        p = Packet(hdr)
-        off = p.offset8 * 8
+        ptype, off8, _len8, flags, trans_id = _DESC.unpack_from(self._hdr_mv)
         ranges = None
-        if off > 16 or p.packet_type in (
-            PacketType.DATA_USING_GPA_DIRECT,
-            PacketType.DATA_USING_XFER_PAGES,
-        ):
-            ext = hdr + _unpack(self._hdr + 16, off - 16)  # 7/9 with no header: corrupt
-            try:
-                check_extended_header(ext)
-            except RingCorruptError:
-                self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
-                raise
-            ranges = Packet(ext).ranges
-        return ReadInfo(p.packet_type, p.flags, p.trans_id, int(self._pay_len[0]), ranges)
+        if off8 != 2 or ptype == 7 or ptype == 9:
+            ranges = self._read_into_ext(off8)
+        return ReadInfo(_PTYPES[ptype], flags, trans_id, self._pay_len[0], ranges)
+
+    def _read_into_ext(self, off8: int) -> Any:
+        ext = _unpack(self._hdr, max(16, off8 * 8))  # 7/9 with no header: corrupt
+        try:
+            check_extended_header(ext)
+        except RingCorruptError:
+            self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
+            raise
+        return Packet(ext).ranges
 
     def peek(self) -> PacketView | None:
         """The next packet in place (see ``PacketView``); None when empty."""
         if self._i < self._n:
-            p = Packet(self._braw, self._bstarts[self._i])
+            p = Packet(self._braw, self._bst[2 * self._i])
             seg = memoryview(p.payload)
             where = ("ahead", self._braw, self._i)
             return PacketView(self, p.packet_type, p.flags, p.trans_id, (seg,), where)
@@ -720,7 +757,12 @@ class IncomingRing(_RingEnd):
             raise self._error(rc)
         if v.type in (PacketType.DATA_USING_GPA_DIRECT, PacketType.DATA_USING_XFER_PAGES):
             # Extended headers must be validated on a copy: take the copy path.
-            self._fill(1)
+            r = self._r
+            r.io_max = 1
+            try:
+                self._refill()
+            finally:
+                r.io_max = self._maxpk
             return self.peek()
         base = CONTROL_BYTES + v.first_off
         segs = [self._mv[base : base + v.first_len]]
@@ -770,22 +812,31 @@ class IncomingRing(_RingEnd):
             raise self._error(rc)
         return int(rc)
 
+    def _spin_fill(self, spin_ns: int) -> int:
+        """Poll an empty ring for up to ``spin_ns`` (interrupts masked) and
+        copy out whatever arrives, in one C call; the number of packets."""
+        if self._pending_error is not None:
+            raise self._pending_error
+        if spin_ns != self._spin_ns:
+            self._r.io_spin_ns = self._spin_ns = spin_ns
+        rc = _spin_drain_io(self._r)
+        if rc <= 0:
+            if rc == 0:
+                return 0
+            raise self._error(rc)
+        return self._take(rc)
+
     def wait_readable(
         self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
     ) -> bool:
         """Wait until a packet is readable: poll for up to ``spin_ns`` with
-        interrupts masked, then unmask, re-check and block on ``doorbell``.
-        Returns False on timeout."""
+        interrupts masked (what arrives is copied into the read-ahead), then
+        unmask, re-check and block on ``doorbell``.  Returns False on timeout."""
         if self._i < self._n:
             return True
+        if spin_ns and self._spin_fill(spin_ns):
+            return True
         r = self._r
-        if spin_ns:
-            lib.vmbr_mask_interrupts(r)
-            rc = _spin_readable(r, spin_ns)
-            if rc:
-                if rc < 0:
-                    raise self._error(rc)
-                return True
         deadline = _monotonic() + timeout
         while True:
             rc = _unmask(r)
@@ -801,7 +852,8 @@ class IncomingRing(_RingEnd):
     def read(
         self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
     ) -> Packet | None:
-        """Blocking ``try_read``: None only on timeout."""
+        """Blocking ``try_read``: None only on timeout.  With a spin, the
+        first wait is one C call that polls and copies out."""
         p = self.try_read()
         if p is not None:
             return p

@@ -55,6 +55,9 @@
 
 #include "vmbus_ring.h"
 
+/* The soft cap on a drained batch: the same as vmbus/ring.py's read-ahead. */
+#define BATCH_BYTES (64u * 1024u)
+
 #define WAIT_MS 10000          /* longest single wait for the peer */
 #define CMD_WAIT_MS 900000     /* longest wait for the next command */
 #define QUIT_ID 0x5155495451554954ull
@@ -353,18 +356,18 @@ static uint64_t consume(struct stream *s, char *out, uint32_t cap, uint32_t *sta
     while (got < n) {
         if (s->drain) {
             uint32_t cnt;
-            int64_t rc = vmbr_drain(&s->r, out, cap, starts, 256, &cnt);
+            int64_t rc = vmbr_drain(&s->r, out, cap, BATCH_BYTES, starts, 256, &cnt);
             if (rc < 0)
                 fail("vmbr_drain");
             if (cnt) {
                 if (rc & 1)
                     bell_ring(s->space_bell);
                 for (uint32_t j = 0; check && j < cnt; j++)
-                    if (starts[j + 1] - starts[j] != want ||
-                        get_u64(out + starts[j] + VMBR_DESC_BYTES) != got + j)
+                    if (starts[2 * j + 2] - starts[2 * j] != want ||
+                        get_u64(out + starts[2 * j + 1]) != got + j)
                         (*bad)++;
                 got += cnt;
-                last = get_u64(out + starts[cnt - 1] + VMBR_DESC_BYTES);
+                last = get_u64(out + starts[2 * cnt - 1]);
                 continue;
             }
         } else {
@@ -425,7 +428,7 @@ static int do_stream(int argc, char **argv)
             fail("attach");
         uint32_t cap = max_packet(data);
         char *out = malloc(cap);
-        uint32_t *starts = malloc(257 * sizeof *starts);
+        uint32_t *starts = malloc((2 * 256 + 1) * sizeof *starts);
         if (!out || !starts)
             fail("malloc");
         say("ready consumer cpu=%d\n", sched_getcpu());

@@ -585,16 +585,19 @@ def test_try_read_copies_a_batch_and_frees_its_space_at_once(ring: Any) -> None:
 
 
 def test_readahead_bytes_bounds_a_batch() -> None:
-    # A read-ahead always holds the largest packet the ring can carry, so the
-    # byte bound only bites in a ring bigger than that (len8 caps it at 524280).
+    # A batch stops after the packet that reaches readahead_bytes (a soft cap:
+    # the writer's space stays unpublished while a batch is copied), and never
+    # takes a packet that would overflow the copy buffer.
     buf = new_ring(4096 + 1024 * 1024)
-    out, inc = OutgoingRing(buf), IncomingRing(buf, readahead_bytes=1)
+    out, inc = OutgoingRing(buf), IncomingRing(buf, readahead_bytes=250_000)
     for i in range(3):
         assert out.try_write(bytes([i]) * 200_000)  # 200016 bytes copied out each
     first = inc.drain()
-    assert [p.payload[0] for p in first] == [0, 1]  # a third would pass 524280
+    assert [p.payload[0] for p in first] == [0, 1]  # 400032 >= 250000: stop
     assert inc.bytes_readable() == packet_bytes(200_000)
     assert [p.payload[0] for p in inc.drain()] == [2]
+    one = IncomingRing(new_ring(8192), readahead_bytes=1)
+    assert one._outsize >= one.max_payload_bytes + 16  # the largest packet always fits
 
 
 # --------------------------------------------------------- read_into and peek
