@@ -125,7 +125,7 @@ def extras(repeats: int) -> dict[str, float]:
         "Packet.payload (64 B)": lambda: p.payload,
         "Packet.packet_type (an enum)": lambda: p.packet_type,
         "PacketType(6)": lambda: PacketType(6),
-        "Packet(raw, pos)": lambda: Packet(b"", 0),
+        "Packet(raw, pos)": lambda: Packet(p.raw(), 0),
         "ffi.from_buffer + release (bytearray)": lambda: ffi.release(ffi.from_buffer(buf)),
         "try_read() on an empty ring": r.try_read,
         "time.perf_counter_ns()": time.perf_counter_ns,

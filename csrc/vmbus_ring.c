@@ -593,6 +593,38 @@ int64_t vmbr_spin_drain_io(struct vmbr_ring *r)
     return vmbr_drain_io(r);
 }
 
+int64_t vmbr_spin_read_io(struct vmbr_ring *r)
+{
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    vmbr_mask_interrupts(r); /* we are polling: the writer need not signal */
+    int64_t avail = vmbr_spin_readable(r, r->io_spin_ns);
+    if (avail <= 0)
+        return avail;
+    r->peeked = 0;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    struct vmbr_desc d;
+    int64_t len = next_packet(r, w, &d);
+    if (len <= 0)
+        return len;
+    if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+        return (int64_t)1 << 49;
+    if (len > r->io_cap)
+        return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
+    memcpy(r->io_out, &d, VMBR_DESC_BYTES);
+    copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), r->io_out + VMBR_DESC_BYTES,
+             (uint32_t)len - VMBR_DESC_BYTES);
+    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
+    int64_t sig = vmbr_commit_read(r);
+    if (sig < 0)
+        return sig;
+    return (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
+}
+
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
                        uint32_t dst_cap, uint32_t *payload_bytes)
 {

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 7
+#define VMBR_ABI_VERSION 8
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -150,6 +150,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
                    uint32_t *starts, uint32_t max_packets, uint32_t *count);
 int64_t vmbr_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_drain_io(struct vmbr_ring *r);
+int64_t vmbr_spin_read_io(struct vmbr_ring *r);
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
 int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
 int64_t vmbr_commit_read(struct vmbr_ring *r);
@@ -218,6 +219,13 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   it with vmbr_unmask_interrupts before it sleeps).  Returns count << 32 |
  *   end-of-batch, with bit 48 = signal the writer and bit 49 = validate
  *   extended headers; 0 when empty; or a negative error.
+ *
+ * vmbr_spin_read_io: the latency path: poll like vmbr_spin_drain_io, then
+ *   copy exactly one packet (descriptor first) to io_out.  Returns
+ *   offset8 * 8 << 32 | len8 * 8, with bit 48 = signal the writer; 0 when
+ *   nothing came; or a negative error.  Types 7 and 9 are not taken here
+ *   (their headers are validated on the batch path): it returns bit 49 alone
+ *   and consumes nothing.
  *
  * vmbr_peek: validates the next packet's descriptor (copied out) and reports
  *   where its payload lies in the data area, without consuming it.  Returns 0
