@@ -1172,3 +1172,37 @@ def test_zero_copy_reads_count_payload_bytes(ring):
     with inc.peek() as v:
         assert v.payload_bytes == 24
     assert inc.debug_info()["bytes"] == 24 and inc.debug_info()["packets"] == 1
+
+
+def test_read_latency_path_delivers_inband_and_validated_gpa_direct(ring):
+    _, out, inc = ring
+    bell = Doorbell()
+    try:
+        assert out.try_write(b"ping", trans_id=3, completion_requested=True)
+        p = inc.read(bell, 1.0, spin_ns=1000)
+        assert (p.packet_type, p.trans_id, p.flags, p.payload) == (
+            PacketType.DATA_INBAND,
+            3,
+            1,
+            b"ping\0\0\0\0",
+        )
+        assert out.try_write_gpa_direct(b"req", [GpaRange(10, 0, (42,))])
+        p = inc.read(bell, 1.0, spin_ns=1000)  # types 7/9 take the validating path
+        assert p.ranges == (GpaRange(10, 0, (42,)),) and p.payload[:3] == b"req"
+        assert inc.read(bell, 0.01, spin_ns=1000) is None  # nothing came: a timeout
+    finally:
+        bell.close()
+
+
+def test_read_latency_path_owes_the_writer_its_signal():
+    buf = new_ring()
+    out, inc = OutgoingRing(buf), IncomingRing(buf)
+    while out.try_write(bytes(200)):
+        pass
+    set_pending(out, packet_bytes(200))  # the writer now waits for one packet's space
+    bell = Doorbell()
+    try:
+        assert inc.read(bell, 1.0, spin_ns=1000) is not None
+        assert inc.take_signals() == 1
+    finally:
+        bell.close()
