@@ -504,7 +504,23 @@ int64_t vmbr_commit_read(struct vmbr_ring *r)
     return 0;
 }
 
-int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
+/*
+ * Copy the packet at r->index (validated into *d, len bytes) to out, step
+ * over it and publish.  Returns 0 or 1 (signal the writer), or an error.
+ */
+static int64_t take_one(struct vmbr_ring *r, const struct vmbr_desc *d, uint32_t len, char *out)
+{
+    memcpy(out, d, VMBR_DESC_BYTES); /* the validated copy, not a re-read */
+    copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + VMBR_DESC_BYTES,
+             len - VMBR_DESC_BYTES);
+    r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += (uint64_t)len - (uint64_t)d->offset8 * 8u;
+    return vmbr_commit_read(r);
+}
+
+/* The next packet's descriptor (into *d) and length; 0 when empty. */
+static int64_t peek_next(struct vmbr_ring *r, struct vmbr_desc *d)
 {
     r->peeked = 0; /* any other read invalidates a pending peek */
     if (r->corrupt)
@@ -512,22 +528,19 @@ int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
     uint32_t w;
     if (load_write_index(r, &w))
         return VMBR_E_CORRUPT;
+    return next_packet(r, w, d);
+}
+
+int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
+{
     struct vmbr_desc d;
-    int64_t len = next_packet(r, w, &d);
+    int64_t len = peek_next(r, &d);
     if (len <= 0)
         return len;
     if (len > out_cap)
         return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
-    memcpy(out, &d, VMBR_DESC_BYTES); /* the validated copy, not a re-read */
-    copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + VMBR_DESC_BYTES,
-             (uint32_t)len - VMBR_DESC_BYTES);
-    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
-    int64_t sig = vmbr_commit_read(r);
-    if (sig < 0)
-        return sig;
-    return len | sig;
+    int64_t sig = take_one(r, &d, (uint32_t)len, out);
+    return sig < 0 ? sig : len | sig;
 }
 
 int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t batch_bytes,
@@ -582,61 +595,45 @@ int64_t vmbr_drain_io(struct vmbr_ring *r)
     return (int64_t)n << 32 | r->io_starts[2 * n] | rc << 48;
 }
 
-int64_t vmbr_spin_drain_io(struct vmbr_ring *r)
+/* Poll an empty ring for up to io_spin_ns with interrupts masked (we are
+ * polling: the writer need not signal); bytes readable, 0, or an error. */
+static int64_t spin_masked(struct vmbr_ring *r)
 {
     if (r->corrupt)
         return VMBR_E_CORRUPT;
-    vmbr_mask_interrupts(r); /* we are polling: the writer need not signal */
-    int64_t avail = vmbr_spin_readable(r, r->io_spin_ns);
-    if (avail <= 0)
-        return avail;
-    return vmbr_drain_io(r);
+    vmbr_mask_interrupts(r);
+    return vmbr_spin_readable(r, r->io_spin_ns);
+}
+
+int64_t vmbr_spin_drain_io(struct vmbr_ring *r)
+{
+    int64_t avail = spin_masked(r);
+    return avail <= 0 ? avail : vmbr_drain_io(r);
 }
 
 int64_t vmbr_spin_read_io(struct vmbr_ring *r)
 {
-    if (r->corrupt)
-        return VMBR_E_CORRUPT;
-    vmbr_mask_interrupts(r); /* we are polling: the writer need not signal */
-    int64_t avail = vmbr_spin_readable(r, r->io_spin_ns);
+    int64_t avail = spin_masked(r);
     if (avail <= 0)
         return avail;
-    r->peeked = 0;
-    uint32_t w;
-    if (load_write_index(r, &w))
-        return VMBR_E_CORRUPT;
     struct vmbr_desc d;
-    int64_t len = next_packet(r, w, &d);
+    int64_t len = peek_next(r, &d);
     if (len <= 0)
         return len;
     if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
         return (int64_t)1 << 49;
     if (len > r->io_cap)
         return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
-    memcpy(r->io_out, &d, VMBR_DESC_BYTES);
-    copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), r->io_out + VMBR_DESC_BYTES,
-             (uint32_t)len - VMBR_DESC_BYTES);
-    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
-    int64_t sig = vmbr_commit_read(r);
-    if (sig < 0)
-        return sig;
-    return (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
+    int64_t sig = take_one(r, &d, (uint32_t)len, r->io_out);
+    return sig < 0 ? sig : (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
 }
 
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
                        uint32_t dst_cap, uint32_t *payload_bytes)
 {
-    r->peeked = 0; /* any other read invalidates a pending peek */
     *payload_bytes = 0;
-    if (r->corrupt)
-        return VMBR_E_CORRUPT;
-    uint32_t w;
-    if (load_write_index(r, &w))
-        return VMBR_E_CORRUPT;
     struct vmbr_desc d;
-    int64_t len = next_packet(r, w, &d);
+    int64_t len = peek_next(r, &d);
     if (len <= 0)
         return len;
     uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
@@ -659,14 +656,8 @@ int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *d
 
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v)
 {
-    r->peeked = 0;
-    if (r->corrupt)
-        return VMBR_E_CORRUPT;
-    uint32_t w;
-    if (load_write_index(r, &w))
-        return VMBR_E_CORRUPT;
     struct vmbr_desc d;
-    int64_t len = next_packet(r, w, &d);
+    int64_t len = peek_next(r, &d);
     if (len <= 0)
         return len;
     uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;

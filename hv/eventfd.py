@@ -10,8 +10,8 @@ is never lost: the counter stays non-zero and the next ``wait`` returns at once.
 The supervisor uses one per partition as the SynIC interrupt (supervisor ->
 partition: "a message or an event flag is waiting") and one as the
 end-of-message register (partition -> supervisor: "I freed a slot that had
-MessagePending set"); see ``hv.synic``.  ``vmbus.doorbell.Doorbell`` is the
-same primitive one layer up and could build on this class.
+MessagePending set"); see ``hv.synic``.  ``vmbus.doorbell.Doorbell`` builds on
+this class one layer up (the ring's doorbells).
 """
 
 from __future__ import annotations
