@@ -149,8 +149,10 @@ def _leftovers(start: dict[str, Any]) -> str:
             # iceoryx2 keeps one 16-byte global management segment per machine
             # (iox2_<hash>_node..._global_mgmt) once any node has existed.
             iox = {e for e in new if e.startswith("iox2_") and e.endswith("global_mgmt")}
-            if iox:
-                notes.append(f"iceoryx2's global management segment was created ({d})")
+            for e in iox:  # this run created it (it was not there before): remove it
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d, e))
+                    notes.append(f"iceoryx2's global management segment removed ({d}/{e})")
             if new - iox:
                 problems.append(f"new entries in {d}: {sorted(new - iox)}")
     with contextlib.suppress(Exception):
