@@ -403,7 +403,7 @@ C_ROWS = {
 def stream_opts(key: str, size: int, cfg: BenchConfig) -> dict[str, Any]:
     return {
         "batch_k": tr.batch_k(size, cfg.ring_data),
-        "read_into": key == "viridian-packet" and size >= READ_INTO_MIN,
+        "read_into": key in ("viridian-packet", "viridian-batch") and size >= READ_INTO_MIN,
     }
 
 

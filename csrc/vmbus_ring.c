@@ -382,6 +382,49 @@ int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     return publish_write(r);
 }
 
+int64_t vmbr_write_gather(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                          char **payloads, const uint32_t *lens, uint32_t count,
+                          uint32_t *written)
+{
+    *written = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    if (!writable_type(type_flags, 0) ||
+        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
+        return VMBR_E_INVAL;
+    for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
+        uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
+        if (padded > VMBR_MAX_PACKET_BYTES || padded + VMBR_TRAILER_BYTES >= r->data_bytes)
+            return VMBR_E_TOO_BIG;
+    }
+    uint32_t rd;
+    if (load_read_index(r, &rd))
+        return VMBR_E_CORRUPT;
+    uint32_t space = writable(rd, r->index, r->data_bytes);
+    uint32_t w = r->index, i;
+    uint64_t bytes = 0;
+    for (i = 0; i < count; i++) {
+        uint32_t padded = (VMBR_DESC_BYTES + lens[i] + 7u) & ~7u;
+        uint32_t total = padded + VMBR_TRAILER_BYTES;
+        if (space <= total)
+            break;
+        w = put_packet(r, w, type_flags, trans_id, NULL, 0, payloads[i], lens[i], padded);
+        space -= total;
+        bytes += lens[i];
+    }
+    *written = i;
+    if (i == 0) {
+        r->full++;
+        return 0;
+    }
+    if (i < count)
+        r->full++;
+    r->index = w;
+    r->packets += i;
+    r->bytes += bytes;
+    return publish_write(r);
+}
+
 int64_t vmbr_bytes_writable(struct vmbr_ring *r)
 {
     uint32_t rd;
@@ -582,6 +625,52 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
     if (r->corrupt)
         return VMBR_E_CORRUPT;
     return sig | (ext ? 2 : 0);
+}
+
+int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
+                        struct vmbr_pinfo *infos, uint32_t max_packets, uint32_t *count)
+{
+    r->peeked = 0; /* any other read invalidates a pending peek */
+    *count = 0;
+    if (r->corrupt)
+        return VMBR_E_CORRUPT;
+    uint32_t w;
+    if (load_write_index(r, &w))
+        return VMBR_E_CORRUPT;
+    uint32_t pos = 0, n = 0;
+    int64_t stop = 0;
+    while (n < max_packets) {
+        struct vmbr_desc d;
+        int64_t len = next_packet(r, w, &d);
+        if (len <= 0)
+            break; /* empty, or damaged: deliver what was good; the error is sticky */
+        if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT) {
+            stop = 2;
+            break;
+        }
+        uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
+        if ((uint64_t)pos + plen > dst_cap) {
+            stop = VMBR_E_INVAL;
+            break;
+        }
+        copy_out(r, wrap(r->index + off, r->data_bytes), dst + pos, plen);
+        infos[n].type = d.type;
+        infos[n].flags = d.flags;
+        infos[n].payload_bytes = plen;
+        infos[n].trans_id = d.trans_id;
+        n++;
+        pos += plen;
+        r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+        r->bytes += plen;
+    }
+    *count = n;
+    r->packets += n;
+    int64_t sig = vmbr_commit_read(r);
+    if (r->corrupt)
+        return n ? 0 : VMBR_E_CORRUPT; /* the error comes with the next call */
+    if (n == 0 && stop)
+        return stop;
+    return sig;
 }
 
 int64_t vmbr_drain_io(struct vmbr_ring *r)

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 8
+#define VMBR_ABI_VERSION 9
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -127,6 +127,14 @@ struct vmbr_view {
     uint32_t second_len;    /* payload part 2 (after a wrap) starts at 0     */
 };
 
+/* What vmbr_drain_into reports per packet (its payload went to dst). */
+struct vmbr_pinfo {
+    uint16_t type;
+    uint16_t flags;
+    uint32_t payload_bytes;
+    uint64_t trans_id;
+};
+
 void vmbr_init_control(uint8_t *base);
 void vmbr_close(struct vmbr_ring *r);
 int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int outgoing);
@@ -140,6 +148,9 @@ int64_t vmbr_write_ext(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_
 int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
                          const char *blob, const uint32_t *lens, uint32_t count,
                          uint32_t *written);
+int64_t vmbr_write_gather(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                          char **payloads, const uint32_t *lens, uint32_t count,
+                          uint32_t *written);
 int64_t vmbr_bytes_writable(struct vmbr_ring *r);
 int64_t vmbr_set_pending(struct vmbr_ring *r, uint32_t need_bytes);
 
@@ -148,6 +159,8 @@ int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap,
                        char *dst, uint32_t dst_cap, uint32_t *payload_bytes);
 int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t batch_bytes,
                    uint32_t *starts, uint32_t max_packets, uint32_t *count);
+int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
+                        struct vmbr_pinfo *infos, uint32_t max_packets, uint32_t *count);
 int64_t vmbr_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_read_io(struct vmbr_ring *r);
@@ -212,6 +225,19 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   unpublished for the whole copy).  Returns 0 or 1 (signal the writer),
  *   ORed with 2 when the batch holds a type 7 or 9 packet whose extended
  *   header the caller must validate, with *count set; or a negative error.
+ *
+ * vmbr_write_gather: vmbr_write_batch with the payloads where they are
+ *   (payloads[i], lens[i] bytes): the path for large payloads, which a
+ *   batch blob would copy once more.
+ *
+ * vmbr_drain_into: the bulk path for large payloads: up to max_packets
+ *   packets' payloads copied back to back into dst (each at an 8-aligned
+ *   offset: payload lengths are multiples of 8), their descriptors into
+ *   infos, one publication.  Stops before a packet whose payload would not
+ *   fit and before a type 7 or 9 packet (whose ranges need the copy path).
+ *   Returns 0 or 1 (signal the writer) with *count set; 2 with *count 0 when
+ *   the next packet is a type 7 or 9; VMBR_E_INVAL with *count 0 when dst
+ *   cannot hold the next payload; or a negative error.
  *
  * vmbr_drain_io / vmbr_spin_drain_io: vmbr_drain with the io_* fields of r,
  *   as one argument.  The spin form first polls an empty ring for up to

@@ -25,6 +25,7 @@ A violation raises ``RingCorruptError`` and the ring stays unusable.
 
 from __future__ import annotations
 
+import struct
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +60,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -74,6 +75,10 @@ MAX_PACKET_BYTES = lib.VMBR_MAX_PACKET_BYTES
 #: spinning for about that long first keeps a busy channel at busy-poll speed
 #: while an idle one still sleeps.
 DEFAULT_SPIN_NS = 20_000
+#: From this payload size on, ``write_many`` copies payloads into the ring
+#: from where they are instead of joining them first.
+GATHER_MIN_BYTES = 4096
+_PINFO = struct.Struct("<HHIQ")  # struct vmbr_pinfo
 
 _REASONS = {
     lib.VMBR_BAD_WRITE_INDEX: "bad_write_index",
@@ -359,13 +364,38 @@ class OutgoingRing(_RingEnd):
         one index publication; return how many were written."""
         if not payloads:
             return 0
-        blob = b"".join(payloads)
-        lens = array("I", map(len, payloads))
         written = ffi.new("uint32_t *")
         tf = packet_type | 0x10000 if completion_requested else packet_type
-        rc = lib.vmbr_write_batch(
-            self._r, tf, trans_id, blob, ffi.from_buffer("uint32_t[]", lens), len(lens), written
-        )
+        if len(payloads[0]) >= GATHER_MIN_BYTES:
+            # Large payloads are copied into the ring from where they are
+            # (a joined blob would cost one more copy of every byte).
+            bufs = [ffi.from_buffer(p) for p in payloads]
+            try:
+                lens = array("I", map(len, bufs))
+                rc = lib.vmbr_write_gather(
+                    self._r,
+                    tf,
+                    trans_id,
+                    ffi.new("char *[]", bufs),
+                    ffi.from_buffer("uint32_t[]", lens),
+                    len(lens),
+                    written,
+                )
+            finally:
+                for b in bufs:
+                    ffi.release(b)
+        else:
+            blob = b"".join(payloads)
+            lens = array("I", map(len, payloads))
+            rc = lib.vmbr_write_batch(
+                self._r,
+                tf,
+                trans_id,
+                blob,
+                ffi.from_buffer("uint32_t[]", lens),
+                len(lens),
+                written,
+            )
         if rc < 0:
             raise self._error(rc)
         if rc == 2:
@@ -591,6 +621,8 @@ class IncomingRing(_RingEnd):
         r.io_spin_ns = self._spin_ns = DEFAULT_SPIN_NS
         self._hdr = ffi.new("char[]", 4096)
         self._hdr_mv = ffi.buffer(self._hdr)
+        self._pinfos = ffi.new("struct vmbr_pinfo[]", self._maxpk)
+        self._count = ffi.new("uint32_t *")
         self._pay_len = ffi.new("uint32_t *")
         self._vview = ffi.new("struct vmbr_view *")
         self._mv = memoryview(ffi.buffer(self._view))  # for zero-copy views
@@ -736,6 +768,48 @@ class IncomingRing(_RingEnd):
         if off8 != 2 or ptype == 7 or ptype == 9:
             ranges = self._read_into_ext(off8)
         return _tuple_new(ReadInfo, (_PTYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
+
+    def drain_into(self, buffer: Any, max_packets: int = 256) -> list[ReadInfo]:
+        """The bulk form of ``read_into``: the payloads of up to ``max_packets``
+        packets copied back to back into ``buffer`` (packet i's payload at the
+        sum of the earlier ``payload_bytes``), with one C call and one index
+        publication.  Stops before a payload that would not fit.  An empty
+        list when the ring is empty.
+
+        Raises:
+            ValueError: ``buffer`` cannot hold even the next payload.
+        """
+        if self._i < self._n or self._pending_error is not None:
+            info = self.read_into(buffer)  # keep order: the read-ahead first
+            return [info] if info is not None else []
+        if buffer.__class__ is not bytearray:
+            with memoryview(buffer) as mv:
+                if mv.readonly:
+                    raise TypeError("drain_into needs a writable buffer")
+        dst = ffi.from_buffer(buffer)
+        count = self._count
+        try:
+            rc = lib.vmbr_drain_into(
+                self._r, dst, len(dst), self._pinfos, min(max_packets, self._maxpk), count
+            )
+        finally:
+            ffi.release(dst)
+        n = count[0]
+        if n == 0:
+            if rc == 0:
+                return []
+            if rc == 2:  # a type 7/9 packet: its ranges need the validating path
+                info = self.read_into(buffer)
+                return [info] if info is not None else []
+            if rc == lib.VMBR_E_INVAL:
+                raise ValueError("buffer too small for the next packet's payload")
+            raise self._error(rc)
+        if rc == 1:
+            self._signal()
+        return [
+            _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
+            for t, f, nbytes, tid in _PINFO.iter_unpack(ffi.buffer(self._pinfos, 16 * n))
+        ]
 
     def _read_into_ext(self, off8: int) -> Any:
         ext = _unpack(self._hdr, max(16, off8 * 8))  # 7/9 with no header: corrupt

@@ -1206,3 +1206,34 @@ def test_read_latency_path_owes_the_writer_its_signal():
         assert inc.take_signals() == 1
     finally:
         bell.close()
+
+
+def test_drain_into_copies_payloads_back_to_back_and_stops_where_they_end():
+    buf = new_ring(4096 * 16)
+    out, inc = OutgoingRing(buf), IncomingRing(buf)
+    big = [bytes([k]) * 5000 for k in range(5)]
+    assert out.write_many(big) == 5  # >= 4 KiB: the gather path, no joined blob
+    assert out.try_write(b"tail", trans_id=9, completion_requested=True)
+    dst = bytearray(3 * 5000 + 100)  # room for three payloads, not four
+    infos = inc.drain_into(dst)
+    assert [i.payload_bytes for i in infos] == [5000, 5000, 5000]
+    assert bytes(dst[:15000]) == b"".join(big[:3])
+    infos = inc.drain_into(dst)
+    assert [i.payload_bytes for i in infos] == [5000, 5000, 8]
+    assert (infos[2].trans_id, infos[2].flags) == (9, 1) and dst[10000:10004] == b"tail"
+    assert inc.drain_into(dst) == []
+    with pytest.raises(ValueError, match="too small"):
+        assert out.try_write(bytes(64))
+        inc.drain_into(bytearray(8))
+    with pytest.raises(TypeError, match="writable"):
+        inc.drain_into(b"read-only")
+
+
+def test_drain_into_hands_gpa_direct_to_the_validating_path(ring):
+    _, out, inc = ring
+    assert out.try_write_gpa_direct(b"req", [GpaRange(3, 0, (1,))])
+    assert out.try_write(b"next")
+    dst = bytearray(64)
+    (info,) = inc.drain_into(dst)
+    assert info.ranges == (GpaRange(3, 0, (1,)),) and dst[:3] == b"req"
+    assert [i.payload_bytes for i in inc.drain_into(dst)] == [8]
