@@ -694,12 +694,6 @@ static int64_t spin_masked(struct vmbr_ring *r)
     return vmbr_spin_readable(r, r->io_spin_ns);
 }
 
-int64_t vmbr_spin_drain_io(struct vmbr_ring *r)
-{
-    int64_t avail = spin_masked(r);
-    return avail <= 0 ? avail : vmbr_drain_io(r);
-}
-
 int64_t vmbr_spin_read_io(struct vmbr_ring *r)
 {
     int64_t avail = spin_masked(r);

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 9
+#define VMBR_ABI_VERSION 10
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -89,7 +89,7 @@ struct vmbr_ring {
     uint32_t peer_index;    /* writer: read_index as last seen (validated)      */
     uint32_t peeked_payload; /* reader: payload bytes of the peeked packet      */
     /* Reader I/O parameters for the one-argument calls (vmbr_drain_io,
-     * vmbr_spin_drain_io): cffi passes one argument through a fast path
+     * vmbr_spin_read_io): cffi passes one argument through a fast path
      * (METH_O) but packs several into a tuple, ~100 ns more per call.
      * Set once by the owner; private memory like the rest of this struct. */
     char *io_out;           /* the read-ahead buffer                            */
@@ -98,7 +98,7 @@ struct vmbr_ring {
     uint32_t io_batch;      /* stop adding packets past this many bytes         */
     uint32_t io_max;        /* most packets per batch                           */
     uint32_t io_pad;
-    uint64_t io_spin_ns;    /* how long vmbr_spin_drain_io polls an empty ring  */
+    uint64_t io_spin_ns;    /* how long vmbr_spin_read_io polls an empty ring   */
     uint64_t packets;       /* packets moved through this endpoint              */
     uint64_t bytes;         /* payload bytes moved                              */
     uint64_t signals;       /* times we told the caller to signal the peer      */
@@ -162,7 +162,6 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
 int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
                         struct vmbr_pinfo *infos, uint32_t max_packets, uint32_t *count);
 int64_t vmbr_drain_io(struct vmbr_ring *r);
-int64_t vmbr_spin_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_read_io(struct vmbr_ring *r);
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
 int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
@@ -239,15 +238,15 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   the next packet is a type 7 or 9; VMBR_E_INVAL with *count 0 when dst
  *   cannot hold the next payload; or a negative error.
  *
- * vmbr_drain_io / vmbr_spin_drain_io: vmbr_drain with the io_* fields of r,
- *   as one argument.  The spin form first polls an empty ring for up to
- *   io_spin_ns with interrupts masked (the mask stays set; the caller clears
- *   it with vmbr_unmask_interrupts before it sleeps).  Returns count << 32 |
- *   end-of-batch, with bit 48 = signal the writer and bit 49 = validate
- *   extended headers; 0 when empty; or a negative error.
+ * vmbr_drain_io: vmbr_drain with the io_* fields of r, as one argument.
+ *   Returns count << 32 | end-of-batch, with bit 48 = signal the writer,
+ *   bit 49 = validate extended headers and bit 50 = the ring broke after
+ *   these packets; 0 when empty; or a negative error.
  *
- * vmbr_spin_read_io: the latency path: poll like vmbr_spin_drain_io, then
- *   copy exactly one packet (descriptor first) to io_out.  Returns
+ * vmbr_spin_read_io: the latency path: poll an empty ring for up to
+ *   io_spin_ns with interrupts masked (the mask stays set; the caller clears
+ *   it with vmbr_unmask_interrupts before it sleeps), then copy exactly one
+ *   packet (descriptor first) to io_out.  Returns
  *   offset8 * 8 << 32 | len8 * 8, with bit 48 = signal the writer; 0 when
  *   nothing came; or a negative error.  Types 7 and 9 are not taken here
  *   (their headers are validated on the batch path): it returns bit 49 alone

@@ -60,7 +60,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -95,7 +95,7 @@ _CLOSED = lib.VMBR_CLOSED
 # Hot-path bindings: a module global is cheaper to reach than lib.<name>.
 _write = lib.vmbr_write
 _drain_io = lib.vmbr_drain_io
-_spin_drain_io = lib.vmbr_spin_drain_io
+_spin_readable = lib.vmbr_spin_readable
 _spin_read_io = lib.vmbr_spin_read_io
 _read_into = lib.vmbr_read_into
 _unmask = lib.vmbr_unmask_interrupts
@@ -892,31 +892,23 @@ class IncomingRing(_RingEnd):
             raise self._error(rc)
         return int(rc)
 
-    def _spin_fill(self, spin_ns: int) -> int:
-        """Poll an empty ring for up to ``spin_ns`` (interrupts masked) and
-        copy out whatever arrives, in one C call; the number of packets."""
-        if self._pending_error is not None:
-            raise self._pending_error
-        if spin_ns != self._spin_ns:
-            self._r.io_spin_ns = self._spin_ns = spin_ns
-        rc = _spin_drain_io(self._r)
-        if rc <= 0:
-            if rc == 0:
-                return 0
-            raise self._error(rc)
-        return self._take(rc)
-
     def wait_readable(
         self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
     ) -> bool:
         """Wait until a packet is readable: poll for up to ``spin_ns`` with
-        interrupts masked (what arrives is copied into the read-ahead), then
-        unmask, re-check and block on ``doorbell``.  Returns False on timeout."""
+        interrupts masked, then unmask, re-check and block on ``doorbell``.
+        Nothing is consumed, so any read form may follow.  Returns False on
+        timeout."""
         if self._i < self._n:
             return True
-        if spin_ns and self._spin_fill(spin_ns):
-            return True
         r = self._r
+        if spin_ns:
+            lib.vmbr_mask_interrupts(r)  # we are polling: the writer need not signal
+            rc = _spin_readable(r, spin_ns)
+            if rc:
+                if rc < 0:
+                    raise self._error(rc)
+                return True
         deadline = _monotonic() + timeout
         while True:
             rc = _unmask(r)
@@ -953,7 +945,7 @@ class IncomingRing(_RingEnd):
                 return p
             if rc < 0:
                 raise self._error(rc)
-            if rc and self._spin_fill(0):  # a type 7/9 packet: the validating path
+            if rc and self._refill():  # a type 7/9 packet: the validating path
                 return self.try_read()
         p = self.try_read()
         if p is not None:
