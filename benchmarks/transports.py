@@ -993,18 +993,21 @@ class ViridianPingEnd:
         self.inc = IncomingRing(self.in_shm.map, on_signal=self.peer.ring)
         self.spin_ns = spin_ns
 
-    def _waiter(self) -> Callable[[], bool]:
-        wr, bell = self.inc.wait_readable, self.bell
+    def _reader(self) -> Callable[[], Any]:
+        """``IncomingRing.read``, the blocking read (its spin is one C call that
+        polls and copies one packet out)."""
+        rd, bell = self.inc.read, self.bell
         if self.spin_ns is None:  # the default spin-then-block
-            return lambda: wr(bell, WAIT_S)
+            return lambda: rd(bell, WAIT_S)
         spin = self.spin_ns
-        return lambda: wr(bell, WAIT_S, spin_ns=spin)
+        return lambda: rd(bell, WAIT_S, spin_ns=spin)
 
     def pings(self, k: int, w: int) -> list[int]:
-        """w unrecorded round trips, then k timed ones (ns each)."""
+        """w unrecorded round trips, then k timed ones (ns each): try_write,
+        then the blocking read of the answer."""
         msg = b"\x01" * 64
-        tw, tr = self.out.try_write, self.inc.try_read
-        wait = self._waiter()
+        tw = self.out.try_write
+        read = self._reader()
         pc = time.perf_counter_ns
         lat: list[int] = []
         app = lat.append
@@ -1012,11 +1015,9 @@ class ViridianPingEnd:
             t0 = pc()
             if not tw(msg):
                 raise RuntimeError("ping ring full")
-            p = tr()
-            while p is None:
-                if not wait():
-                    raise Timeout("no pong")
-                p = tr()
+            p = read()
+            if p is None:
+                raise Timeout("no pong")
             m = p.payload
             t1 = pc()
             app(t1 - t0)
@@ -1025,18 +1026,16 @@ class ViridianPingEnd:
         return lat[w:]
 
     def pong_forever(self) -> None:
-        tw, tr = self.out.try_write, self.inc.try_read
-        wait = self._waiter()
+        tw = self.out.try_write
+        read = self._reader()
         timeouts = 0  # waits that timed out (WAIT_S each) over the ponger's life
         while True:
-            p = tr()
+            p = read()
             while p is None:
-                if wait():
-                    p = tr()
-                    continue
                 timeouts += 1
                 if timeouts * WAIT_S > IDLE_EXIT_S:
                     return
+                p = read()
             m = p.payload
             if len(m) != 64:
                 return  # QUIT
