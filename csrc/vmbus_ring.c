@@ -425,6 +425,19 @@ int64_t vmbr_write_gather(struct vmbr_ring *r, uint32_t type_flags, uint64_t tra
     return publish_write(r);
 }
 
+int64_t vmbr_write4(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id, uint32_t count,
+                    const char *p0, uint32_t n0, const char *p1, uint32_t n1,
+                    const char *p2, uint32_t n2, const char *p3, uint32_t n3)
+{
+    char *ptrs[4] = {(char *)p0, (char *)p1, (char *)p2, (char *)p3}; /* only read */
+    uint32_t lens[4] = {n0, n1, n2, n3};
+    uint32_t written;
+    if (count > 4)
+        return VMBR_E_INVAL;
+    int64_t rc = vmbr_write_gather(r, type_flags, trans_id, ptrs, lens, count, &written);
+    return rc < 0 ? rc : (int64_t)written << 8 | rc;
+}
+
 int64_t vmbr_bytes_writable(struct vmbr_ring *r)
 {
     uint32_t rd;

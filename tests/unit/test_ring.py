@@ -1237,3 +1237,18 @@ def test_drain_into_hands_gpa_direct_to_the_validating_path(ring):
     (info,) = inc.drain_into(dst)
     assert info.ranges == (GpaRange(3, 0, (1,)),) and dst[:3] == b"req"
     assert [i.payload_bytes for i in inc.drain_into(dst)] == [8]
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_write_many_large_payloads_stop_where_the_ring_is_full(kind):
+    buf = new_ring(4096 * 8)  # 28 KiB of data: five 5000-byte packets fit, not six
+    out, inc = OutgoingRing(buf), IncomingRing(buf)
+    payloads = [kind(bytes([k]) * 5000) for k in range(7)]
+    assert out.write_many(payloads) == 5
+    dst = bytearray(1 << 16)
+    assert [i.payload_bytes for i in inc.drain_into(dst)] == [5000] * 5
+    assert [dst[k * 5000] for k in range(5)] == [0, 1, 2, 3, 4]
+    assert out.write_many(payloads[5:]) == 2
+    with pytest.raises(ValueError, match="can never fit"):
+        out.write_many([kind(10), kind(out.max_payload_bytes + 8)])
+    assert [i.payload_bytes for i in inc.drain_into(dst)] == [5000, 5000]  # nothing else
