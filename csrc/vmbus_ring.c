@@ -339,8 +339,13 @@ int64_t vmbr_write(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
     return write_one(r, type_flags, trans_id, NULL, 0, payload, payload_bytes);
 }
 
-int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
-                         const char *blob, const uint32_t *lens, uint32_t count, uint32_t *written)
+/*
+ * Write count packets in order, as many as fit, with one publication.  The
+ * payloads are either back to back in blob (ptrs NULL) or at ptrs[i].
+ */
+static int64_t write_run(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                         const char *blob, char *const *ptrs, const uint32_t *lens,
+                         uint32_t count, uint32_t *written)
 {
     *written = 0;
     if (r->corrupt)
@@ -364,9 +369,11 @@ int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
         uint32_t total = padded + VMBR_TRAILER_BYTES;
         if (space <= total)
             break;
-        w = put_packet(r, w, type_flags, trans_id, NULL, 0, blob, lens[i], padded);
+        const char *payload = ptrs ? ptrs[i] : blob;
+        w = put_packet(r, w, type_flags, trans_id, NULL, 0, payload, lens[i], padded);
         space -= total;
-        blob += lens[i];
+        if (!ptrs)
+            blob += lens[i]; /* (no arithmetic on a NULL blob) */
         bytes += lens[i];
     }
     *written = i;
@@ -382,47 +389,17 @@ int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     return publish_write(r);
 }
 
+int64_t vmbr_write_batch(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
+                         const char *blob, const uint32_t *lens, uint32_t count, uint32_t *written)
+{
+    return write_run(r, type_flags, trans_id, blob, NULL, lens, count, written);
+}
+
 int64_t vmbr_write_gather(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
                           char **payloads, const uint32_t *lens, uint32_t count,
                           uint32_t *written)
 {
-    *written = 0;
-    if (r->corrupt)
-        return VMBR_E_CORRUPT;
-    if (!writable_type(type_flags, 0) ||
-        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
-        return VMBR_E_INVAL;
-    for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
-        uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
-        if (padded > VMBR_MAX_PACKET_BYTES || padded + VMBR_TRAILER_BYTES >= r->data_bytes)
-            return VMBR_E_TOO_BIG;
-    }
-    uint32_t rd;
-    if (load_read_index(r, &rd))
-        return VMBR_E_CORRUPT;
-    uint32_t space = writable(rd, r->index, r->data_bytes);
-    uint32_t w = r->index, i;
-    uint64_t bytes = 0;
-    for (i = 0; i < count; i++) {
-        uint32_t padded = (VMBR_DESC_BYTES + lens[i] + 7u) & ~7u;
-        uint32_t total = padded + VMBR_TRAILER_BYTES;
-        if (space <= total)
-            break;
-        w = put_packet(r, w, type_flags, trans_id, NULL, 0, payloads[i], lens[i], padded);
-        space -= total;
-        bytes += lens[i];
-    }
-    *written = i;
-    if (i == 0) {
-        r->full++;
-        return 0;
-    }
-    if (i < count)
-        r->full++;
-    r->index = w;
-    r->packets += i;
-    r->bytes += bytes;
-    return publish_write(r);
+    return write_run(r, type_flags, trans_id, NULL, payloads, lens, count, written);
 }
 
 int64_t vmbr_write4(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id, uint32_t count,
