@@ -296,8 +296,14 @@ class _Cgroup:
         self._prepare()
 
     def _prepare(self) -> None:
-        self.base.mkdir(exist_ok=True)
-        self.cluster_dir.mkdir(exist_ok=True)
+        for attempt in range(3):
+            self.base.mkdir(exist_ok=True)
+            try:
+                self.cluster_dir.mkdir(exist_ok=True)
+                return
+            except FileNotFoundError:  # an empty base removed under us (_can_mkdir, close)
+                if attempt == 2:
+                    raise
 
     def group(self, name: str) -> Path:
         return self.cluster_dir / name
@@ -429,11 +435,16 @@ def detect_mechanism(root: Path | str = CGROUP_ROOT) -> str:
 
 def _can_mkdir(parent: Path) -> bool:
     probe = parent / GROUP_PREFIX
+    existed = probe.is_dir()
     try:
         probe.mkdir(exist_ok=True)
     except OSError:
         return False
-    return os.access(probe, os.W_OK)
+    ok = os.access(probe, os.W_OK)
+    if not existed:  # a probe leaves nothing behind (a cluster's use makes it again)
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+    return ok
 
 
 def sweep_groups(
