@@ -691,7 +691,22 @@ def _close_map(m: mmap.mmap) -> None:
         pass  # a memoryview still uses it: the GC unmaps it later
 
 
-class GuestMemoryView:
+class _AppliesFrames:
+    """What receives MEMORY frames: decode one, apply it, close its fds."""
+
+    def apply(self, msg: MemoryMessage) -> None:
+        raise NotImplementedError
+
+    def apply_frame(self, frame: Frame) -> MemoryMessage:
+        msg = MemoryMessage.from_frame(frame)
+        try:
+            self.apply(msg)
+        finally:
+            msg.close_fds()
+        return msg
+
+
+class GuestMemoryView(_AppliesFrames):
     """A partition's view of its own memory (partition side).
 
     Feed it every MEMORY message the supervisor sends (``apply``); it maps
@@ -711,14 +726,6 @@ class GuestMemoryView:
     @property
     def ranges(self) -> list[tuple[int, int]]:
         return [(r.gpa_pfn, r.npages) for r in self._ranges]
-
-    def apply_frame(self, frame: Frame) -> MemoryMessage:
-        msg = MemoryMessage.from_frame(frame)
-        try:
-            self.apply(msg)
-        finally:
-            msg.close_fds()
-        return msg
 
     def apply(self, msg: MemoryMessage) -> None:
         """Apply a MAP / BALLOON / UNBALLOON message (fds are not closed:
@@ -837,19 +844,11 @@ class GrantMapping:
         self._runs.clear()
 
 
-class GrantTable:
+class GrantTable(_AppliesFrames):
     """The root's grants, fed with GRANT / REVOKE messages."""
 
     def __init__(self) -> None:
         self._grants: dict[int, GrantMapping] = {}
-
-    def apply_frame(self, frame: Frame) -> MemoryMessage:
-        msg = MemoryMessage.from_frame(frame)
-        try:
-            self.apply(msg)
-        finally:
-            msg.close_fds()
-        return msg
 
     def apply(self, msg: MemoryMessage) -> None:
         if msg.op == MemoryOp.GRANT:
