@@ -12,7 +12,7 @@ The file::
     name = "root"             # [A-Za-z0-9_.-], 1-32 characters, unique
     role = "root"             # "root" (exactly one) or "child"
     restart = "on-crash"      # "never" | "on-crash" | "always"
-    devices = []              # free-form for now
+    devices = ["echo"]        # VMBus devices offered to a child: "echo" or { type = "echo", ... }
     memory = { startup = "512M", minimum = "256M", maximum = "2G" }
     cpu = { weight = 100, limit = 100, reserve = 0 }
 
@@ -194,7 +194,7 @@ cpu = { weight = 100, limit = 100, reserve = 0 }
 name = "child1"
 role = "child"
 restart = "on-crash"
-devices = []
+devices = ["echo"]
 memory = { startup = "256M", minimum = "64M", maximum = "1G" }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 
@@ -202,7 +202,7 @@ cpu = { weight = 100, limit = 100, reserve = 0 }
 name = "child2"
 role = "child"
 restart = "on-crash"
-devices = []
+devices = ["echo"]
 memory = { startup = "256M", minimum = "64M", maximum = "1G" }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 """

@@ -69,6 +69,7 @@ __all__ = [
     "SIGNAL_EVENT_INPUT_SIZE",
     "VMBUS_EVENT_CONNECTION_ID",
     "VMBUS_MESSAGE_CONNECTION_ID",
+    "VMBUS_MESSAGE_CONNECTION_ID_4",
     "VMBUS_SINT",
     "Connection",
     "ConnectionKind",
@@ -116,6 +117,7 @@ FLAGS_PER_SINT = 2048
 VMBUS_SINT = 2
 CONNECTION_ID_MASK = 0x00FFFFFF  # 24 valid bits
 VMBUS_MESSAGE_CONNECTION_ID = 1  # well-known IDs (spec §4.3)
+VMBUS_MESSAGE_CONNECTION_ID_4 = 4  # INITIATE_CONTACT for versions >= 5.0 (spec §3.1)
 VMBUS_EVENT_CONNECTION_ID = 2
 HV_MESSAGE_TYPE_VMBUS = 1
 POST_MESSAGE_INPUT_SIZE = 256
@@ -131,6 +133,10 @@ class HypercallCode(enum.IntEnum):
     SIGNAL_EVENT = 0x005D
     VIRIDIAN_SHARE_PAGES = 0x8001  # in: u32 count, u32 rsvdz, u64 pfn[count]; out: u64 grant id
     VIRIDIAN_REVOKE_GRANT = 0x8002  # in: u64 grant id; out: nothing
+    # root only.  in: u32 child id, u32 relid; out: u64 doorbell-pair id, and
+    # two eventfds on the reply (root's, child's); the child gets the same
+    # two fds in a runtime frame {"op": "doorbells", "relid", "pair"}.
+    VIRIDIAN_CHANNEL_DOORBELLS = 0x8003
 
 
 class HvStatus(enum.IntEnum):
@@ -328,6 +334,8 @@ class Frame:
     body: bytes = b""
     fds: list[int] = field(default_factory=list)
     flags: int = 0
+    #: the sender made ``fds`` for this frame alone: close them once queued
+    close_after_send: bool = False
 
     def encode(self) -> bytes:
         n = FRAME_HEADER_SIZE + len(self.body)
@@ -644,6 +652,8 @@ class HypercallRouter:
         self._grants: dict[int, int] = {}  # grant id -> owner partition id
         self.outbox: deque[tuple[int, Frame]] = deque()
         self.calls = 0
+        self.doorbell_pairs = 0
+        self._reply_fds: list[int] = []
 
     # -- configuration --
 
@@ -817,6 +827,42 @@ class HypercallRouter:
         self._revoke(grant_id, part)
         return HvStatus.SUCCESS
 
+    def channel_doorbells(self, caller: int, child: int, relid: int) -> tuple[HvStatus, int]:
+        """The root opens channel ``relid`` of ``child``: make its two doorbells.
+
+        Two eventfds, one each way; the root gets both on the reply and the
+        child gets both in a runtime frame (``outbox``), sent before the
+        reply, so it is in the child's link before the root can post
+        OPENCHANNEL_RESULT.  The supervisor keeps no copy: the doorbells live
+        exactly as long as the two channel ends hold them.  Only the root may
+        ask, and only for a running child (else ACCESS_DENIED /
+        INVALID_PARTITION_ID)."""
+        from .link import runtime_frame  # local: link imports this module
+
+        self.calls += 1
+        part = self._parts.get(caller)
+        if part is None or caller != self.root_id:
+            if part is not None:
+                part.denied += 1
+            return HvStatus.ACCESS_DENIED, 0
+        target = self._parts.get(child)
+        if child == self.root_id or target is None or target.synic is None:
+            return HvStatus.INVALID_PARTITION_ID, 0
+        flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+        to_root = os.eventfd(0, flags)
+        try:
+            to_child = os.eventfd(0, flags)
+        except OSError:
+            os.close(to_root)
+            return HvStatus.INSUFFICIENT_MEMORY, 0
+        self.doorbell_pairs += 1
+        pair = self.doorbell_pairs
+        fds = [to_root, to_child]
+        frame = runtime_frame({"op": "doorbells", "relid": relid, "pair": pair}, fds)
+        self.outbox.append((child, frame))
+        self._reply_fds = [os.dup(fd) for fd in fds]
+        return HvStatus.SUCCESS, pair
+
     def _revoke(self, grant_id: int, part: _Partition) -> None:
         self._grants.pop(grant_id, None)
         if part.memory is not None:
@@ -865,6 +911,12 @@ class HypercallRouter:
             if len(inp) != 8:
                 return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
             return encode_result(self.revoke_grant(caller, _U64.unpack(inp)[0])), b""
+        if code == HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS:
+            if len(inp) != 8:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            child, relid = struct.unpack("<II", inp)
+            st, pair = self.channel_doorbells(caller, child, relid)
+            return encode_result(st), _U64.pack(pair) if st == HvStatus.SUCCESS else b""
         return encode_result(HvStatus.INVALID_HYPERCALL_CODE), b""
 
     def handle_frame(self, caller: int, frame: Frame) -> Frame | None:
@@ -882,9 +934,13 @@ class HypercallRouter:
             raise WireError("hypercall frame without a control value")
         (control,) = _U64.unpack_from(frame.body)
         result, out = self.call(caller, control, frame.body[8:])
+        fds, self._reply_fds = self._reply_fds, []
         if frame.flags & FLAG_NO_REPLY_ON_SUCCESS and result & 0xFFFF == HvStatus.SUCCESS:
+            for fd in fds:
+                os.close(fd)
             return None
-        return Frame(FrameKind.REPLY, frame.seq, _U64.pack(result) + out)
+        return Frame(FrameKind.REPLY, frame.seq, _U64.pack(result) + out, fds,
+                     close_after_send=bool(fds))
 
     def handle_bytes(self, caller: int, data: bytes, fds: Iterable[int] = ()) -> bytes | None:
         """``handle_frame`` for a transport that keeps message boundaries:
@@ -945,6 +1001,15 @@ class HypercallClient:
     def call(
         self, code: int, inp: bytes, *, rep_count: int = 0, wait: bool = True
     ) -> tuple[HvStatus | int, bytes]:
+        """Issue a hypercall; returns (status, output block) (see ``call_fds``)."""
+        st, out, fds = self.call_fds(code, inp, rep_count=rep_count, wait=wait)
+        for fd in fds:
+            os.close(fd)
+        return st, out
+
+    def call_fds(
+        self, code: int, inp: bytes, *, rep_count: int = 0, wait: bool = True
+    ) -> tuple[HvStatus | int, bytes, list[int]]:
         """Issue a hypercall; returns (status, output block).
 
         With ``wait=False`` the supervisor replies only on failure (the reply
@@ -956,7 +1021,7 @@ class HypercallClient:
         flags = 0 if wait else FLAG_NO_REPLY_ON_SUCCESS
         send_frame(self.sock, Frame(FrameKind.HYPERCALL, seq, body, flags=flags))
         if not wait:
-            return HvStatus.SUCCESS, b""
+            return HvStatus.SUCCESS, b"", []
         deadline = time.monotonic() + self.timeout
         while True:
             for i, fr in enumerate(self.unsolicited):
@@ -965,7 +1030,8 @@ class HypercallClient:
                     if len(fr.body) < 8:
                         raise WireError("reply without a result value")
                     (result,) = _U64.unpack_from(fr.body)
-                    return result_status(result), fr.body[8:]
+                    fds, fr.fds = fr.fds, []
+                    return result_status(result), fr.body[8:], fds
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no reply to hypercall {code:#x} within {self.timeout} s")
@@ -990,6 +1056,17 @@ class HypercallClient:
 
     def revoke_grant(self, grant_id: int) -> HvStatus | int:
         return self.call(HypercallCode.VIRIDIAN_REVOKE_GRANT, _U64.pack(grant_id))[0]
+
+    def channel_doorbells(self, child: int, relid: int) -> tuple[HvStatus | int, list[int]]:
+        """Root only: the two doorbell eventfds of a channel being opened
+        (root's, child's); the caller owns them."""
+        st, _out, fds = self.call_fds(HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS,
+                                      struct.pack("<II", child, relid))
+        if st != HvStatus.SUCCESS or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return (st if st != HvStatus.SUCCESS else HvStatus.INVALID_PARAMETER), []
+        return st, fds
 
     def poll(self, timeout: float) -> list[Frame]:
         """Frames other than awaited replies: those queued, else wait up to

@@ -865,6 +865,16 @@ class GrantTable(_AppliesFrames):
     def get(self, grant_id: int) -> GrantMapping | None:
         return self._grants.get(grant_id)
 
+    def find(self, owner: int, pfns: Sequence[int], exclude: Iterable[int] = ()) -> int | None:
+        """The id of a grant from ``owner`` of exactly ``pfns`` (in order),
+        not in ``exclude``; None if there is none."""
+        skip = set(exclude)
+        want = list(pfns)
+        for gid, g in self._grants.items():
+            if g.owner == owner and gid not in skip and g.pfns == want:
+                return gid
+        return None
+
     def __len__(self) -> int:
         return len(self._grants)
 

@@ -20,6 +20,7 @@ Connections (the router's table; each partition learns its IDs at boot):
 connection ID          kind     target      who may use it
 =====================  =======  ==========  ================================
 1 (VMBus message)      message  root        every child
+4 (VMBus contact, 5.0) message  root        every child
 2 (VMBus event)        event    root        every child (flags 0..2047)
 0x10000 + child id     message  that child  the root
 0x20000 + child id     event    that child  the root (flags 0..2047)
@@ -40,6 +41,7 @@ from hv.hypercalls import (
     FLAGS_PER_SINT,
     VMBUS_EVENT_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID,
+    VMBUS_MESSAGE_CONNECTION_ID_4,
     Connection,
     ConnectionKind,
     Frame,
@@ -110,6 +112,8 @@ class Services:
         root = frozenset({root_id})
         self.router.add_connection(Connection(VMBUS_MESSAGE_CONNECTION_ID, root_id,
                                               ConnectionKind.MESSAGE, kids))
+        self.router.add_connection(Connection(VMBUS_MESSAGE_CONNECTION_ID_4, root_id,
+                                              ConnectionKind.MESSAGE, kids))
         self.router.add_connection(Connection(VMBUS_EVENT_CONNECTION_ID, root_id,
                                               ConnectionKind.EVENT, kids,
                                               flag_count=FLAGS_PER_SINT))
@@ -131,6 +135,7 @@ class Services:
             return {"to_child_message": {str(c): ROOT_MESSAGE_BASE + c for c in self._child_ids},
                     "to_child_event": {str(c): ROOT_EVENT_BASE + c for c in self._child_ids}}
         return {"to_root_message": VMBUS_MESSAGE_CONNECTION_ID,
+                "to_root_contact": VMBUS_MESSAGE_CONNECTION_ID_4,
                 "to_root_event": VMBUS_EVENT_CONNECTION_ID}
 
     def _cpu_args(self, s: CpuSettings) -> dict[str, Any]:

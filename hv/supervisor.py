@@ -72,6 +72,8 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 STABLE_AFTER_S = 10.0
 _WATCH_BUFFER_MAX = 4 << 20
+MAX_REPORTED_CHANNELS = 256  # channels kept from one partition's report
+MAX_TRACE_EVENTS = 1000  # trace events forwarded from one frame
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -112,6 +114,8 @@ class Partition:
     cpu_sample: tuple[int, float, float] | None = None  # (pid, monotonic, cpu seconds)
     usage: float = 0.0
     log: JsonLog | None = None
+    channels: list[dict[str, Any]] = field(default_factory=list)  # its last report
+    tracers: set[int] = field(default_factory=set)  # control connections tracing it
 
     @property
     def name(self) -> str:
@@ -129,6 +133,7 @@ class _Conn:
     out: bytearray = field(default_factory=bytearray)
     watching: bool = False
     closing: bool = False
+    tracing: int | None = None  # the partition id this connection traces
 
 
 class _Timers:
@@ -381,9 +386,16 @@ class Supervisor:
         p.eom_fd = self.services.eom_fileno(p.id)
         self._sel.register(p.eom_fd, selectors.EVENT_READ,
                            lambda _f, p=p: self.services and self.services.service_synic(p.id))
-        self._to_partition(p, runtime_frame({"op": "boot", "cluster": self.cluster, "name": p.name,
-                                     "id": p.id, "role": p.cfg.role,
-                                     "connections": grant.connections}, grant.synic_fds))
+        boot: dict[str, Any] = {"op": "boot", "cluster": self.cluster, "name": p.name,
+                                "id": p.id, "role": p.cfg.role, "devices": p.cfg.devices,
+                                "connections": grant.connections}
+        if p.cfg.role == "root":
+            boot["children"] = [{"id": c.id, "name": c.name, "devices": c.cfg.devices,
+                                 "running": c.state == PartitionState.RUNNING}
+                                for c in self.parts[1:]]
+        else:
+            boot["root_up"] = self.parts[0].state == PartitionState.RUNNING
+        self._to_partition(p, runtime_frame(boot, grant.synic_fds))
         self._to_partition(p, grant.memory)
         self.services.partition_started(p.name, pid)
         p.timer = self._timers.call_later(BOOT_TIMEOUT_S, lambda: self._boot_timeout(p))
@@ -403,6 +415,8 @@ class Supervisor:
         """Queue a frame for a partition; never blocks.  A partition that stops
         reading its link is killed (it cannot stall the supervisor)."""
         if p.link is None:
+            if frame.close_after_send:
+                frame.close_fds()
             return
         try:
             if not p.link.send(frame):
@@ -413,6 +427,9 @@ class Supervisor:
             self._kill(p)
         except OSError:
             pass  # it is gone; its pidfd says so
+        finally:
+            if frame.close_after_send:  # the writer holds its own copies
+                frame.close_fds()
 
     def _on_link(self, p: Partition) -> None:
         assert self.services is not None
@@ -483,12 +500,26 @@ class Supervisor:
             p.boot_s = round(time.monotonic() - p.started, 4)
             self._set_state(p, PartitionState.RUNNING, boot_s=p.boot_s,
                             guest_visible_bytes=p.guest_visible_bytes)
+            if p.cfg.role == "root":
+                self._tell_children({"op": "root", "state": "up"})
+            else:
+                self._tell_root({"op": "partition", "id": p.id, "name": p.name, "state": "up"})
             if p.cfg.role == "root" and not self._children_started and not self.stopping:
                 self._children_started = True
                 for c in self.parts[1:]:
                     if not c.alive and not c.want_stop:
                         self._spawn(c)
-        elif op not in ("hello", "memory"):
+        elif op == "report":
+            chans = obj.get("channels")
+            if isinstance(chans, list) and len(chans) <= MAX_REPORTED_CHANNELS:
+                p.channels = [c for c in chans if isinstance(c, dict)]
+        elif op == "trace":
+            ev = obj.get("events")
+            if isinstance(ev, list):
+                self._trace_out(p, {"event": "trace", "partition": p.name,
+                                    "events": ev[:MAX_TRACE_EVENTS],
+                                    "dropped": obj.get("dropped", 0)})
+        elif op not in ("hello", "memory", "report", "trace"):
             self._plog(p)("unknown message", level="warning", op=str(op)[:40])
 
     def _on_exit(self, p: Partition) -> None:
@@ -525,6 +556,14 @@ class Supervisor:
         old_pid = p.pid
         p.pid = p.pidfd = None
         p.guest_visible_bytes = None
+        p.channels = []
+        if p.cfg.role == "root":
+            self._tell_children({"op": "root", "state": "down"})
+        else:
+            self._tell_root({"op": "partition", "id": p.id, "name": p.name, "state": "down"})
+        if p.tracers:
+            self._trace_out(p, {"event": "trace", "partition": p.name, "events": [],
+                                "exited": True})
         crashed = not p.want_stop and (sig is not None or code != 0)
         if p.want_stop or not crashed:
             self._set_state(p, PartitionState.STOPPED, exit=p.last_exit, exited_pid=old_pid)
@@ -684,7 +723,7 @@ class Supervisor:
                     "usage_percent": self._cpu_usage(p),
                 },
                 "devices": p.cfg.devices,
-                "channels": [],
+                "channels": p.channels,
             })
         return {
             "schema_version": SCHEMA_VERSION,
@@ -771,10 +810,74 @@ class Supervisor:
         fd = c.sock.fileno()
         if fd < 0:
             return
+        if c.tracing is not None:
+            self._untrace(c)
         self._conns.pop(fd, None)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(c.sock)
         c.sock.close()
+
+    # -- messages to partitions, tracing, relays -------------------------------------------
+
+    def _tell(self, p: Partition, obj: dict[str, Any]) -> None:
+        if p.alive and p.link is not None:
+            self._to_partition(p, runtime_frame(obj))
+
+    def _tell_root(self, obj: dict[str, Any]) -> None:
+        self._tell(self.parts[0], obj)
+
+    def _tell_children(self, obj: dict[str, Any]) -> None:
+        for c in self.parts[1:]:
+            self._tell(c, obj)
+
+    def _handle_trace(self, c: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+        """Stream a partition's decoded control messages and packet headers to
+        this connection until it closes (the partition traces only while
+        someone listens)."""
+        p = self._find(req.get("name"))
+        if c.tracing is not None:
+            raise ControlError("this connection is already tracing", "invalid")
+        c.tracing = p.id
+        p.tracers.add(id(c))
+        self._tell(p, {"op": "trace", "on": True})
+        return {"ok": True, "name": p.name, "state": str(p.state), "tracing": True}
+
+    def _untrace(self, c: _Conn) -> None:
+        pid_, c.tracing = c.tracing, None
+        if pid_ is None or not 0 <= pid_ < len(self.parts):
+            return
+        p = self.parts[pid_]
+        p.tracers.discard(id(c))
+        if not p.tracers:
+            self._tell(p, {"op": "trace", "on": False})
+
+    def _trace_out(self, p: Partition, ev: dict[str, Any]) -> None:
+        for c in list(self._conns.values()):
+            if c.tracing == p.id:
+                self._send(c, ev)
+
+    def _handle_relay(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Pass a request to a partition (one way): ``workload`` to a child's
+        device, ``channel.rescind`` to the root about a child's channel."""
+        p = self._find(req.get("name"))
+        if not p.alive or p.state != PartitionState.RUNNING:
+            raise ControlError(f"{p.name} is not running ({p.state})", "invalid")
+        if op == "workload":
+            if p.cfg.role != "child":
+                raise ControlError("workloads run in child partitions", "invalid")
+            self._tell(p, {"op": "workload", "device": str(req.get("device", "echo")),
+                           "action": str(req.get("action", "stream")),
+                           "args": req.get("args") if isinstance(req.get("args"), dict) else {}})
+            return {"ok": True, "name": p.name}
+        relid = req.get("relid")
+        if p.cfg.role != "child" or not isinstance(relid, int) or isinstance(relid, bool):
+            raise ControlError("channel.rescind needs a child \"name\" and an integer "
+                               "\"relid\"", "bad_request")
+        root = self.parts[0]
+        if root.state != PartitionState.RUNNING:
+            raise ControlError(f"the root is not running ({root.state})", "invalid")
+        self._tell(root, {"op": "rescind", "child": p.id, "relid": relid})
+        return {"ok": True, "name": p.name, "relid": relid}
 
     def _find(self, ref: object) -> Partition:
         if (isinstance(ref, int) and not isinstance(ref, bool)) or (
@@ -804,6 +907,10 @@ class Supervisor:
                 return self._handle_partition(op, req)
             if op in ("memory.add", "memory.balloon"):
                 return self._handle_memory(op, req)
+            if op == "trace":
+                return self._handle_trace(c, req)
+            if op in ("workload", "channel.rescind"):
+                return self._handle_relay(op, req)
             raise ControlError(f"unknown op: {op!r}", "bad_request")
         except ControlError as e:
             return {"ok": False, "error": str(e), "code": e.code}

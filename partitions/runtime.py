@@ -32,6 +32,8 @@ only what it needs to run (message shapes, fd counts).
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import os
 import selectors
 import signal
@@ -44,7 +46,7 @@ from typing import Any
 from hv.hypercalls import Frame, FrameKind, HypercallClient, WireError, send_frame
 from hv.jsonlog import JsonLog
 from hv.link import decode_runtime, runtime_frame
-from hv.memory import GrantTable, GuestMemoryView, MemoryOp
+from hv.memory import GrantTable, GuestMemoryView, MemoryMessage, MemoryOp
 from hv.proc import die_with_parent
 from hv.synic import SynicGuest, SynicMessage
 
@@ -52,6 +54,9 @@ __all__ = ["BOOT_TIMEOUT_S", "HvClient", "PartitionRuntime", "main"]
 
 BOOT_TIMEOUT_S = 15.0
 HYPERCALL_TIMEOUT_S = 5.0
+REPORT_EVERY_S = 0.25  # channel status reports, while something changes
+TRACE_FLUSH_S = 0.05
+TRACE_MAX_EVENTS = 150  # per flush (one link frame); the rest are counted as dropped
 
 
 class HvClient(HypercallClient):
@@ -89,7 +94,26 @@ class PartitionRuntime:
         self.handlers: dict[str, Callable[[dict[str, Any], Frame], None]] = {
             "boot": self._on_boot,
             "stop": self._on_stop,
+            "trace": self._on_trace,
+            "doorbells": self._on_doorbells,
+            "root": self._on_root,
+            "partition": self._on_partition,
+            "rescind": self._on_rescind,
+            "workload": self._on_workload,
         }
+        self.cluster = ""
+        self.vmbus: Any = None  # VmbusHost (root) or VmbusGuest (child), after boot
+        self.sel = selectors.DefaultSelector()
+        self._watched: dict[int, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._tseq = itertools.count()
+        self._again: list[Callable[[], None]] = []
+        self._report_due = False
+        self._last_report: Any = None
+        self.tracing = False
+        self._trace_buf: list[dict[str, Any]] = []
+        self._trace_dropped = 0
+        self._trace_due = False
 
     # -- boot ------------------------------------------------------------------------------
 
@@ -118,11 +142,137 @@ class PartitionRuntime:
         self.boot_info = obj
         conns = obj.get("connections")
         self.connections = conns if isinstance(conns, dict) else {}
+        self.cluster = str(obj.get("cluster", ""))
+
+    def start_vmbus(self) -> None:
+        """Make this partition's VMBus end (after boot, before the loop)."""
+        if self.vmbus is not None:
+            return
+        if self.role == "root":
+            from .vmbus_host import VmbusHost
+
+            kids = self.boot_info.get("children")
+            self.vmbus = VmbusHost(self, kids if isinstance(kids, list) else [])
+        else:
+            from .vmbus_guest import VmbusGuest
+
+            devs = self.boot_info.get("devices")
+            self.vmbus = VmbusGuest(self, devs if isinstance(devs, list) else [])
+            if self.boot_info.get("root_up"):
+                self.vmbus.connect()
 
     def _on_stop(self, obj: dict[str, Any], fr: Frame) -> None:
         self.log("stop requested")
         self._stop = True
 
+    def _on_trace(self, obj: dict[str, Any], fr: Frame) -> None:
+        self.tracing = bool(obj.get("on"))
+        self._trace_buf.clear()
+        self._trace_dropped = 0
+        if self.vmbus is not None:
+            self.vmbus.set_tracing(self.tracing)
+        self.log("tracing " + ("on" if self.tracing else "off"))
+
+    def _on_doorbells(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.role == "child" and self.vmbus is not None and self.vmbus.on_doorbells(obj,
+                                                                                       fr.fds):
+            fr.fds = []  # adopted
+
+    def _on_root(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.role == "child" and self.vmbus is not None:
+            self.vmbus.on_root(obj)
+
+    def _on_partition(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.role == "root" and self.vmbus is not None:
+            self.vmbus.on_partition(obj)
+
+    def _on_rescind(self, obj: dict[str, Any], fr: Frame) -> None:
+        child, relid = obj.get("child"), obj.get("relid")
+        if self.role == "root" and self.vmbus is not None and isinstance(child, int) \
+                and isinstance(relid, int):
+            self.vmbus.rescind(child, relid)
+
+    def _on_workload(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.role == "child" and self.vmbus is not None:
+            self.vmbus.workload(obj)
+
+    # -- the loop's services: fds, timers, reports, traces --------------------------------
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable (a channel's doorbell)."""
+        self._watched[fd] = callback
+        self.sel.register(fd, selectors.EVENT_READ, ("fd", fd))
+
+    def unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._tseq), fn))
+
+    def again(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` before the loop sleeps again (more work is waiting)."""
+        self._again.append(fn)
+
+    def report_soon(self) -> None:
+        """Something changed: send a channel report within REPORT_EVERY_S."""
+        if not self._report_due:
+            self._report_due = True
+            self.call_later(REPORT_EVERY_S, self._send_report)
+
+    def _send_report(self) -> None:
+        self._report_due = False
+        if self.vmbus is None:
+            return
+        chans = self.vmbus.report()
+        if chans != self._last_report:
+            self._last_report = chans
+            self.send({"op": "report", "channels": chans})
+
+    def trace(self, ev: dict[str, Any]) -> None:
+        """One trace event (decoded message, packet header) for ``viridian trace``."""
+        if not self.tracing:
+            return
+        if len(self._trace_buf) >= TRACE_MAX_EVENTS:
+            self._trace_dropped += 1
+            return
+        ev["t"] = round(time.time(), 6)
+        self._trace_buf.append(ev)
+        if not self._trace_due:
+            self._trace_due = True
+            self.call_later(TRACE_FLUSH_S, self._flush_trace)
+
+    def _flush_trace(self) -> None:
+        self._trace_due = False
+        if self._trace_buf or self._trace_dropped:
+            self.send({"op": "trace", "events": self._trace_buf,
+                       "dropped": self._trace_dropped})
+            self._trace_buf = []
+            self._trace_dropped = 0
+
+    def pump_link(self) -> None:
+        """Take in grants and doorbells already waiting on the link (they were
+        sent before the message being handled); other frames keep their turn."""
+        try:
+            self.hv.poll(0.0)  # reads what is there into hv.unsolicited
+        except ConnectionError:
+            return
+        keep = []
+        for fr in list(self.hv.unsolicited):
+            take = False
+            if fr.kind == FrameKind.MEMORY and len(fr.body) >= 4:
+                take = int.from_bytes(fr.body[:4], "little") == MemoryOp.GRANT
+            elif (obj := decode_runtime(fr)) is not None:
+                take = obj.get("op") == "doorbells"
+            if take:
+                self._dispatch(fr)
+            else:
+                keep.append(fr)
+        self.hv.unsolicited.clear()
+        self.hv.unsolicited.extend(keep)
     # -- messages from the supervisor --------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -134,10 +284,18 @@ class PartitionRuntime:
                 before = self.memory.visible_bytes
                 op = int.from_bytes(fr.body[:4], "little")
                 if self.grants is not None and op in (MemoryOp.GRANT, MemoryOp.REVOKE):
-                    msg = self.grants.apply_frame(fr)  # a child's shared pages
+                    msg = MemoryMessage.from_frame(fr)  # a child's shared pages
+                    try:
+                        if op == MemoryOp.REVOKE and self.vmbus is not None:
+                            self.vmbus.on_revoke(msg.grant_id)
+                        self.grants.apply(msg)
+                    finally:
+                        msg.close_fds()
                     self.log("grant" if op == MemoryOp.GRANT else "revoke",
                              grant_id=msg.grant_id, owner=msg.owner,
                              pages=sum(seg.npages for seg in msg.segments))
+                    if op == MemoryOp.GRANT and self.vmbus is not None:
+                        self.vmbus.on_grant()
                 else:
                     self.memory.apply_frame(fr)
                 if self.synic is not None and self.memory.visible_bytes != before:
@@ -155,44 +313,80 @@ class PartitionRuntime:
     def _on_interrupt(self) -> None:
         assert self.synic is not None
         self.synic.interrupt.clear()
+        # Frames the supervisor sent before these messages (grants, doorbells)
+        # come first.
+        self._drain_link()
         msgs = self.synic.read_messages()
         flags = self.synic.take_events()
         self.messages += len(msgs)
         self.events += len(flags)
+        if self.vmbus is not None:
+            for m in msgs:
+                self.vmbus.on_message(m.origination_id, m.message_type, m.payload)
         if self.on_synic is not None and (msgs or flags):
             self.on_synic(msgs, flags)
+
+    def _drain_link(self) -> None:
+        try:
+            frames = self.hv.poll(0.0)
+        except ConnectionError:
+            return
+        for fr in frames:
+            self._dispatch(fr)
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until ``stop`` or the link closes; returns the exit status."""
         assert self.synic is not None
-        sel = selectors.DefaultSelector()
+        sel = self.sel
         sel.register(self.sock, selectors.EVENT_READ, "link")
         sel.register(self.synic.fileno(), selectors.EVENT_READ, "synic")
-        try:
-            while not self._stop:
-                # Frames that arrived while a hypercall waited for its reply come first.
-                while self.hv.unsolicited and not self._stop:
-                    self._dispatch(self.hv.unsolicited.popleft())
-                if self._stop:
-                    break
-                for key, _ in sel.select():  # no timeout: idle costs nothing
-                    if key.data == "synic":
-                        self._on_interrupt()
-                    else:
-                        try:
-                            frames = self.hv.poll(1e-3)  # poll(0) would not read
-                        except ConnectionError:
-                            self.log("supervisor closed the link")
-                            return 0
-                        for fr in frames:
-                            self._dispatch(fr)
-        finally:
-            sel.close()
+        self.start_vmbus()
+        timers = self._timers
+        while not self._stop:
+            # Frames that arrived while a hypercall waited for its reply come first.
+            while self.hv.unsolicited and not self._stop:
+                self._dispatch(self.hv.unsolicited.popleft())
+            if self._stop:
+                break
+            if self._again:
+                work, self._again = self._again, []
+                for fn in work:
+                    fn()
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                heapq.heappop(timers)[2]()
+            if self._again or self.hv.unsolicited:
+                timeout: float | None = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = None  # idle costs nothing
+            for key, _ in sel.select(timeout):
+                if key.data == "synic":
+                    self._on_interrupt()
+                elif key.data == "link":
+                    try:
+                        frames = self.hv.poll(1e-3)  # poll(0) would not read
+                    except ConnectionError:
+                        self.log("supervisor closed the link")
+                        return 0
+                    for fr in frames:
+                        self._dispatch(fr)
+                else:
+                    cb = self._watched.get(key.data[1])
+                    if cb is not None:
+                        cb()
         return 0
 
     def close(self) -> None:
+        if self.vmbus is not None:
+            try:
+                self.vmbus.close() if self.role == "root" else self.vmbus.close_all()
+            except Exception as e:  # closing must go on
+                self.log("vmbus close failed", level="error", error=repr(e))
+        self.sel.close()
         self.hv.close()
         if self.synic is not None:
             self.synic.close()

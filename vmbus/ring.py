@@ -436,6 +436,16 @@ class OutgoingRing(_RingEnd):
             raise self._error(rc)
         return int(rc)
 
+    def request_space(self, need_bytes: int) -> bool:
+        """Non-blocking form of ``wait_writable`` for event loops: publish
+        pending_send_sz so the reader signals once ``need_bytes`` ring bytes
+        are free.  Returns True if they already are (no signal will come; the
+        next write clears the request)."""
+        rc = lib.vmbr_set_pending(self._r, need_bytes)
+        if rc < 0:
+            raise self._error(rc)
+        return rc > need_bytes
+
     def wait_writable(
         self,
         need_bytes: int,

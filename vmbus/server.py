@@ -332,12 +332,19 @@ class VmbusServer:
         if ch.state is not ChannelState.REVOKED:
             raise ProtocolError(f"RELID_RELEASED for channel {ch.relid} that was not rescinded")
         for gid in [gid for gid, g in self.gpadls.items() if g.relid == ch.relid]:
-            self.n.teardown_gpadl(self.gpadls[gid])
+            # Released with its channel: no GPADL_TORNDOWN goes out (popped
+            # first, so complete_teardown finds nothing to answer).
+            self.n.teardown_gpadl(self.gpadls.pop(gid))
         del self.channels[ch.relid]
 
     def _unload(self, _msg: P.Unload) -> None:
         self._reset("unload")
         self.n.send(P.UnloadResponse())
+
+    def reset(self, reason: str) -> None:
+        """The child went away (exited, restarted): close everything, keep
+        the offers for its next contact.  Sends nothing."""
+        self._reset(reason)
 
     def _reset(self, reason: str) -> None:
         """Every channel closed, every GPADL gone; offers stand for the next contact."""

@@ -17,6 +17,8 @@ from hv.services import ROOT_EVENT_BASE, ROOT_MESSAGE_BASE
 def run(rt: Any) -> None:
     def on_synic(msgs: list[Any], flags: list[int]) -> None:
         for m in msgs:
+            if not m.payload.startswith((b"hello", b"welcome")):
+                continue  # VMBus channel management, which the partitions run themselves
             rt.log("probe message", origin=m.origination_id, payload=m.payload.decode())
             if rt.role == "root" and m.payload.startswith(b"hello"):
                 st = rt.hv.post_message(ROOT_MESSAGE_BASE + m.origination_id, 1, b"welcome")

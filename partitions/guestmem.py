@@ -1,0 +1,109 @@
+"""The child's guest-physical page allocator.
+
+Layer: partitions.  A child hands out pages of its own guest memory (the
+``GuestMemoryView`` the supervisor mapped) for ring buffers and device
+buffers.  ``PageAllocator`` keeps free runs of page numbers; ``sync()`` takes
+in ranges the supervisor hot-added (usable at once) and ballooned pages
+(withdrawn), so the allocator always agrees with the view.
+
+Allocations are contiguous runs inside one mapped range, so a ring buffer is
+one ``memoryview`` in the child and one mapping in the root.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from hv.memory import PAGE_SIZE, GuestMemoryView
+
+__all__ = ["OutOfGuestMemory", "PageAllocator"]
+
+
+class OutOfGuestMemory(MemoryError):
+    """No run of free pages that long."""
+
+
+class PageAllocator:
+    """First-fit allocator of contiguous page runs over a ``GuestMemoryView``.
+
+    Page 0 is never handed out (a zero PFN looks like "no page" to readers).
+    """
+
+    def __init__(self, view: GuestMemoryView) -> None:
+        self.view = view
+        self._free: list[tuple[int, int]] = []  # sorted (first pfn, count)
+        self._used: dict[int, int] = {}  # first pfn -> count
+        self._known: set[tuple[int, int]] = set()
+        self.sync()
+
+    def sync(self) -> None:
+        """Adopt ranges mapped since the last call (hot-add)."""
+        for first, count in self.view.ranges:
+            if (first, count) in self._known:
+                continue
+            self._known.add((first, count))
+            if first == 0:
+                first, count = 1, count - 1
+            if count > 0:
+                self._release(first, count)
+
+    @property
+    def free_pages(self) -> int:
+        return sum(n for _, n in self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return sum(self._used.values())
+
+    def alloc(self, npages: int) -> int:
+        """The first PFN of ``npages`` free contiguous pages in one range.
+
+        Raises:
+            OutOfGuestMemory: no such run.
+        """
+        if npages <= 0:
+            raise ValueError(f"cannot allocate {npages} pages")
+        self.sync()
+        ranges = self.view.ranges
+        for i, (first, count) in enumerate(self._free):
+            # a run may span two adjacent ranges: only its part inside one counts
+            for rfirst, rcount in ranges:
+                lo, hi = max(first, rfirst), min(first + count, rfirst + rcount)
+                if hi - lo >= npages:
+                    self._take(i, lo, npages)
+                    self._used[lo] = npages
+                    return lo
+        raise OutOfGuestMemory(
+            f"no run of {npages} free pages ({self.free_pages} free in {len(self._free)} runs)"
+        )
+
+    def free(self, pfn: int) -> None:
+        """Give back the run that ``alloc`` returned as ``pfn``."""
+        n = self._used.pop(pfn, None)
+        if n is None:
+            raise ValueError(f"page {pfn:#x} was not allocated")
+        self._release(pfn, n)
+
+    def view_of(self, pfn: int, npages: int) -> memoryview:
+        """A writable view of an allocated run."""
+        return self.view.translate(pfn * PAGE_SIZE, npages * PAGE_SIZE)
+
+    # -- free-list bookkeeping -----------------------------------------------
+    def _take(self, i: int, lo: int, n: int) -> None:
+        first, count = self._free.pop(i)
+        rest = []
+        if lo > first:
+            rest.append((first, lo - first))
+        if lo + n < first + count:
+            rest.append((lo + n, first + count - lo - n))
+        self._free[i:i] = rest
+
+    def _release(self, first: int, count: int) -> None:
+        i = bisect.bisect_left(self._free, (first, 0))
+        self._free.insert(i, (first, count))
+        # merge with neighbours
+        if i + 1 < len(self._free) and first + count == self._free[i + 1][0]:
+            self._free[i] = (first, count + self._free.pop(i + 1)[1])
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == first:
+            f, c = self._free.pop(i - 1)
+            self._free[i - 1] = (f, c + self._free[i - 1][1])

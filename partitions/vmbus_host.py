@@ -1,0 +1,450 @@
+"""VMBus in the root partition: one channel-management server per child, and the VSPs.
+
+Layer: partitions, over vmbus (``VmbusServer``, ``Channel``) and the hv
+client helpers (hypercalls, grants).  ``VmbusHost`` is plugged into the
+root's ``PartitionRuntime``: SynIC messages from children (their
+OriginationId names the child; nobody can forge it) go to that child's
+``VmbusServer``; the server's decisions come back here as notifier calls:
+
+* ``validate_gpadl``: the GPADL's pages must be exactly the pages of one
+  grant the child made with VIRIDIAN_SHARE_PAGES (the supervisor already
+  checked the child owns them), page-aligned, not overlapping another live
+  GPADL of that child.  The grant's frame reaches us on the link before the
+  child could post the GPADL (the supervisor sends it before replying to the
+  child); should it lag, the check waits up to ``GRANT_WAIT_S``.
+* ``open_channel``: map the ring GPADL (the grant's pages, one mapping), ask
+  the supervisor for the channel's two doorbells (VIRIDIAN_CHANNEL_DOORBELLS;
+  the child gets its copies first), attach both rings, start the VSP.
+* ``close_channel`` / ``teardown_gpadl``: stop the VSP, detach, forget.
+
+Hostile children: a control-protocol error is one log line (the server
+closes the channel it names); a ring the child corrupted, a payload the
+device refuses, or a doorbell flood (wake-ups with nothing to read) closes
+that channel and rescinds it, with one log line.  Nothing a child does
+raises out of this module.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
+from hv.memory import GpaError
+from vmbus import protocol as P
+from vmbus.channel import Channel
+from vmbus.doorbell import Doorbell
+from vmbus.errors import RingCorruptError
+from vmbus.server import ChannelState, GpadlState, ServerChannel, ServerGpadl, VmbusServer
+
+from .devices import DeviceClass, DeviceError, Vsp, device_spec
+from .devices.base import DEVICES
+
+if TYPE_CHECKING:
+    from .runtime import PartitionRuntime
+
+__all__ = ["GRANT_WAIT_S", "VmbusHost"]
+
+GRANT_WAIT_S = 1.0
+RETRY_S = 0.005  # a post refused with INSUFFICIENT_BUFFERS is retried after this
+MAX_QUEUED_MESSAGES = 512  # per child, waiting for message buffers
+FLOOD_WINDOW_S = 1.0
+FLOOD_SPURIOUS = 20000  # wake-ups with nothing to do per window: a doorbell flood
+LOGGED_ERRORS = 20  # protocol errors logged per child (the rest are counted)
+_INSTANCE_NS = uuid.UUID("b0d6c1f4-3f2a-4c6e-8d43-7669726964ff")
+
+
+@dataclass
+class HostChannel:
+    relid: int
+    device: DeviceClass
+    channel: Channel
+    vsp: Vsp
+    opened: float = field(default_factory=time.monotonic)
+    spurious: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+
+
+class ChildBus:
+    """VMBus towards one child: its server, offers, GPADL grants, channels
+    (the server's ``ServerNotifier``)."""
+
+    def __init__(self, host: VmbusHost, child_id: int, name: str, devices: list[Any]) -> None:
+        self.host = host
+        self.rt = host.rt
+        self.child = child_id
+        self.name = name
+        self.server = VmbusServer(self)
+        conns = self.rt.connections.get("to_child_message", {})
+        self.conn = int(conns.get(str(child_id), 0x10000 + child_id))
+        self.offers: dict[int, tuple[DeviceClass, dict[str, Any]]] = {}
+        self.channels: dict[int, HostChannel] = {}
+        self.gpadl_grants: dict[int, int] = {}  # gpadl handle -> grant id
+        self.waiting: dict[int, tuple[ServerGpadl, float]] = {}  # gpadl -> (g, deadline)
+        self.outq: deque[bytes] = deque()
+        self.errors = 0
+        self.closed_by_error = 0
+        for i, entry in enumerate(devices):
+            try:
+                dname, cfg = device_spec(entry)
+            except ValueError as e:
+                self.rt.log("device not offered", level="warning", child=name, error=str(e))
+                continue
+            dc = DEVICES[dname]
+            relid = len(self.offers) + 1
+            inst = uuid.uuid5(_INSTANCE_NS, f"{self.rt.cluster}/{name}/{i}/{dname}")
+            self.offers[relid] = (dc, cfg)
+            self.server.offer(P.OfferChannel(dc.class_id, inst, child_relid=relid,
+                                             connection_id=2))
+
+    # -- ServerNotifier --------------------------------------------------------
+    def send(self, msg: P.Message) -> None:
+        data = P.encode(msg)
+        self.host.trace_message("out", self.name, msg)
+        if self.outq:
+            self._queue(data)
+        else:
+            self._post(data)
+
+    def _post(self, data: bytes) -> bool:
+        st = self.rt.hv.post_message(self.conn, HV_MESSAGE_TYPE_VMBUS, data)
+        if st == HvStatus.SUCCESS:
+            return True
+        if st == HvStatus.INSUFFICIENT_BUFFERS:
+            self._queue(data)
+        # INVALID_PORT_ID: the child is down; its next contact starts over
+        return False
+
+    def _queue(self, data: bytes) -> None:
+        if len(self.outq) >= MAX_QUEUED_MESSAGES:
+            self.protocol_error("does not read its VMBus messages; resetting its bus", None)
+            self.outq.clear()
+            self.server.reset("message queue overflow")
+            return
+        first = not self.outq
+        self.outq.append(data)
+        if first:
+            self.rt.call_later(RETRY_S, self._retry)
+
+    def _retry(self) -> None:
+        while self.outq:
+            data = self.outq[0]
+            st = self.rt.hv.post_message(self.conn, HV_MESSAGE_TYPE_VMBUS, data)
+            if st == HvStatus.INSUFFICIENT_BUFFERS:
+                self.rt.call_later(RETRY_S, self._retry)
+                return
+            self.outq.popleft()
+
+    def validate_gpadl(self, relid: int, g: ServerGpadl) -> None:
+        if g.byte_offset != 0 or g.byte_count != g.pages * 4096:
+            self.server.complete_gpadl(g.gpadl, False)
+            return
+        in_use = {pfn for gid, (other) in self._live_gpadls() if gid != g.gpadl
+                  for pfn in other.pfns}
+        if in_use.intersection(g.pfns) or len(set(g.pfns)) != len(g.pfns):
+            self.protocol_error(f"GPADL {g.gpadl:#x} overlaps another GPADL", relid)
+            self.server.complete_gpadl(g.gpadl, False)
+            return
+        if not self._match(g):
+            self.rt.pump_link()  # the grant frame may be waiting on the link
+            if not self._match(g):
+                self.waiting[g.gpadl] = (g, time.monotonic() + GRANT_WAIT_S)
+                self.rt.call_later(GRANT_WAIT_S, lambda: self._give_up(g.gpadl))
+
+    def _live_gpadls(self) -> list[tuple[int, ServerGpadl]]:
+        return [(gid, g) for gid, g in self.server.gpadls.items()
+                if gid in self.gpadl_grants]
+
+    def _match(self, g: ServerGpadl) -> bool:
+        grants = self.rt.grants
+        assert grants is not None
+        gid = grants.find(self.child, g.pfns, exclude=self.gpadl_grants.values())
+        if gid is None:
+            return False
+        self.gpadl_grants[g.gpadl] = gid
+        self.waiting.pop(g.gpadl, None)
+        self.server.complete_gpadl(g.gpadl, True)
+        return True
+
+    def grant_arrived(self) -> None:
+        for g, _deadline in list(self.waiting.values()):
+            self._match(g)
+
+    def _give_up(self, gpadl: int) -> None:
+        if self.waiting.pop(gpadl, None) is not None:
+            self.server.complete_gpadl(gpadl, False)  # logs "pages the child does not own"
+
+    def open_channel(self, ch: ServerChannel, userdata: bytes) -> None:
+        relid = ch.relid
+        status = self._open(ch, userdata)
+        self.server.complete_open(relid, status)
+        hc = self.channels.get(relid)
+        if status == 0 and hc is not None:
+            self.host.trace_event({"dir": "-", "child": self.name, "relid": relid,
+                                   "what": "channel open", "class": hc.device.name})
+            try:
+                hc.vsp.on_open()
+            except Exception as e:
+                self.fail(hc, f"device on_open failed: {e!r}")
+
+    def _open(self, ch: ServerChannel, userdata: bytes) -> int:
+        relid = ch.relid
+        gid = self.gpadl_grants.get(ch.ring_gpadl)
+        grants = self.rt.grants
+        gm = grants.get(gid) if grants is not None and gid is not None else None
+        if gm is None:
+            return 1
+        try:
+            buf = gm.contiguous()
+        except GpaError:
+            self.protocol_error("ring GPADL is not one run of pages", relid)
+            return 1
+        dc, cfg = self.offers[relid]
+        st, fds = self.rt.hv.channel_doorbells(self.child, relid)
+        if st != HvStatus.SUCCESS:
+            self.rt.log("no doorbells for a channel", level="warning", child=self.name,
+                        relid=relid, status=int(st))
+            return 1
+        own, peer = Doorbell(fds[0]), Doorbell(fds[1])
+        try:
+            chan = Channel(buf, ch.downstream_offset, host=True, own_doorbell=own,
+                           peer_doorbell=peer, relid=relid)
+        except (ValueError, RingCorruptError) as e:
+            own.close()
+            peer.close()
+            self.protocol_error(f"ring buffer refused: {e}", relid)
+            return 1
+        vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata))
+        try:
+            status = int(vsp.accept())
+        except Exception as e:
+            self.protocol_error(f"device refused the open: {e!r}", relid)
+            status = 1
+        if status:
+            vsp.close("open refused")
+            chan.close()
+            return status
+        hc = HostChannel(relid, dc, chan, vsp)
+        self.channels[relid] = hc
+        vsp.tracer = self.host.packet_tracer(self.name, relid) if self.host.tracing else None
+        self.rt.watch(chan.fileno(), lambda: self.host.service(self, hc))
+        self.rt.report_soon()
+        return 0
+
+    def close_channel(self, ch: ServerChannel, reason: str) -> None:
+        hc = self.channels.pop(ch.relid, None)
+        if hc is None:
+            return
+        self.rt.unwatch(hc.channel.fileno())
+        hc.vsp.close(reason)
+        hc.channel.close()
+        self.host.trace_event({"dir": "-", "child": self.name, "relid": ch.relid,
+                               "what": "channel closed", "reason": reason})
+        self.rt.report_soon()
+
+    def teardown_gpadl(self, g: ServerGpadl) -> None:
+        self.gpadl_grants.pop(g.gpadl, None)
+        self.waiting.pop(g.gpadl, None)
+        if g.state is GpadlState.TEARING_DOWN:
+            self.server.complete_teardown(g.gpadl)
+
+    def protocol_error(self, reason: str, relid: int | None) -> None:
+        self.errors += 1
+        if self.errors <= LOGGED_ERRORS:
+            self.rt.log("child broke the VMBus protocol", level="warning", child=self.name,
+                        relid=relid, reason=reason[:200],
+                        **({"further_errors": "counted, not logged"}
+                           if self.errors == LOGGED_ERRORS else {}))
+        self.host.trace_event({"dir": "in", "child": self.name, "relid": relid,
+                               "what": "protocol error", "reason": reason[:200]})
+
+    # -- channel failures ------------------------------------------------------
+    def fail(self, hc: HostChannel, reason: str) -> None:
+        """The child broke channel ``hc``: close and rescind it, one log line."""
+        if self.channels.get(hc.relid) is not hc:
+            return
+        self.closed_by_error += 1
+        self.rt.log("channel closed", level="warning", child=self.name, relid=hc.relid,
+                    device=hc.device.name, reason=reason[:300])
+        try:
+            self.server.rescind(hc.relid)  # closes it (close_channel) and tells the child
+        except ValueError:
+            self.close_channel(self.server.channels[hc.relid], reason)
+
+    def child_down(self) -> None:
+        self.outq.clear()
+        for g, _ in list(self.waiting.values()):
+            self.waiting.pop(g.gpadl, None)
+        self.server.reset("the child exited")
+        self.gpadl_grants.clear()
+
+    def report(self) -> list[dict[str, Any]]:
+        out = []
+        for relid, sch in sorted(self.server.channels.items()):
+            dc = self.offers.get(relid, (None, {}))[0]
+            hc = self.channels.get(relid)
+            entry: dict[str, Any] = {
+                "child": self.name, "relid": relid, "class": dc.name if dc else "?",
+                "class_id": str(sch.offer.if_type), "instance_id": str(sch.offer.if_instance),
+                "state": sch.state.value, "end": "vsp",
+            }
+            entry.update(channel_stats(hc.channel if hc else None))
+            if hc is not None:
+                entry["device"] = hc.vsp.stats()
+            out.append(entry)
+        return out
+
+
+def channel_stats(chan: Channel | None) -> dict[str, Any]:
+    """The status keys of a channel (zeros when it is not open)."""
+    if chan is None or chan.closed:
+        return {"packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0,
+                "out_ring_fill": None, "in_ring_fill": None, "signals_sent": 0,
+                "signals_suppressed": 0}
+    return chan.stats()
+
+
+class VmbusHost:
+    """The root's VMBus: a ``ChildBus`` per child, fed by the runtime."""
+
+    def __init__(self, rt: PartitionRuntime, children: list[dict[str, Any]]) -> None:
+        self.rt = rt
+        self.buses: dict[int, ChildBus] = {}
+        self.tracing = False
+        for c in children:
+            try:
+                cid, name = int(c["id"]), str(c["name"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            devices = c.get("devices") if isinstance(c.get("devices"), list) else []
+            self.buses[cid] = ChildBus(self, cid, name, devices)
+
+    # -- from the runtime --------------------------------------------------------
+    def on_message(self, origin: int, message_type: int, payload: bytes) -> None:
+        bus = self.buses.get(origin)
+        if bus is None or message_type != HV_MESSAGE_TYPE_VMBUS:
+            self.rt.log("message from an unknown sender dropped", level="warning",
+                        origin=origin, message_type=message_type)
+            return
+        if self.tracing:
+            try:
+                self.trace_message("in", bus.name, P.decode(payload))
+            except P.ProtocolError:
+                pass
+        bus.server.handle_bytes(payload)
+
+    def on_grant(self) -> None:
+        for bus in self.buses.values():
+            if bus.waiting:
+                bus.grant_arrived()
+
+    def on_revoke(self, grant_id: int) -> None:
+        """A grant is about to go: close any channel whose ring lives in it."""
+        for bus in self.buses.values():
+            for gpadl, gid in list(bus.gpadl_grants.items()):
+                if gid != grant_id:
+                    continue
+                for relid, sch in list(bus.server.channels.items()):
+                    if sch.ring_gpadl == gpadl and relid in bus.channels:
+                        bus.close_channel(sch, "its ring memory was revoked")
+                        if sch.state in (ChannelState.OPEN, ChannelState.OPENING):
+                            sch.state = ChannelState.CLOSED
+
+    def on_partition(self, obj: dict[str, Any]) -> None:
+        bus = self.buses.get(obj.get("id"))  # type: ignore[arg-type]
+        if bus is not None and obj.get("state") == "down":
+            bus.child_down()
+            self.rt.report_soon()
+
+    def rescind(self, child: int, relid: int) -> None:
+        bus = self.buses.get(child)
+        if bus is None:
+            return
+        try:
+            bus.server.rescind(relid)
+            self.rt.log("channel rescinded", child=bus.name, relid=relid)
+        except ValueError as e:
+            self.rt.log("rescind refused", level="warning", child=bus.name, error=str(e))
+        self.rt.report_soon()
+
+    def service(self, bus: ChildBus, hc: HostChannel) -> None:
+        if hc.channel.closed:
+            return
+        try:
+            before = hc.vsp.last_activity
+            more = hc.vsp.service()
+        except (RingCorruptError, DeviceError, ValueError) as e:
+            bus.fail(hc, f"{type(e).__name__}: {e}")
+            return
+        self.rt.report_soon()
+        if more:
+            self.rt.again(lambda: self.service(bus, hc))
+        elif hc.vsp.last_activity == before and not hc.vsp.backlog:
+            now = time.monotonic()
+            if now - hc.window_start > FLOOD_WINDOW_S:
+                hc.window_start, hc.spurious = now, 0
+            hc.spurious += 1
+            if hc.spurious > FLOOD_SPURIOUS:
+                bus.fail(hc, f"doorbell flood: over {FLOOD_SPURIOUS} wake-ups with nothing to "
+                         f"read in {FLOOD_WINDOW_S:g} s")
+
+    # -- status and tracing --------------------------------------------------------
+    def report(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for bus in self.buses.values():
+            out.extend(bus.report())
+        return out
+
+    def set_tracing(self, on: bool) -> None:
+        self.tracing = on
+        for bus in self.buses.values():
+            for relid, hc in bus.channels.items():
+                hc.vsp.tracer = self.packet_tracer(bus.name, relid) if on else None
+
+    def trace_message(self, direction: str, peer: str, msg: P.Message) -> None:
+        if self.tracing:
+            self.rt.trace(message_event(direction, peer, msg))
+
+    def trace_event(self, ev: dict[str, Any]) -> None:
+        if self.tracing:
+            self.rt.trace(ev)
+
+    def packet_tracer(self, peer: str, relid: int) -> Any:
+        return make_packet_tracer(self.rt, peer, relid)
+
+    def close(self) -> None:
+        for bus in self.buses.values():
+            for relid in list(bus.channels):
+                bus.close_channel(bus.server.channels[relid], "root stopping")
+
+
+def message_event(direction: str, peer: str, msg: P.Message) -> dict[str, Any]:
+    """A decoded control message as a trace event."""
+    fields: dict[str, Any] = {}
+    for k in getattr(msg, "__dataclass_fields__", {}):
+        v = getattr(msg, k)
+        if isinstance(v, bytes):
+            if not any(v):
+                continue
+            v = v[:32].hex() + ("..." if len(v) > 32 else "")
+        elif isinstance(v, uuid.UUID):
+            v = str(v)
+        if v in (0, "") and k not in ("child_relid", "status", "version_supported"):
+            continue
+        fields[k] = v
+    return {"dir": direction, "peer": peer, "what": msg.TYPE.name, "fields": fields}
+
+
+def make_packet_tracer(rt: PartitionRuntime, peer: str, relid: int) -> Any:
+    def tracer(direction: str, p: Any) -> None:
+        if isinstance(p, tuple):
+            ptype, flags, tid, length = p
+        else:
+            ptype, flags, tid, length = p.packet_type, p.flags, p.trans_id, len(p.payload)
+        rt.trace({"dir": direction, "peer": peer, "relid": relid, "what": "packet",
+                  "type": int(ptype), "flags": int(flags), "trans_id": int(tid),
+                  "len": int(length)})
+    return tracer
