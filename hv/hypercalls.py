@@ -859,6 +859,7 @@ class HypercallRouter:
         pair = self.doorbell_pairs
         fds = [to_root, to_child]
         frame = runtime_frame({"op": "doorbells", "relid": relid, "pair": pair}, fds)
+        frame.close_after_send = True  # the supervisor keeps no copy
         self.outbox.append((child, frame))
         self._reply_fds = [os.dup(fd) for fd in fds]
         return HvStatus.SUCCESS, pair

@@ -487,3 +487,56 @@ def test_poll_zero_reads_frames_already_waiting():
     finally:
         a.close()
         b.close()
+
+
+# --- channel doorbells (VIRIDIAN_CHANNEL_DOORBELLS) -------------------------------------
+
+
+def _doorbell_request(child: int, relid: int, seq: int = 7) -> Frame:
+    import struct
+
+    body = struct.pack("<Q", H.encode_control(HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS))
+    return Frame(FrameKind.HYPERCALL, seq, body + struct.pack("<II", child, relid))
+
+
+def test_channel_doorbells_reach_root_and_child_and_connect_them(net):
+    from hv.link import decode_runtime
+
+    r, _syn = net
+    reply = r.handle_frame(ROOT, _doorbell_request(CHILD1, 3))
+    assert reply is not None and reply.kind == FrameKind.REPLY and reply.seq == 7
+    assert H.result_status(int.from_bytes(reply.body[:8], "little")) == HvStatus.SUCCESS
+    assert len(reply.fds) == 2 and reply.close_after_send
+    [(to, frame)] = r.take_outbox()
+    assert to == CHILD1 and len(frame.fds) == 2 and frame.close_after_send
+    obj = decode_runtime(frame)
+    assert obj is not None and obj["op"] == "doorbells" and obj["relid"] == 3
+    try:
+        # The two copies are the same two kernel objects: a signal on the
+        # root's copy of "to child" is seen on the child's copy.
+        os.eventfd_write(reply.fds[1], 1)
+        assert os.eventfd_read(frame.fds[1]) == 1
+        os.eventfd_write(frame.fds[0], 1)
+        assert os.eventfd_read(reply.fds[0]) == 1
+    finally:
+        reply.close_fds()
+        frame.close_fds()
+
+
+def test_channel_doorbells_only_for_the_root_and_a_live_child(net):
+    r, syn = net
+    for caller, child, want in [
+        (CHILD1, CHILD2, HvStatus.ACCESS_DENIED),  # a child cannot wire channels
+        (CHILD2, CHILD2, HvStatus.ACCESS_DENIED),
+        (ROOT, ROOT, HvStatus.INVALID_PARTITION_ID),
+        (ROOT, 9, HvStatus.INVALID_PARTITION_ID),  # no such partition
+    ]:
+        reply = r.handle_frame(caller, _doorbell_request(child, 1))
+        assert reply is not None and not reply.fds
+        assert H.decode_reply_output(reply.encode())[0] == want, (caller, child)
+        assert r.take_outbox() == []
+    r.set_synic(CHILD1, None)  # down (restarting)
+    reply = r.handle_frame(ROOT, _doorbell_request(CHILD1, 1))
+    assert H.decode_reply_output(reply.encode())[0] == HvStatus.INVALID_PARTITION_ID
+    assert r.denied(CHILD1) == 1 and r.denied(CHILD2) == 1
+    del syn

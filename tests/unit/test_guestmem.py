@@ -1,0 +1,93 @@
+"""The child's page allocator over its guest memory view (hot-add included)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from hv import hypercalls as H
+from hv.memory import GuestMemory, GuestMemoryView
+from partitions.guestmem import OutOfGuestMemory, PageAllocator
+
+MiB = 1 << 20
+
+
+def deliver(msg, view) -> None:
+    """Over a socketpair, as the supervisor sends it (the fds are copies)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        H.send_frame(a, msg.frame())
+        b.settimeout(5)
+        (frame,) = H.recv_frames(b, H.FrameDecoder())
+        view.apply_frame(frame)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory(1, 1 * MiB, maximum_bytes=4 * MiB, name="child1")  # 256 pages
+    view = GuestMemoryView()
+    deliver(m.map_message(), view)
+    yield m, view
+    view.close()
+    m.close()
+
+
+def test_runs_are_contiguous_first_fit_and_never_page_zero(mem):
+    _m, view = mem
+    a = PageAllocator(view)
+    assert a.free_pages == 255  # page 0 is never handed out
+    p1 = a.alloc(10)
+    p2 = a.alloc(20)
+    assert p1 == 1 and p2 == 11
+    a.free(p1)
+    assert a.alloc(4) == 1  # first fit reuses the hole
+    assert a.alloc(6) == 5
+    assert a.used_pages == 30 and a.free_pages == 225
+
+
+def test_freed_runs_merge_back(mem):
+    _m, view = mem
+    a = PageAllocator(view)
+    runs = [a.alloc(50) for _ in range(5)]
+    for p in (runs[1], runs[3], runs[2], runs[0], runs[4]):
+        a.free(p)
+    assert a.free_pages == 255
+    assert a.alloc(255) == 1  # one run again
+
+
+def test_exhaustion_and_bad_frees(mem):
+    _m, view = mem
+    a = PageAllocator(view)
+    a.alloc(200)
+    with pytest.raises(OutOfGuestMemory):
+        a.alloc(100)
+    with pytest.raises(ValueError):
+        a.free(77)
+    with pytest.raises(ValueError):
+        a.alloc(0)
+
+
+def test_hot_added_memory_is_usable_at_once(mem):
+    m, view = mem
+    a = PageAllocator(view)
+    a.alloc(255)
+    deliver(m.hot_add(1 * MiB), view)
+    p = a.alloc(256)  # only fits in the new range
+    assert p == 256
+    buf = a.view_of(p, 256)
+    buf[:5] = b"hello"
+    assert bytes(view.translate(p * 4096, 5)) == b"hello"
+    buf.release()
+
+
+def test_a_run_never_straddles_two_ranges(mem):
+    m, view = mem
+    a = PageAllocator(view)
+    deliver(m.hot_add(1 * MiB), view)  # pages 256..511, adjacent
+    a.alloc(200)  # 1..200
+    p = a.alloc(100)  # 201..300 would cross 255/256: must not
+    assert p == 256
