@@ -115,6 +115,7 @@ class Partition:
     usage: float = 0.0
     log: JsonLog | None = None
     channels: list[dict[str, Any]] = field(default_factory=list)  # its last report
+    hypercalls: int = 0  # frames it sent the supervisor (none per channel packet)
     tracers: set[int] = field(default_factory=set)  # control connections tracing it
 
     @property
@@ -463,6 +464,7 @@ class Supervisor:
         assert self.services is not None
         fr.close_fds()  # a partition never hands the supervisor a descriptor
         if fr.kind == FrameKind.HYPERCALL:
+            p.hypercalls += 1
             try:
                 reply = self.services.hypercall(p.id, fr)
             except WireError as e:
@@ -723,6 +725,7 @@ class Supervisor:
                     "usage_percent": self._cpu_usage(p),
                 },
                 "devices": p.cfg.devices,
+                "hypercalls": p.hypercalls,
                 "channels": p.channels,
             })
         return {
