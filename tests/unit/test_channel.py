@@ -237,3 +237,32 @@ def test_device_spec_parses_config_entries():
     for bad in ("nope", {"mode": "sink"}, 3):
         with pytest.raises(ValueError):
             device_spec(bad)
+
+
+def test_the_documented_device_example_works():
+    """docs/channels.md's "Writing a device" example, run as written."""
+    import re
+    from pathlib import Path
+
+    from partitions.devices.base import DEVICES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "channels.md").read_text()
+    code = re.search(r"## Writing a device.*?```python\n(.*?)```", doc, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "docs/channels.md", "exec"), ns)
+    try:
+        dc = DEVICES["upper"]
+        p = Pair(dc.send_ring_pages, dc.recv_ring_pages)
+        logged = []
+        vsp = dc.vsp(p.root, {}, child=1)
+        vsc = dc.vsc(p.child, {}, lambda ev, **kw: logged.append((ev, kw)))
+        vsc.on_open()
+        vsp.service()
+        vsc.service()
+        assert logged == [("upper", {"reply": "HELLO"})]
+        p.child.try_send(b"no reply wanted")
+        with pytest.raises(DeviceError):
+            vsp.service()
+        p.close()
+    finally:
+        DEVICES.pop("upper", None)
