@@ -13,7 +13,10 @@ The file::
     role = "root"             # "root" (exactly one) or "child"
     restart = "on-crash"      # "never" | "on-crash" | "always"
     devices = ["echo"]        # VMBus devices offered to a child: "echo" or { type = "echo", ... }
-    memory = { startup = "512M", minimum = "256M", maximum = "2G" }
+    memory = { startup = "256M", minimum = "64M", maximum = "1G", dynamic = true }
+                              # also buffer = 20 (% kept free over demand, 5-2000) and
+                              # weight = 5000 (0-10000: who gets memory first when short);
+                              # dynamic: the root's balancer hot-adds / balloons by demand
     cpu = { weight = 100, limit = 100, reserve = 0 }
 
 Sizes are binary (``512M`` = ``512MB`` = ``512MiB`` = 512 x 2**20 bytes) or
@@ -114,6 +117,12 @@ class MemoryConfig(_Strict):
     startup: Size = Field(default=256 << 20, description="bytes granted at boot")
     minimum: Size = Field(default=64 << 20, description="the balloon never goes below")
     maximum: Size = Field(default=1 << 30, description="hot-add never goes above")
+    buffer: int = Field(default=20, ge=5, le=2000,
+                        description="% of demand kept free on top (Hyper-V memory buffer)")
+    weight: int = Field(default=5000, ge=0, le=10000,
+                        description="priority when host memory is short (Hyper-V memory weight)")
+    dynamic: bool = Field(default=False, description="the root's balancer moves memory "
+                          "between minimum and maximum by demand (Hyper-V Dynamic Memory)")
 
     @model_validator(mode="after")
     def _ordered(self) -> MemoryConfig:
@@ -194,16 +203,16 @@ cpu = { weight = 100, limit = 100, reserve = 0 }
 name = "child1"
 role = "child"
 restart = "on-crash"
-devices = ["echo"]
-memory = { startup = "256M", minimum = "64M", maximum = "1G" }
+devices = ["echo", "dynmem"]
+memory = { startup = "256M", minimum = "64M", maximum = "1G", dynamic = true, buffer = 20 }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 
 [[partition]]
 name = "child2"
 role = "child"
 restart = "on-crash"
-devices = ["echo"]
-memory = { startup = "256M", minimum = "64M", maximum = "1G" }
+devices = ["echo", "dynmem"]
+memory = { startup = "256M", minimum = "64M", maximum = "1G", dynamic = true, buffer = 20 }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 """
 
@@ -293,7 +302,9 @@ def dump_toml(config: ClusterConfig) -> str:
     """TOML text that ``parse_config`` reads back into an equal ``ClusterConfig``."""
     lines: list[str] = []
     for p in config.partitions:
-        mem = {k: format_size(getattr(p.memory, k)) for k in ("startup", "minimum", "maximum")}
+        mem: dict[str, Any] = {k: format_size(getattr(p.memory, k))
+                               for k in ("startup", "minimum", "maximum")}
+        mem.update(dynamic=p.memory.dynamic, buffer=p.memory.buffer, weight=p.memory.weight)
         cpu = {"weight": p.cpu.weight, "limit": p.cpu.limit, "reserve": p.cpu.reserve}
         lines += [
             "[[partition]]",

@@ -137,6 +137,13 @@ class HypercallCode(enum.IntEnum):
     # two eventfds on the reply (root's, child's); the child gets the same
     # two fds in a runtime frame {"op": "doorbells", "relid", "pair"}.
     VIRIDIAN_CHANNEL_DOORBELLS = 0x8003
+    # Dynamic Memory, root only (the DM VSP asks; the supervisor owns memory):
+    # in: u32 child, u32 rsvdz, u64 bytes; out: u64 start pfn, u64 page count
+    VIRIDIAN_MEMORY_HOT_ADD = 0x8004
+    # in: u32 child, u32 count, u64 range[count] (start pfn | pages << 40); out: u64 pages
+    VIRIDIAN_MEMORY_BALLOON = 0x8005
+    # in: u32 child, u32 rsvdz, u64 max pages; out: u32 count, u32 rsvdz, u64 range[count]
+    VIRIDIAN_MEMORY_UNBALLOON = 0x8006
 
 
 class HvStatus(enum.IntEnum):
@@ -232,6 +239,9 @@ _U64 = struct.Struct("<Q")
 assert _POST.size == POST_MESSAGE_INPUT_SIZE and _SIGNAL.size == SIGNAL_EVENT_INPUT_SIZE
 
 MAX_SHARE_PAGES = 4096  # PFNs per VIRIDIAN_SHARE_PAGES call (32 KiB of input)
+MAX_MEMORY_RANGES = 510  # ranges per balloon / unballoon call (a DM message's worth)
+HOT_ADD_ALIGN_BYTES = 128 << 20  # new ranges start on a 128 MiB boundary (spec §7.3)
+HOST_RESERVE_BYTES = 256 << 20  # a hot-add leaves at least this much host memory available
 
 
 class PostMessageInput(NamedTuple):
@@ -571,6 +581,18 @@ def decode_reply(data: bytes) -> HvStatus | int:
 # --- the router ---------------------------------------------------------------
 
 
+def _host_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (what the host can still give)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class ConnectionKind(enum.IntEnum):
     MESSAGE = 1
     EVENT = 2
@@ -654,6 +676,8 @@ class HypercallRouter:
         self.calls = 0
         self.doorbell_pairs = 0
         self._reply_fds: list[int] = []
+        self.host_available = _host_available  # bytes the host can still give (injectable)
+        self.memory_errors: list[str] = []  # why the last memory call failed (for the log)
 
     # -- configuration --
 
@@ -864,6 +888,100 @@ class HypercallRouter:
         self._reply_fds = [os.dup(fd) for fd in fds]
         return HvStatus.SUCCESS, pair
 
+    # -- Dynamic Memory (root only) --
+
+    def _dm_target(self, caller: int, child: int) -> tuple[HvStatus, Any]:
+        part = self._parts.get(caller)
+        if part is None or caller != self.root_id:
+            if part is not None:
+                part.denied += 1
+            return HvStatus.ACCESS_DENIED, None
+        target = self._parts.get(child)
+        if child == self.root_id or target is None or target.memory is None:
+            return HvStatus.INVALID_PARTITION_ID, None
+        return HvStatus.SUCCESS, target
+
+    def memory_hot_add(self, caller: int, child: int, nbytes: int) -> tuple[HvStatus, int, int]:
+        """Grow ``child``'s memory by a new range (GPA on a 128 MiB boundary)
+        and send it the MAP frame (``outbox``) before answering.  Returns
+        (status, first pfn, pages).  OPERATION_DENIED: above its maximum;
+        INSUFFICIENT_MEMORY: the host cannot give that much; INVALID_PARAMETER:
+        not whole pages."""
+        from .memory import GuestMemoryError, MemoryLimitError
+
+        self.calls += 1
+        st, target = self._dm_target(caller, child)
+        if st != HvStatus.SUCCESS:
+            return st, 0, 0
+        if nbytes <= 0 or nbytes % 4096:
+            return HvStatus.INVALID_PARAMETER, 0, 0
+        avail = self.host_available()
+        if nbytes > avail - HOST_RESERVE_BYTES:
+            self.memory_errors.append(f"not enough host memory: {nbytes} bytes asked, "
+                                      f"{max(0, avail - HOST_RESERVE_BYTES)} can be given")
+            return HvStatus.INSUFFICIENT_MEMORY, 0, 0
+        try:
+            msg = target.memory.hot_add(nbytes, align_bytes=HOT_ADD_ALIGN_BYTES)
+        except MemoryLimitError as e:
+            self.memory_errors.append(str(e))
+            return HvStatus.OPERATION_DENIED, 0, 0
+        except (GuestMemoryError, OSError) as e:
+            self.memory_errors.append(str(e))
+            return HvStatus.INSUFFICIENT_MEMORY, 0, 0
+        seg = msg.segments[0]
+        self.outbox.append((child, msg.frame()))
+        return HvStatus.SUCCESS, seg.gpa_pfn, seg.npages
+
+    def memory_balloon(self, caller: int, child: int,
+                       ranges: Sequence[tuple[int, int]]) -> tuple[HvStatus, int]:
+        """Take back pages the child gave up (its DM balloon response): the
+        kernel frees them and the child's view stops translating them
+        (BALLOON frame in ``outbox``).  All or nothing.  OPERATION_DENIED:
+        below its minimum; ACCESS_DENIED: a page not the child's, already
+        ballooned or shared with the root."""
+        from .memory import GuestMemoryError, MemoryLimitError
+
+        self.calls += 1
+        st, target = self._dm_target(caller, child)
+        if st != HvStatus.SUCCESS:
+            return st, 0
+        if not ranges:
+            return HvStatus.INVALID_PARAMETER, 0
+        try:
+            msg = target.memory.balloon(ranges)
+        except MemoryLimitError as e:
+            self.memory_errors.append(str(e))
+            return HvStatus.OPERATION_DENIED, 0
+        except GuestMemoryError as e:
+            self.memory_errors.append(str(e))
+            return HvStatus.ACCESS_DENIED, 0
+        self.outbox.append((child, msg.frame()))
+        return HvStatus.SUCCESS, sum(n for _, n in ranges)
+
+    def memory_unballoon(self, caller: int, child: int,
+                         max_pages: int) -> tuple[HvStatus, list[tuple[int, int]]]:
+        """Give up to ``max_pages`` ballooned pages back to ``child`` (lowest
+        first, within its maximum); UNBALLOON frame in ``outbox``.  Returns
+        the ranges (empty: nothing ballooned)."""
+        from .memory import GuestMemoryError
+
+        self.calls += 1
+        st, target = self._dm_target(caller, child)
+        if st != HvStatus.SUCCESS:
+            return st, []
+        mem = target.memory
+        room = max(0, (mem.maximum_bytes - mem.assigned_bytes) // 4096)
+        ranges = mem.ballooned_runs(min(max_pages, room), MAX_MEMORY_RANGES)
+        if not ranges:
+            return HvStatus.SUCCESS, []
+        try:
+            msg = mem.unballoon(ranges)
+        except GuestMemoryError as e:
+            self.memory_errors.append(str(e))
+            return HvStatus.OPERATION_DENIED, []
+        self.outbox.append((child, msg.frame()))
+        return HvStatus.SUCCESS, ranges
+
     def _revoke(self, grant_id: int, part: _Partition) -> None:
         self._grants.pop(grant_id, None)
         if part.memory is not None:
@@ -912,6 +1030,35 @@ class HypercallRouter:
             if len(inp) != 8:
                 return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
             return encode_result(self.revoke_grant(caller, _U64.unpack(inp)[0])), b""
+        if code == HypercallCode.VIRIDIAN_MEMORY_HOT_ADD:
+            if len(inp) != 16:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            child, rsvd, nbytes = struct.unpack("<IIQ", inp)
+            if rsvd:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            st, start, count = self.memory_hot_add(caller, child, nbytes)
+            return encode_result(st), struct.pack("<QQ", start, count) if st == 0 else b""
+        if code == HypercallCode.VIRIDIAN_MEMORY_BALLOON:
+            if len(inp) < 8:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            child, count = struct.unpack_from("<II", inp)
+            if not 1 <= count <= MAX_MEMORY_RANGES or len(inp) != 8 + 8 * count:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            words = struct.unpack_from(f"<{count}Q", inp, 8)
+            ranges = [(w & (1 << 40) - 1, w >> 40) for w in words]
+            st, pages = self.memory_balloon(caller, child, ranges)
+            return encode_result(st), _U64.pack(pages) if st == 0 else b""
+        if code == HypercallCode.VIRIDIAN_MEMORY_UNBALLOON:
+            if len(inp) != 16:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            child, rsvd, max_pages = struct.unpack("<IIQ", inp)
+            if rsvd:
+                return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
+            st, rr = self.memory_unballoon(caller, child, max_pages)
+            if st:
+                return encode_result(st), b""
+            return encode_result(st), struct.pack("<II", len(rr), 0) + b"".join(
+                _U64.pack(p | n << 40) for p, n in rr)
         if code == HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS:
             if len(inp) != 8:
                 return encode_result(HvStatus.INVALID_HYPERCALL_INPUT), b""
@@ -1068,6 +1215,41 @@ class HypercallClient:
                 os.close(fd)
             return (st if st != HvStatus.SUCCESS else HvStatus.INVALID_PARAMETER), []
         return st, fds
+
+    def memory_hot_add(self, child: int, nbytes: int) -> tuple[HvStatus | int, int, int]:
+        """Root only: (status, first pfn, pages) of a new range for ``child``."""
+        st, out = self.call(HypercallCode.VIRIDIAN_MEMORY_HOT_ADD,
+                            struct.pack("<IIQ", child, 0, nbytes))
+        if st != HvStatus.SUCCESS or len(out) != 16:
+            return st, 0, 0
+        start, count = struct.unpack("<QQ", out)
+        return st, start, count
+
+    def memory_balloon(self, child: int,
+                       ranges: Sequence[tuple[int, int]]) -> tuple[HvStatus | int, int]:
+        """Root only: take back ``ranges`` (pfn, pages) the child gave up."""
+        inp = struct.pack("<II", child, len(ranges)) + b"".join(
+            _U64.pack(p | n << 40) for p, n in ranges)
+        st, out = self.call(HypercallCode.VIRIDIAN_MEMORY_BALLOON, inp)
+        return st, (_U64.unpack(out)[0] if st == HvStatus.SUCCESS and len(out) == 8 else 0)
+
+    def memory_unballoon(self, child: int,
+                         max_pages: int) -> tuple[HvStatus | int, list[tuple[int, int]]]:
+        """Root only: up to ``max_pages`` ballooned pages given back, as ranges."""
+        st, out = self.call(HypercallCode.VIRIDIAN_MEMORY_UNBALLOON,
+                            struct.pack("<IIQ", child, 0, max_pages))
+        if st != HvStatus.SUCCESS or len(out) < 8:
+            return st, []
+        (n, _r) = struct.unpack_from("<II", out)
+        words = struct.unpack_from(f"<{n}Q", out, 8) if len(out) == 8 + 8 * n else ()
+        return st, [(w & (1 << 40) - 1, w >> 40) for w in words]
+
+    def read_available(self, limit: int = 256) -> None:
+        """Read every frame already waiting in the socket into ``unsolicited``
+        (no waiting; at most ``limit`` reads)."""
+        for _ in range(limit):
+            if not self._read_some(0.0):
+                return
 
     def poll(self, timeout: float) -> list[Frame]:
         """Frames other than awaited replies: those queued, else wait up to

@@ -512,6 +512,22 @@ class GuestMemory:
             raise GuestMemoryError(f"{self.name} has only {found} pages that can be ballooned")
         return self.balloon(runs)
 
+    def ballooned_runs(self, max_pages: int, max_runs: int) -> list[tuple[int, int]]:
+        """Up to ``max_pages`` ballooned pages, lowest first, as at most
+        ``max_runs`` (pfn, count) runs, each within one range."""
+        out: list[tuple[int, int]] = []
+        left = max_pages
+        for r in self._ranges:
+            if not r.nballooned or left <= 0:
+                continue
+            for start, n in _runs(i for i, b in enumerate(r.ballooned) if b):
+                if left <= 0 or len(out) >= max_runs:
+                    return out
+                take = min(n, left)
+                out.append((r.gpa_pfn + start, take))
+                left -= take
+        return out
+
     def unballoon(self, pfn_ranges: Iterable[tuple[int, int]]) -> MemoryMessage:
         """Give ballooned pages back (they come back zero-filled).  Refuses
         pages that are not ballooned or going above the maximum."""

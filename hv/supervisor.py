@@ -74,6 +74,7 @@ STABLE_AFTER_S = 10.0
 _WATCH_BUFFER_MAX = 4 << 20
 MAX_REPORTED_CHANNELS = 256  # channels kept from one partition's report
 MAX_TRACE_EVENTS = 1000  # trace events forwarded from one frame
+DM_REQUEST_TIMEOUT_S = 15.0  # a memory request the root does not answer in time fails
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -116,6 +117,7 @@ class Partition:
     log: JsonLog | None = None
     channels: list[dict[str, Any]] = field(default_factory=list)  # its last report
     hypercalls: int = 0  # frames it sent the supervisor (none per channel packet)
+    demand: dict[str, int] | None = None  # its DM pressure report, as the root relayed it
     tracers: set[int] = field(default_factory=set)  # control connections tracing it
 
     @property
@@ -202,6 +204,8 @@ class Supervisor:
         self._forced = False
         self._done = False
         self._children_started = False
+        self._dm_seq = 0
+        self._dm_pending: dict[int, tuple[Any, ...]] = {}  # req -> (conn, child, action, ...)
         self._manifest_dirty = False
         self._t0 = time.monotonic()
         self.manifest = Manifest(rundir.manifest_file, cluster)
@@ -392,7 +396,8 @@ class Supervisor:
                                 "connections": grant.connections}
         if p.cfg.role == "root":
             boot["children"] = [{"id": c.id, "name": c.name, "devices": c.cfg.devices,
-                                 "running": c.state == PartitionState.RUNNING}
+                                 "running": c.state == PartitionState.RUNNING,
+                                 "memory": self._memory_settings(c)}
                                 for c in self.parts[1:]]
         else:
             boot["root_up"] = self.parts[0].state == PartitionState.RUNNING
@@ -502,6 +507,8 @@ class Supervisor:
             p.boot_s = round(time.monotonic() - p.started, 4)
             self._set_state(p, PartitionState.RUNNING, boot_s=p.boot_s,
                             guest_visible_bytes=p.guest_visible_bytes)
+            if p.tracers:  # a traced partition started again: the trace goes on
+                self._tell(p, {"op": "trace", "on": True})
             if p.cfg.role == "root":
                 self._tell_children({"op": "root", "state": "up"})
             else:
@@ -521,6 +528,15 @@ class Supervisor:
                 self._trace_out(p, {"event": "trace", "partition": p.name,
                                     "events": ev[:MAX_TRACE_EVENTS],
                                     "dropped": obj.get("dropped", 0)})
+        elif op == "dm.result" and p.cfg.role == "root":
+            self._dm_result(obj)
+        elif op == "dm.status" and p.cfg.role == "root":
+            child = obj.get("child")
+            if isinstance(child, int) and 0 < child < len(self.parts):
+                self.parts[child].demand = {
+                    k: int(obj[k]) for k in ("committed_bytes", "available_bytes",
+                                             "ballooned_bytes")
+                    if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool)}
         elif op not in ("hello", "memory", "report", "trace"):
             self._plog(p)("unknown message", level="warning", op=str(op)[:40])
 
@@ -559,6 +575,10 @@ class Supervisor:
         p.pid = p.pidfd = None
         p.guest_visible_bytes = None
         p.channels = []
+        p.demand = None
+        if p.cfg.role == "root":
+            for req in list(self._dm_pending):
+                self._dm_answer(req, {"ok": False, "error": "the root went down"})
         if p.cfg.role == "root":
             self._tell_children({"op": "root", "state": "down"})
         else:
@@ -711,13 +731,7 @@ class Supervisor:
                 "boot_s": p.boot_s,
                 "restart_policy": p.cfg.restart,
                 "last_exit": p.last_exit,
-                "memory": {
-                    "assigned_bytes": self.services.assigned_bytes(p.id),
-                    "guest_visible_bytes": p.guest_visible_bytes,
-                    "startup_bytes": p.cfg.memory.startup,
-                    "minimum_bytes": p.cfg.memory.minimum,
-                    "maximum_bytes": p.cfg.memory.maximum,
-                },
+                "memory": self._memory_status(p),
                 "cpu": {
                     "weight": p.cpu.weight,
                     "limit_percent": p.cpu.limit_percent,
@@ -909,7 +923,9 @@ class Supervisor:
             if isinstance(op, str) and op.startswith("partition."):
                 return self._handle_partition(op, req)
             if op in ("memory.add", "memory.balloon"):
-                return self._handle_memory(op, req)
+                return self._handle_memory(c, op, req)
+            if op == "memory.set":
+                return self._handle_memory_set(self._find(req.get("name")), req)
             if op == "trace":
                 return self._handle_trace(c, req)
             if op in ("workload", "channel.rescind"):
@@ -956,10 +972,42 @@ class Supervisor:
             raise ControlError(f"unknown op: {op!r}", "bad_request")
         return {"ok": True, "name": p.name, "state": str(p.state), "pid": p.pid}
 
-    def _handle_memory(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        """Hot-add to or balloon a running partition (the mechanism; the
-        Dynamic Memory protocol and its balancer drive it in issue 5)."""
-        from hv.memory import GuestMemoryError
+    # -- dynamic memory ----------------------------------------------------------------------
+
+    def _memory_settings(self, p: Partition) -> dict[str, Any]:
+        m = p.cfg.memory
+        return {"startup": m.startup, "minimum": m.minimum, "maximum": m.maximum,
+                "buffer": m.buffer, "weight": m.weight, "dynamic": m.dynamic}
+
+    def _memory_status(self, p: Partition) -> dict[str, Any]:
+        assert self.services is not None
+        m = p.cfg.memory
+        live = self.services.live.get(p.id) if p.alive else None
+        d = p.demand or {}
+        visible = p.guest_visible_bytes
+        demand = d.get("committed_bytes")
+        return {
+            "assigned_bytes": self.services.assigned_bytes(p.id),
+            "guest_visible_bytes": visible,
+            "demand_bytes": demand,
+            "pressure_percent": round(100.0 * demand / visible, 1)
+            if demand is not None and visible else None,
+            "ballooned_bytes": live.memory.ballooned_bytes if live else 0,
+            "resident_bytes": live.memory.resident_bytes() if live else 0,
+            "startup_bytes": m.startup,
+            "minimum_bytes": m.minimum,
+            "maximum_bytes": m.maximum,
+            "buffer_percent": m.buffer,
+            "weight": m.weight,
+            "dynamic": m.dynamic,
+        }
+
+    def _handle_memory(self, c: _Conn, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Hot-add to or balloon a running child through its Dynamic Memory
+        channel: the root's DM VSP runs the protocol, the supervisor maps or
+        takes back the pages; the answer comes when the guest has answered."""
+        from hv.hypercalls import HOST_RESERVE_BYTES, _host_available
+        from hv.memory import format_bytes
 
         if "name" not in req:
             raise ControlError(f"{op} needs a partition \"name\"", "bad_request")
@@ -969,18 +1017,99 @@ class Supervisor:
             raise ControlError("bytes must be a positive integer", "invalid")
         if nbytes % 4096:
             raise ControlError(f"bytes must be a multiple of 4096, got {nbytes}", "invalid")
+        if p.cfg.role != "child":
+            raise ControlError(f"{p.name} is the root: dynamic memory is for children", "invalid")
         if not p.alive or p.state != PartitionState.RUNNING or self.services is None:
             raise ControlError(f"{p.name} is not running ({p.state})", "invalid")
-        try:
-            frame = (self.services.hot_add if op == "memory.add" else self.services.balloon)(
-                p.id, nbytes)
-        except GuestMemoryError as e:
-            raise ControlError(str(e), "invalid") from None
-        self._to_partition(p, frame)
+        root = self.parts[0]
+        if root.state != PartitionState.RUNNING:
+            raise ControlError(f"the root is not running ({root.state}): no dynamic memory "
+                               "channel", "invalid")
+        mem = self.services.live[p.id].memory
+        a = mem.assigned_bytes
+        if op == "memory.add":
+            if a + nbytes > mem.maximum_bytes:
+                raise ControlError(
+                    f"cannot add {format_bytes(nbytes)} to {p.name}: above its maximum of "
+                    f"{format_bytes(mem.maximum_bytes)} (assigned {format_bytes(a)})", "invalid")
+            avail = _host_available() - HOST_RESERVE_BYTES
+            if nbytes > avail:
+                raise ControlError(
+                    f"cannot add {format_bytes(nbytes)} to {p.name}: not enough host memory "
+                    f"({format_bytes(max(0, avail))} can be given)", "invalid")
+        elif a - nbytes < mem.minimum_bytes:
+            raise ControlError(
+                f"cannot balloon {format_bytes(nbytes)} from {p.name}: below its minimum of "
+                f"{format_bytes(mem.minimum_bytes)} (assigned {format_bytes(a)})", "invalid")
+        self._dm_seq += 1
+        req_id = self._dm_seq
+        action = "hot-add" if op == "memory.add" else "balloon"
+        timer = self._timers.call_later(DM_REQUEST_TIMEOUT_S, lambda: self._dm_answer(
+            req_id, {"ok": False, "error": "the root did not answer in time"}))
+        self._dm_pending[req_id] = (c, p, action, nbytes, timer)
+        self._tell_root({"op": "dm", "action": action, "child": p.id, "bytes": nbytes,
+                         "req": req_id})
+        return {}  # answered by _dm_answer
+
+    def _dm_result(self, obj: dict[str, Any]) -> None:
+        req = obj.get("req")
+        if isinstance(req, int):
+            self._dm_answer(req, obj)
+
+    def _dm_answer(self, req_id: int, r: dict[str, Any]) -> None:
+        entry = self._dm_pending.pop(req_id, None)
+        if entry is None:
+            return
+        c, p, action, nbytes, timer = entry
+        self._timers.cancel(timer)
+        assert self.services is not None
         assigned = self.services.assigned_bytes(p.id)
-        self._plog(p)("hot-add" if op == "memory.add" else "balloon", bytes=nbytes,
-                      assigned_bytes=assigned)
-        return {"ok": True, "name": p.name, "assigned_bytes": assigned}
+        ok = bool(r.get("ok"))
+        self._plog(p)(action, bytes=nbytes, ok=ok, assigned_bytes=assigned, ms=r.get("ms"),
+                      **({"error": str(r.get("error"))} if not ok else {}))
+        if ok:
+            ans = {"ok": True, "name": p.name, "action": action, "assigned_bytes": assigned,
+                   "pages": r.get("pages"), "ms": r.get("ms")}
+            if r.get("note"):
+                ans["note"] = r["note"]
+        else:
+            ans = {"ok": False, "code": "refused",
+                   "error": f"{p.name}: {r.get('error') or 'failed'}"}
+        if c.sock.fileno() >= 0:
+            self._send(c, ans)
+
+    def _handle_memory_set(self, p: Partition, req: dict[str, Any]) -> dict[str, Any]:
+        """Change a partition's memory limits, buffer, weight or dynamic flag
+        (live: the supervisor enforces the limits, the root's balancer follows)."""
+        from pydantic import ValidationError
+
+        from hv.config import MemoryConfig
+
+        keys = ("minimum", "maximum", "buffer", "weight", "dynamic")
+        changes = {k: req[k] for k in keys if k in req and req[k] is not None}
+        if not changes:
+            raise ControlError("memory.set needs one of " + ", ".join(keys), "bad_request")
+        try:
+            new = MemoryConfig.model_validate({**p.cfg.memory.model_dump(), **changes})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ControlError(f"{p.name}: {'.'.join(map(str, err['loc'])) or 'memory'}: "
+                               f"{err['msg']}", "invalid") from None
+        assert self.services is not None
+        live = self.services.live.get(p.id) if p.alive else None
+        if live is not None:
+            from hv.memory import GuestMemoryError
+
+            try:
+                live.memory.set_limits(minimum_bytes=new.minimum, maximum_bytes=new.maximum)
+            except GuestMemoryError as e:
+                raise ControlError(str(e), "invalid") from None
+        p.cfg = p.cfg.model_copy(update={"memory": new})
+        self._plog(p)("memory settings", **self._memory_settings(p))
+        if p.cfg.role == "child":
+            self._tell_root({"op": "dm.settings", "child": p.id,
+                             "memory": self._memory_settings(p)})
+        return {"ok": True, "name": p.name, "memory": self._memory_status(p)}
 
     def _handle_set(self, p: Partition, req: dict[str, Any]) -> dict[str, Any]:
         assert self.services is not None

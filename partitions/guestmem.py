@@ -33,6 +33,7 @@ class PageAllocator:
         self.view = view
         self._free: list[tuple[int, int]] = []  # sorted (first pfn, count)
         self._used: dict[int, int] = {}  # first pfn -> count
+        self._ballooned: set[int] = set()  # pages given up to the balloon
         self._known: set[tuple[int, int]] = set()
         self.sync()
 
@@ -82,7 +83,81 @@ class PageAllocator:
         n = self._used.pop(pfn, None)
         if n is None:
             raise ValueError(f"page {pfn:#x} was not allocated")
-        self._release(pfn, n)
+        if not self._ballooned or not any(p in self._ballooned for p in range(pfn, pfn + n)):
+            self._release(pfn, n)
+            return
+        run = None  # pages the host took meanwhile stay with the balloon
+        for p in range(pfn, pfn + n + 1):
+            if p < pfn + n and p not in self._ballooned:
+                run = p if run is None else run
+            elif run is not None:
+                self._release(run, p - run)
+                run = None
+
+    @property
+    def ballooned_pages(self) -> int:
+        return len(self._ballooned)
+
+    @property
+    def total_pages(self) -> int:
+        """Pages this allocator manages (page 0 excluded): free + used + ballooned."""
+        return self.free_pages + self.used_pages + len(self._ballooned)
+
+    def take_highest(self, npages: int) -> list[tuple[int, int]]:
+        """Give up to ``npages`` free pages to the balloon, highest first
+        (the end of memory, which hot-add grew), as (pfn, count) runs each
+        within one mapped range.  They are handed out no more until
+        ``give_back``."""
+        self.sync()
+        out: list[tuple[int, int]] = []
+        left = npages
+        ranges = self.view.ranges
+        while left > 0 and self._free:
+            first, count = self._free[-1]
+            # stay within one mapped range: cut at the range holding the run's end
+            end = first + count
+            lo = first
+            for rfirst, rcount in ranges:
+                if rfirst < end <= rfirst + rcount:
+                    lo = max(first, rfirst)
+            n = min(left, end - lo)
+            start = end - n
+            self._take(len(self._free) - 1, start, n)
+            out.append((start, n))
+            self._ballooned.update(range(start, start + n))
+            left -= n
+        return sorted(out)
+
+    def withdraw(self, pfn: int, npages: int) -> int:
+        """The host took pages [pfn, pfn+npages) (a BALLOON frame): free ones
+        leave the free list and count as ballooned.  Returns how many of them
+        were in use (the host took memory the guest was using: lost)."""
+        end = pfn + npages
+        taken = 0
+        i = 0
+        while i < len(self._free):
+            first, count = self._free[i]
+            lo, hi = max(first, pfn), min(first + count, end)
+            if lo >= hi:
+                i += 1
+                continue
+            self._take(i, lo, hi - lo)
+            self._ballooned.update(range(lo, hi))
+            taken += hi - lo
+        already = sum(1 for p in range(pfn, end) if p in self._ballooned) - taken
+        self._ballooned.update(range(pfn, end))
+        return npages - taken - already
+
+    def give_back(self, pfn: int, npages: int) -> None:
+        """Pages the balloon held are usable again (unballoon).
+
+        Raises:
+            ValueError: a page was not in the balloon (nothing changes)."""
+        pages = range(pfn, pfn + npages)
+        if npages <= 0 or not all(p in self._ballooned for p in pages):
+            raise ValueError(f"pages {pfn:#x}+{npages} are not all ballooned")
+        self._ballooned.difference_update(pages)
+        self._release(pfn, npages)
 
     def view_of(self, pfn: int, npages: int) -> memoryview:
         """A writable view of an allocated run."""

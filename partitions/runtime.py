@@ -100,6 +100,8 @@ class PartitionRuntime:
             "partition": self._on_partition,
             "rescind": self._on_rescind,
             "workload": self._on_workload,
+            "dm": self._on_dm,
+            "dm.settings": self._on_dm,
         }
         self.cluster = ""
         self.vmbus: Any = None  # VmbusHost (root) or VmbusGuest (child), after boot
@@ -192,6 +194,13 @@ class PartitionRuntime:
                 and isinstance(relid, int):
             self.vmbus.rescind(child, relid)
 
+    def _on_dm(self, obj: dict[str, Any], fr: Frame) -> None:
+        if self.role == "root" and self.vmbus is not None:
+            if obj.get("op") == "dm":
+                self.vmbus.memory.on_request(obj)
+            else:
+                self.vmbus.memory.on_settings(obj)
+
     def _on_workload(self, obj: dict[str, Any], fr: Frame) -> None:
         if self.role == "child" and self.vmbus is not None:
             self.vmbus.workload(obj)
@@ -254,17 +263,18 @@ class PartitionRuntime:
             self._trace_dropped = 0
 
     def pump_link(self) -> None:
-        """Take in grants and doorbells already waiting on the link (they were
-        sent before the message being handled); other frames keep their turn."""
+        """Take in memory frames (grants, hot-added ranges) and doorbells
+        already waiting on the link (they were sent before the message being
+        handled); other frames keep their turn."""
         try:
-            self.hv.poll(0.0)  # reads what is there into hv.unsolicited
+            self.hv.read_available()  # what is there, into hv.unsolicited (in order)
         except ConnectionError:
             return
         keep = []
         for fr in list(self.hv.unsolicited):
             take = False
-            if fr.kind == FrameKind.MEMORY and len(fr.body) >= 4:
-                take = int.from_bytes(fr.body[:4], "little") == MemoryOp.GRANT
+            if fr.kind == FrameKind.MEMORY:
+                take = True  # grants, new ranges, balloon state: in their order
             elif (obj := decode_runtime(fr)) is not None:
                 take = obj.get("op") == "doorbells"
             if take:
@@ -273,6 +283,7 @@ class PartitionRuntime:
                 keep.append(fr)
         self.hv.unsolicited.clear()
         self.hv.unsolicited.extend(keep)
+
     # -- messages from the supervisor --------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -297,7 +308,13 @@ class PartitionRuntime:
                     if op == MemoryOp.GRANT and self.vmbus is not None:
                         self.vmbus.on_grant()
                 else:
-                    self.memory.apply_frame(fr)
+                    msg = self.memory.apply_frame(fr)
+                    if op == MemoryOp.BALLOON and self.vmbus is not None \
+                            and hasattr(self.vmbus, "alloc"):
+                        lost = sum(self.vmbus.alloc.withdraw(seg.gpa_pfn, seg.npages)
+                                   for seg in msg.segments)
+                        if lost:
+                            self.log("the host took pages in use", level="error", pages=lost)
                 if self.synic is not None and self.memory.visible_bytes != before:
                     self.send({"op": "memory", "guest_visible_bytes": self.memory.visible_bytes})
                 return

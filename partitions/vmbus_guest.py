@@ -247,6 +247,7 @@ class VmbusGuest:
             buf.release()
         gc.channel = chan
         gc.vsc = gc.device.vsc(chan, gc.config, self.rt.log)
+        gc.vsc.partition = self.rt  # devices that need the partition (dynamic memory)
         gc.vsc.tracer = make_packet_tracer(self.rt, "root", relid) if self.tracing else None
         gc.state = "open"
         gc.opened_at = time.monotonic()

@@ -51,8 +51,16 @@ __all__ = ["GRANT_WAIT_S", "VmbusHost"]
 GRANT_WAIT_S = 1.0
 RETRY_S = 0.005  # a post refused with INSUFFICIENT_BUFFERS is retried after this
 MAX_QUEUED_MESSAGES = 512  # per child, waiting for message buffers
+# A doorbell flood: in one window, more than FLOOD_SPURIOUS wake-ups that found
+# nothing to read, and more than FLOOD_RATIO of them per packet read.  An
+# honest child rings only on empty -> non-empty (or space freed), so its
+# spurious wake-ups (a ring for data an earlier pass already took) stay below
+# its packets: a busy ping-pong channel makes ~0.3 per packet, thousands a
+# second.  A pure rate threshold would sooner or later close a fast honest
+# channel; the ratio never does.
 FLOOD_WINDOW_S = 1.0
-FLOOD_SPURIOUS = 20000  # wake-ups with nothing to do per window: a doorbell flood
+FLOOD_SPURIOUS = 5000
+FLOOD_RATIO = 4
 LOGGED_ERRORS = 20  # protocol errors logged per child (the rest are counted)
 _INSTANCE_NS = uuid.UUID("b0d6c1f4-3f2a-4c6e-8d43-7669726964ff")
 
@@ -64,8 +72,9 @@ class HostChannel:
     channel: Channel
     vsp: Vsp
     opened: float = field(default_factory=time.monotonic)
-    spurious: int = 0
+    spurious: int = 0  # wake-ups with nothing to read in this window
     window_start: float = field(default_factory=time.monotonic)
+    window_packets: int = 0  # vsp.last_activity when the window started
 
 
 class ChildBus:
@@ -85,6 +94,7 @@ class ChildBus:
         self.gpadl_grants: dict[int, int] = {}  # gpadl handle -> grant id
         self.waiting: dict[int, tuple[ServerGpadl, float]] = {}  # gpadl -> (g, deadline)
         self.outq: deque[bytes] = deque()
+        self.resetting = False  # the bus reset after a queue overflow is pending
         self.errors = 0
         self.closed_by_error = 0
         for i, entry in enumerate(devices):
@@ -102,6 +112,8 @@ class ChildBus:
 
     # -- ServerNotifier --------------------------------------------------------
     def send(self, msg: P.Message) -> None:
+        if self.resetting:
+            return  # what the bus says before its reset is void
         data = P.encode(msg)
         self.host.trace_message("out", self.name, msg)
         if self.outq:
@@ -122,12 +134,20 @@ class ChildBus:
         if len(self.outq) >= MAX_QUEUED_MESSAGES:
             self.protocol_error("does not read its VMBus messages; resetting its bus", None)
             self.outq.clear()
-            self.server.reset("message queue overflow")
+            # Not from here: this runs inside the server's own handler (a
+            # reset under it would pull its state away mid-message).
+            self.resetting = True
+            self.rt.again(self._overflow_reset)
             return
         first = not self.outq
         self.outq.append(data)
         if first:
             self.rt.call_later(RETRY_S, self._retry)
+
+    def _overflow_reset(self) -> None:
+        self.resetting = False
+        self.outq.clear()
+        self.server.reset("message queue overflow")
 
     def _retry(self) -> None:
         while self.outq:
@@ -139,14 +159,17 @@ class ChildBus:
             self.outq.popleft()
 
     def validate_gpadl(self, relid: int, g: ServerGpadl) -> None:
+        # Each refusal is one protocol error (complete_gpadl logs it).
         if g.byte_offset != 0 or g.byte_count != g.pages * 4096:
-            self.server.complete_gpadl(g.gpadl, False)
+            self.server.complete_gpadl(g.gpadl, False, "is not whole pages")
             return
-        in_use = {pfn for gid, (other) in self._live_gpadls() if gid != g.gpadl
+        if len(set(g.pfns)) != len(g.pfns):
+            self.server.complete_gpadl(g.gpadl, False, "names a page twice")
+            return
+        in_use = {pfn for gid, other in self._live_gpadls() if gid != g.gpadl
                   for pfn in other.pfns}
-        if in_use.intersection(g.pfns) or len(set(g.pfns)) != len(g.pfns):
-            self.protocol_error(f"GPADL {g.gpadl:#x} overlaps another GPADL", relid)
-            self.server.complete_gpadl(g.gpadl, False)
+        if not in_use.isdisjoint(g.pfns):
+            self.server.complete_gpadl(g.gpadl, False, "overlaps another GPADL")
             return
         if not self._match(g):
             self.rt.pump_link()  # the grant frame may be waiting on the link
@@ -218,6 +241,7 @@ class ChildBus:
             self.protocol_error(f"ring buffer refused: {e}", relid)
             return 1
         vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata))
+        vsp.partition = self.rt  # devices that need the partition (dynamic memory)
         try:
             status = int(vsp.accept())
         except Exception as e:
@@ -235,13 +259,16 @@ class ChildBus:
         return 0
 
     def close_channel(self, ch: ServerChannel, reason: str) -> None:
-        hc = self.channels.pop(ch.relid, None)
+        self._close(ch.relid, reason)
+
+    def _close(self, relid: int, reason: str) -> None:
+        hc = self.channels.pop(relid, None)
         if hc is None:
             return
         self.rt.unwatch(hc.channel.fileno())
         hc.vsp.close(reason)
         hc.channel.close()
-        self.host.trace_event({"dir": "-", "child": self.name, "relid": ch.relid,
+        self.host.trace_event({"dir": "-", "child": self.name, "relid": relid,
                                "what": "channel closed", "reason": reason})
         self.rt.report_soon()
 
@@ -262,17 +289,31 @@ class ChildBus:
                                "what": "protocol error", "reason": reason[:200]})
 
     # -- channel failures ------------------------------------------------------
-    def fail(self, hc: HostChannel, reason: str) -> None:
+    def fail(self, hc: HostChannel, reason: str, level: str = "warning") -> None:
         """The child broke channel ``hc``: close and rescind it, one log line."""
         if self.channels.get(hc.relid) is not hc:
             return
         self.closed_by_error += 1
-        self.rt.log("channel closed", level="warning", child=self.name, relid=hc.relid,
+        self.rt.log("channel closed", level=level, child=self.name, relid=hc.relid,
                     device=hc.device.name, reason=reason[:300])
         try:
             self.server.rescind(hc.relid)  # closes it (close_channel) and tells the child
-        except ValueError:
-            self.close_channel(self.server.channels[hc.relid], reason)
+        except ValueError:  # the server has no such relid any more: just detach
+            self._close(hc.relid, reason)
+
+    def internal_error(self, e: Exception) -> None:
+        """Handling this child's message raised (a bug, not the child's
+        fault alone): log it, reset its bus (closing its channels) and go on
+        serving the others."""
+        self.rt.log("VMBus message handling failed: resetting the child's bus", level="error",
+                    child=self.name, error=f"{type(e).__name__}: {e}"[:300])
+        self.outq.clear()
+        try:
+            self.server.reset("internal error")
+        except Exception as e2:  # its state is broken: at least drop the channels
+            self.rt.log("VMBus reset failed", level="error", child=self.name, error=repr(e2))
+            for relid in list(self.channels):
+                self._close(relid, "internal error")
 
     def child_down(self) -> None:
         self.outq.clear()
@@ -314,6 +355,7 @@ class VmbusHost:
         self.rt = rt
         self.buses: dict[int, ChildBus] = {}
         self.tracing = False
+        self.unknown = 0  # messages from partitions that are not our children
         for c in children:
             try:
                 cid, name = int(c["id"]), str(c["name"])
@@ -321,20 +363,33 @@ class VmbusHost:
                 continue
             devices = c.get("devices") if isinstance(c.get("devices"), list) else []
             self.buses[cid] = ChildBus(self, cid, name, devices)
+        from .root.memory import MemoryManager
+
+        self.memory = MemoryManager(self, children)
 
     # -- from the runtime --------------------------------------------------------
     def on_message(self, origin: int, message_type: int, payload: bytes) -> None:
         bus = self.buses.get(origin)
-        if bus is None or message_type != HV_MESSAGE_TYPE_VMBUS:
-            self.rt.log("message from an unknown sender dropped", level="warning",
-                        origin=origin, message_type=message_type)
+        if bus is None:
+            self.unknown += 1
+            if self.unknown <= LOGGED_ERRORS:
+                self.rt.log("message from an unknown sender dropped", level="warning",
+                            origin=origin, message_type=message_type)
+            return
+        if message_type != HV_MESSAGE_TYPE_VMBUS:  # a child may post any type: capped too
+            bus.protocol_error(f"message of type {message_type:#x} is not a VMBus message", None)
             return
         if self.tracing:
             try:
                 self.trace_message("in", bus.name, P.decode(payload))
             except P.ProtocolError:
                 pass
-        bus.server.handle_bytes(payload)
+        try:
+            bus.server.handle_bytes(payload)
+        except (ConnectionError, TimeoutError):
+            raise  # the supervisor link failed: the runtime's business
+        except Exception as e:  # a bug a child's message hit: that child's bus only
+            bus.internal_error(e)
 
     def on_grant(self) -> None:
         for bus in self.buses.values():
@@ -359,6 +414,10 @@ class VmbusHost:
             bus.child_down()
             self.rt.report_soon()
 
+    def dm_status(self, vsp: Any) -> None:
+        """A child's Dynamic Memory pressure report (from its DM VSP)."""
+        self.memory.on_status(vsp)
+
     def rescind(self, child: int, relid: int) -> None:
         bus = self.buses.get(child)
         if bus is None:
@@ -379,17 +438,30 @@ class VmbusHost:
         except (RingCorruptError, DeviceError, ValueError) as e:
             bus.fail(hc, f"{type(e).__name__}: {e}")
             return
+        except (ConnectionError, TimeoutError):
+            raise  # the supervisor link failed: the runtime's business
+        except Exception as e:  # a device bug a child's packet hit: that channel only
+            bus.fail(hc, f"device failed: {type(e).__name__}: {e}", level="error")
+            return
         self.rt.report_soon()
         if more:
             self.rt.again(lambda: self.service(bus, hc))
         elif hc.vsp.last_activity == before and not hc.vsp.backlog:
-            now = time.monotonic()
-            if now - hc.window_start > FLOOD_WINDOW_S:
-                hc.window_start, hc.spurious = now, 0
-            hc.spurious += 1
-            if hc.spurious > FLOOD_SPURIOUS:
-                bus.fail(hc, f"doorbell flood: over {FLOOD_SPURIOUS} wake-ups with nothing to "
-                         f"read in {FLOOD_WINDOW_S:g} s")
+            self._spurious(bus, hc)
+
+    def _spurious(self, bus: ChildBus, hc: HostChannel) -> None:
+        """A wake-up that found nothing to read: count it; close the channel
+        on a doorbell flood (see FLOOD_RATIO)."""
+        now = time.monotonic()
+        if now - hc.window_start > FLOOD_WINDOW_S:
+            hc.window_start, hc.spurious = now, 0
+            hc.window_packets = hc.vsp.last_activity
+        hc.spurious += 1
+        if hc.spurious > FLOOD_SPURIOUS:
+            packets = hc.vsp.last_activity - hc.window_packets
+            if hc.spurious > FLOOD_RATIO * packets:
+                bus.fail(hc, f"doorbell flood: {hc.spurious} wake-ups with nothing to read "
+                         f"and {packets} packets in {now - hc.window_start:.2f} s")
 
     # -- status and tracing --------------------------------------------------------
     def report(self) -> list[dict[str, Any]]:

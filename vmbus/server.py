@@ -15,7 +15,10 @@ Trust: every message comes from a child that may be hostile.  A malformed
 message, a message for an unknown relid or GPADL, or one that is out of order
 for its channel gets one ``protocol_error`` notice; if it names a channel,
 that channel is closed (its device told so) and the server goes on serving
-the others.  Nothing a child sends can raise out of ``handle``.
+the others.  Nothing a child sends can raise out of ``handle``.  What a child
+can make the server hold is bounded: MAX_GPADLS GPADLs, of which at most
+MAX_PENDING_GPADLS (with MAX_PENDING_PAGES pages in all) still being built or
+validated; a GPADL beyond that is refused with GPADL_CREATED status 1.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ MESSAGE_CONNECTION_ID = 1
 MESSAGE_CONNECTION_ID_4 = 4
 #: How many pages a GPADL may have (an emulation limit: 1 GiB of 4 KiB pages).
 MAX_GPADL_PAGES = 1 << 18
+#: GPADLs one child may have at once (as many as it may have grants).
+MAX_GPADLS = 1024
+#: GPADLs one child may be building or having validated at once, and the pages
+#: they may declare in total: a child cannot make the root hold more than this
+#: for GPADLs it never completes.
+MAX_PENDING_GPADLS = 64
+MAX_PENDING_PAGES = MAX_GPADL_PAGES
 
 
 class ChannelState(enum.Enum):
@@ -147,7 +157,10 @@ class VmbusServer:
         else:
             del self.channels[relid]  # the child never saw it
 
-    def complete_gpadl(self, gpadl: int, ok: bool) -> None:
+    def complete_gpadl(self, gpadl: int, ok: bool, reason: str = "") -> None:
+        """The validation's answer: GPADL_CREATED with status 0, or (``ok``
+        false) status 1 and one ``protocol_error`` giving ``reason`` (by
+        default: pages the child does not own)."""
         g = self.gpadls.get(gpadl)
         if g is None or g.state is not GpadlState.VALIDATING:
             return  # torn down meanwhile
@@ -156,7 +169,8 @@ class VmbusServer:
             self.n.send(P.GpadlCreated(g.relid, gpadl, 0))
         else:
             del self.gpadls[gpadl]
-            self.n.protocol_error(f"GPADL {gpadl:#x} names pages the child does not own", g.relid)
+            why = reason or "names pages the child does not own"
+            self.n.protocol_error(f"GPADL {gpadl:#x} {why}", g.relid)
             self.n.send(P.GpadlCreated(g.relid, gpadl, 1))
 
     def complete_open(self, relid: int, status: int) -> None:
@@ -253,6 +267,16 @@ class VmbusServer:
         first = (len(msg.tail) - 8) // 8
         if first > pages:
             self._fail_channel(ch, "GPADL_HEADER carries more pages than its range")
+        pending = [x for x in self.gpadls.values()
+                   if x.state in (GpadlState.IN_PROGRESS, GpadlState.VALIDATING)]
+        if (len(self.gpadls) >= MAX_GPADLS or len(pending) >= MAX_PENDING_GPADLS
+                or sum(x.pages for x in pending) + pages > MAX_PENDING_PAGES):
+            # Refused, not the channel's fault: it may try again later.
+            self.n.send(P.GpadlCreated(ch.relid, msg.gpadl, 1))
+            raise ProtocolError(
+                f"GPADL {msg.gpadl:#x} refused: {len(self.gpadls)} GPADLs, {len(pending)} "
+                "still being built or validated"
+            )
         pfns = list(struct.unpack_from(f"<{first}Q", msg.tail, 8))
         g = ServerGpadl(msg.gpadl, ch.relid, byte_count, byte_offset, pages, pfns)
         self.gpadls[msg.gpadl] = g

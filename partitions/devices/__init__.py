@@ -3,6 +3,7 @@
 Importing this package registers every shipped device (``DEVICES`` by name).
 """
 
+from . import dynmem as dynmem
 from . import echo as echo
 from .base import DEVICES as DEVICES
 from .base import DeviceClass as DeviceClass
@@ -14,7 +15,7 @@ from .base import by_class_id as by_class_id
 from .base import register as register
 
 __all__ = ["DEVICES", "DeviceClass", "DeviceError", "Endpoint", "Vsc", "Vsp", "by_class_id",
-           "echo", "register"]
+           "dynmem", "echo", "register"]
 
 
 def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]

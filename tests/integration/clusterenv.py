@@ -83,8 +83,26 @@ class Env:
                               capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
+    def static_config(self) -> Path:
+        """The embedded default with dynamic memory off: a cluster whose
+        memory moves only when a test moves it (the balancer would shrink
+        idle children within seconds)."""
+        from hv.config import default_config, dump_toml
+
+        path = self.base / "static.toml"
+        if not path.exists():
+            c = default_config()
+            parts = [p.model_copy(update={"memory": p.memory.model_copy(
+                update={"dynamic": False})}) for p in c.partitions]
+            path.write_text(dump_toml(c.model_copy(update={"partitions": parts})))
+        return path
+
     def up(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """``viridian up --detach``; without ``--config``, the default cluster
+        with dynamic memory off (``static_config``)."""
         self.started.append(name)
+        if "--config" not in extra and "-c" not in extra:
+            extra = ("--config", str(self.static_config()), *extra)
         r = self.cli("up", "--detach", "--name", name, *extra)
         assert r.returncode == 0, r.stdout + r.stderr
         return r

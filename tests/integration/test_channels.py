@@ -23,10 +23,10 @@ STREAM = {"size": 512, "window": 16, "seconds": 0}
 
 
 def chan(st: dict[str, Any], partition: str, child: str | None = None) -> dict[str, Any] | None:
-    """The (first) channel entry ``partition`` reports (for the root: towards ``child``)."""
+    """The echo channel entry ``partition`` reports (for the root: towards ``child``)."""
     p = next(p for p in st["partitions"] if p["name"] == partition)
     for c in p["channels"]:
-        if child is None or c.get("child") == child:
+        if c["class"] == "echo" and (child is None or c.get("child") == child):
             return c
     return None
 

@@ -134,6 +134,46 @@ def test_gpadl_with_foreign_pages_is_refused_with_status():
     assert n.errors()
 
 
+def test_gpadl_refusal_is_one_error_with_the_reason_given():
+    s, n = connected_server()
+    s.handle(P.gpadl_messages(1, 5, [1, 2, 3])[0])
+    s.complete_gpadl(5, False, "overlaps another GPADL")
+    assert n.errors() == [("GPADL 0x5 overlaps another GPADL", 1)]
+    assert n.sent == [P.GpadlCreated(1, 5, 1)]
+    s.complete_gpadl(5, False)  # already answered: nothing more
+    assert len(n.errors()) == 1 and len(n.sent) == 1
+
+
+def test_gpadls_a_child_never_completes_are_bounded():
+    from vmbus.server import MAX_PENDING_GPADLS, MAX_PENDING_PAGES
+
+    s, n = connected_server()
+    # headers that declare 100 pages and carry 1: each stays in progress
+    for i in range(MAX_PENDING_GPADLS):
+        s.handle(P.GpadlHeader(1, 0x100 + i, 8 + 8 * 100, 1, struct.pack("<IIQ", 409600, 0, i)))
+    assert n.errors() == [] and len(s.gpadls) == MAX_PENDING_GPADLS
+    s.handle(P.GpadlHeader(1, 0x999, 8 + 8 * 100, 1, struct.pack("<IIQ", 409600, 0, 7)))
+    assert n.sent == [P.GpadlCreated(1, 0x999, 1)] and 0x999 not in s.gpadls
+    ((reason, relid),) = n.errors()
+    assert "refused" in reason and relid == 1
+    assert s.channels[1].state is ChannelState.OFFERED  # refused, the channel is fine
+    # one completes (created): room for one more
+    s.handle(P.GpadlBody(0, 0x100, struct.pack("<99Q", *range(1000, 1099))))
+    s.complete_gpadl(0x100, True)
+    s.handle(P.GpadlHeader(1, 0x99A, 8 + 8 * 100, 1, struct.pack("<IIQ", 409600, 0, 7)))
+    assert 0x99A in s.gpadls and len(n.errors()) == 1
+    # the pages being described are bounded too (8190 pages: the most a u16
+    # range_buflen can declare)
+    s2, n2 = connected_server()
+    fit = MAX_PENDING_PAGES // 8190
+    assert fit < MAX_PENDING_GPADLS
+    for i in range(fit + 1):
+        m = P.GpadlHeader(1, 1 + i, 8 + 8 * 8190, 1, struct.pack("<IIQ", 8190 * 4096, 0, i))
+        s2.handle(P.decode(P.encode(m)))
+    assert len(s2.gpadls) == fit and fit + 1 not in s2.gpadls
+    assert n2.sent == [P.GpadlCreated(1, fit + 1, 1)]
+
+
 def test_duplicate_gpadl_handle_closes_that_channel_only():
     s, n = connected_server()
     created_gpadl(s, n)

@@ -91,3 +91,34 @@ def test_a_run_never_straddles_two_ranges(mem):
     a.alloc(200)  # 1..200
     p = a.alloc(100)  # 201..300 would cross 255/256: must not
     assert p == 256
+
+
+def test_balloon_takes_the_highest_free_pages_and_gives_them_back(mem):
+    m, view = mem
+    a = PageAllocator(view)
+    deliver(m.hot_add(1 * MiB), view)  # pages 256..511
+    a.alloc(10)
+    runs = a.take_highest(300)
+    # 256 pages of the hot-added range, then 44 at the top of the first range
+    assert runs == [(212, 44), (256, 256)]
+    assert a.ballooned_pages == 300 and a.free_pages == 511 - 10 - 300
+    with pytest.raises(OutOfGuestMemory):
+        a.alloc(250)  # ballooned pages are never handed out
+    with pytest.raises(ValueError):
+        a.give_back(11, 5)  # not ballooned
+    a.give_back(256, 256)
+    assert a.alloc(256) == 256
+    assert a.total_pages == 511
+
+
+def test_withdraw_takes_free_pages_out_and_counts_used_ones(mem):
+    _m, view = mem
+    a = PageAllocator(view)
+    p = a.alloc(10)  # 1..10 in use
+    assert a.withdraw(5, 20) == 6  # pages 5..10 were in use: lost
+    assert a.ballooned_pages == 20 and a.free_pages == 255 - 10 - 14
+    assert a.withdraw(5, 20) == 0  # again: nothing more
+    with pytest.raises(OutOfGuestMemory):
+        a.alloc(250)
+    a.free(p)  # pages 1..4 come back; 5..10 stay with the balloon
+    assert a.free_pages == 255 - 20 and a.used_pages == 0

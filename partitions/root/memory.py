@@ -1,0 +1,149 @@
+"""Dynamic Memory in the root: the children's DM VSPs, the balancer, the CLI's requests.
+
+Layer: partitions (root).  ``MemoryManager`` belongs to the root's
+``VmbusHost``.  It
+
+* keeps each child's memory settings (minimum, maximum, buffer, weight,
+  dynamic) from the root's boot message and later ``dm.settings`` notices;
+* runs the balancer (``balancer.plan``) when pressure reports arrive (at most
+  every ``BALANCE_EVERY_S``) for children whose memory is dynamic, and
+  carries out its actions through their DM VSPs;
+* carries out ``dm`` requests relayed from the control socket
+  (``viridian memory add``: hot-add / balloon of a given size) and answers
+  them with ``dm.result``;
+* reports each child's demand to the supervisor (``dm.status``), which shows
+  it in ``viridian status`` and ``viridian memory``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from hv.memory import PAGE_SIZE
+
+from .balancer import ChildMemory, plan
+
+if TYPE_CHECKING:
+    from partitions.devices.dynmem import DmVsp
+    from partitions.vmbus_host import VmbusHost
+
+__all__ = ["BALANCE_EVERY_S", "MemoryManager"]
+
+BALANCE_EVERY_S = 0.5
+_SETTINGS = ("minimum", "maximum", "buffer", "weight", "dynamic")
+
+
+def _host_available() -> int:
+    from hv.hypercalls import _host_available as avail
+
+    return avail()
+
+
+class MemoryManager:
+    def __init__(self, host: VmbusHost, children: list[dict[str, Any]]) -> None:
+        self.host = host
+        self.rt = host.rt
+        self.settings: dict[int, dict[str, Any]] = {}
+        for c in children:
+            mem = c.get("memory")
+            if isinstance(c.get("id"), int) and isinstance(mem, dict):
+                self.settings[c["id"]] = {k: mem[k] for k in _SETTINGS if k in mem}
+        self._last_balance = 0.0
+        self.actions = 0
+        self.host_available = _host_available
+
+    # -- finding a child's DM VSP ----------------------------------------------------------
+    def vsp(self, child: int) -> DmVsp | None:
+        bus = self.host.buses.get(child)
+        if bus is None:
+            return None
+        for hc in bus.channels.values():
+            if hc.device.name == "dynmem" and not hc.vsp.closed:
+                return hc.vsp  # type: ignore[return-value]
+        return None
+
+    def _name(self, child: int) -> str:
+        bus = self.host.buses.get(child)
+        return bus.name if bus else str(child)
+
+    # -- pressure reports and the balancer -----------------------------------------------------
+    def on_status(self, vsp: DmVsp) -> None:
+        self.rt.send({"op": "dm.status", "child": vsp.child,
+                      "committed_bytes": vsp.committed_pages * PAGE_SIZE,
+                      "available_bytes": vsp.avail_pages * PAGE_SIZE,
+                      "ballooned_bytes": vsp.ballooned_pages * PAGE_SIZE})
+        now = time.monotonic()
+        if now - self._last_balance >= BALANCE_EVERY_S:
+            self._last_balance = now
+            self.balance()
+
+    def balance(self) -> None:
+        kids: list[ChildMemory] = []
+        vsps: dict[str, DmVsp] = {}
+        for cid, s in self.settings.items():
+            v = self.vsp(cid)
+            if v is None or not v.ready or not v.reports or not s.get("dynamic"):
+                continue
+            name = self._name(cid)
+            vsps[name] = v
+            kids.append(ChildMemory(
+                name, visible=(v.committed_pages + v.avail_pages) * PAGE_SIZE,
+                committed=v.committed_pages * PAGE_SIZE, minimum=int(s["minimum"]),
+                maximum=int(s["maximum"]), buffer=int(s.get("buffer", 20)),
+                weight=int(s.get("weight", 5000)), ballooned=v.ballooned_pages * PAGE_SIZE,
+                busy=v.busy))
+        if not kids:
+            return
+        for a in plan(kids, self.host_available()):
+            v = vsps[a.child]
+            self.actions += 1
+            done = self._balancer_done(a.child, a.op, a.bytes)
+            if a.op == "hot-add":
+                v.hot_add(a.bytes, done)
+            elif a.op == "balloon":
+                v.balloon(a.bytes, done)
+            else:
+                v.unballoon(a.bytes, done)
+
+    def _balancer_done(self, name: str, op: str, nbytes: int) -> Any:
+        def done(r: dict[str, Any]) -> None:
+            self.rt.log("balancer " + op, child=name, bytes=nbytes, ok=r.get("ok"),
+                        pages=r.get("pages"), ms=r.get("ms"),
+                        **({"error": r["error"]} if "error" in r else {}))
+            self.rt.report_soon()
+        return done
+
+    # -- requests relayed by the supervisor ----------------------------------------------------
+    def on_request(self, obj: dict[str, Any]) -> None:
+        req, child, action, nbytes = obj.get("req"), obj.get("child"), obj.get("action"), \
+            obj.get("bytes")
+
+        def answer(r: dict[str, Any]) -> None:
+            self.rt.send({**r, "op": "dm.result", "req": req})
+            self.rt.report_soon()
+
+        if not isinstance(child, int) or not isinstance(nbytes, int) or nbytes <= 0:
+            answer({"ok": False, "error": "malformed request"})
+            return
+        v = self.vsp(child)
+        if v is None:
+            answer({"ok": False, "error": f"the dynamic memory channel of {self._name(child)} "
+                    "is not open"})
+            return
+        if action == "hot-add":
+            v.hot_add(nbytes, answer)
+        elif action == "balloon":
+            v.balloon(nbytes, answer)
+        elif action == "unballoon":
+            v.unballoon(nbytes, answer)
+        else:
+            answer({"ok": False, "error": f"unknown action {action!r}"})
+
+    def on_settings(self, obj: dict[str, Any]) -> None:
+        child = obj.get("child")
+        mem = obj.get("memory")
+        if isinstance(child, int) and isinstance(mem, dict):
+            self.settings.setdefault(child, {}).update(
+                {k: mem[k] for k in _SETTINGS if k in mem})
+            self.balance()
