@@ -1,0 +1,278 @@
+"""Dynamic Memory in one process: the DM VSP and VSC over a real channel, a
+real ``GuestMemory`` behind a stand-in for the supervisor, and the balancer.
+
+The multi-process path is tests/integration/test_dynamic_memory.py.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from hv import hypercalls as H
+from hv.hypercalls import HvStatus
+from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
+from partitions.devices import dm_protocol as D
+from partitions.devices.dynmem import DmVsc, DmVsp
+from partitions.guestmem import PageAllocator
+from partitions.root.balancer import BLOCK_BYTES, ChildMemory, plan
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def deliver(msg: Any, view: Any) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        H.send_frame(a, msg.frame())
+        b.settimeout(5)
+        (frame,) = H.recv_frames(b, H.FrameDecoder())
+        view.apply_frame(frame)
+    finally:
+        a.close()
+        b.close()
+
+
+class FakeSupervisor:
+    """The root's hypercalls on one child's real GuestMemory (the router's
+    checks, without the wire); MAP / BALLOON frames go to the child's view."""
+
+    def __init__(self, mem: GuestMemory, view: GuestMemoryView, alloc: Any) -> None:
+        self.mem, self.view, self.alloc = mem, view, alloc
+        self.deliver_map = True
+
+    def memory_hot_add(self, child: int, nbytes: int):
+        try:
+            msg = self.mem.hot_add(nbytes, align_bytes=128 * MiB)
+        except MemoryLimitError:
+            return HvStatus.OPERATION_DENIED, 0, 0
+        if self.deliver_map:
+            deliver(msg, self.view)
+        return HvStatus.SUCCESS, msg.segments[0].gpa_pfn, msg.segments[0].npages
+
+    def memory_balloon(self, child: int, ranges):
+        try:
+            msg = self.mem.balloon(ranges)
+        except MemoryLimitError:
+            return HvStatus.OPERATION_DENIED, 0
+        except GuestMemoryError:
+            return HvStatus.ACCESS_DENIED, 0
+        deliver(msg, self.view)
+        for p, n in ranges:
+            self.alloc.withdraw(p, n)
+        return HvStatus.SUCCESS, sum(n for _, n in ranges)
+
+    def memory_unballoon(self, child: int, max_pages: int):
+        rr = self.mem.ballooned_runs(max_pages, 510)
+        if rr:
+            deliver(self.mem.unballoon(rr), self.view)
+        return HvStatus.SUCCESS, rr
+
+
+class FakePartition:
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Any]] = []
+        self.sent: list[dict] = []
+        self.hv: Any = None
+        self.memory: Any = None
+        self.vmbus: Any = None
+
+    def call_later(self, delay: float, fn: Any) -> None:
+        self.timers.append((delay, fn))
+
+    def send(self, obj: dict) -> None:
+        self.sent.append(obj)
+
+    def pump_link(self) -> None:
+        pass
+
+
+class Rig:
+    """A child with 64 MiB (max 512 MiB, min 32 MiB) and its DM channel to the root."""
+
+    def __init__(self) -> None:
+        from test_channel import Pair
+
+        self.mem = GuestMemory(1, 64 * MiB, minimum_bytes=32 * MiB, maximum_bytes=512 * MiB,
+                               name="child1")
+        self.view = GuestMemoryView()
+        deliver(self.mem.map_message(), self.view)
+        self.alloc = PageAllocator(self.view)
+        self.pair = Pair(8, 8)
+        self.child_rt = FakePartition()
+        self.child_rt.memory = self.view
+        self.child_rt.vmbus = type("Bus", (), {"alloc": self.alloc})()
+        self.root_rt = FakePartition()
+        self.sup = FakeSupervisor(self.mem, self.view, self.alloc)
+        self.root_rt.hv = self.sup
+        ud = DmVsc.open_userdata({})
+        self.vsp = DmVsp(self.pair.root, {}, child=1, userdata=ud)
+        self.vsp.partition = self.root_rt
+        self.vsc = DmVsc(self.pair.child, {})
+        self.vsc.partition = self.child_rt
+        self.vsc.on_open()
+        self.pump()
+
+    def pump(self, rounds: int = 6) -> None:
+        for _ in range(rounds):
+            self.vsp.service()
+            self.vsc.service()
+
+    def close(self) -> None:
+        self.pair.close()
+        self.view.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def test_negotiation_and_pressure_reports(rig):
+    assert rig.vsp.ready and rig.vsp.version == D.DmVersion.WIN10
+    assert rig.vsc.state == "ready"
+    used = rig.alloc.alloc(1000)
+    rig.vsc._report_now()
+    rig.pump()
+    assert rig.vsp.committed_pages == rig.alloc.used_pages == 1000
+    assert rig.vsp.avail_pages == rig.alloc.free_pages
+    rig.alloc.free(used)
+
+
+def test_hot_add_is_usable_at_once_and_data_survives(rig):
+    a = rig.alloc
+    old = a.alloc(a.free_pages)  # the child filled its memory
+    mv = a.view_of(old, 1)
+    mv[:4] = b"old!"
+    results = []
+    rig.vsp.hot_add(128 * MiB, results.append)
+    rig.pump()
+    assert results and results[0]["ok"] and results[0]["pages"] == 32768
+    new = a.alloc(32768)  # all of it, right away
+    nv = a.view_of(new, 32768)
+    nv[-4:] = b"new!"
+    assert bytes(mv[:4]) == b"old!" and bytes(nv[-4:]) == b"new!"
+    assert rig.mem.assigned_bytes == 192 * MiB
+    assert rig.vsc.hot_adds == 1 and rig.vsc.last_hot_add_ms is not None
+    mv.release()
+    nv.release()
+
+
+def test_hot_add_above_the_maximum_says_why(rig):
+    results = []
+    rig.vsp.hot_add(1024 * MiB, results.append)
+    assert results == [{"ok": False, "error": results[0]["error"], "action": "hot-add",
+                        "ms": results[0]["ms"]}]
+    assert "above the maximum" in results[0]["error"]
+    assert rig.mem.assigned_bytes == 64 * MiB and not rig.vsp.busy
+
+
+def test_a_guest_that_cannot_see_the_pages_refuses_and_the_host_takes_them_back(rig):
+    rig.sup.deliver_map = False  # the MAP frame never reaches the child
+    results = []
+    rig.vsp.hot_add(128 * MiB, results.append)
+    rig.view.close()  # (the child's view must not be asked to balloon a range it lacks)
+    rig.sup.view = type("Null", (), {"apply_frame": lambda self, f: f.close_fds()})()
+    rig.pump()
+    assert not results[0]["ok"] and "the guest refused" in results[0]["error"]
+    assert rig.mem.assigned_bytes == 64 * MiB  # exact: the unaccepted range went back
+
+
+def test_balloon_returns_the_highest_free_pages(rig):
+    results = []
+    rig.vsp.balloon(16 * MiB, results.append)
+    rig.pump()
+    assert results[0]["ok"] and results[0]["pages"] == 4096
+    assert rig.mem.assigned_bytes == 48 * MiB and rig.mem.ballooned_bytes == 16 * MiB
+    assert rig.alloc.ballooned_pages == 4096
+    # unballoon gives them back to the allocator
+    results.clear()
+    rig.vsp.unballoon(8 * MiB, results.append)
+    rig.pump()
+    assert results[0]["ok"] and results[0]["pages"] == 2048
+    assert rig.alloc.ballooned_pages == 2048 and rig.mem.assigned_bytes == 56 * MiB
+
+
+def test_balloon_never_goes_below_the_minimum(rig):
+    results = []
+    rig.vsp.balloon(40 * MiB, results.append)  # 64 - 40 < 32
+    rig.pump()
+    assert not results[0]["ok"] and "below the minimum" in results[0]["error"]
+    assert rig.mem.assigned_bytes == 64 * MiB
+
+
+def test_a_guest_that_names_pages_it_does_not_own_gets_nothing(rig):
+    results = []
+    rig.vsp.balloon(2 * MiB, results.append)
+    # a lying guest: answers with pages outside its memory
+    lie = D.BalloonResponse((D.PageRange(1 << 30, 512),))
+    rig.pair.child.try_send(lie.encode(rig.vsp.op["tid"]))
+    rig.vsp.service()
+    assert not results[0]["ok"] and "not its own" in results[0]["error"]
+    assert rig.mem.assigned_bytes == 64 * MiB
+
+
+def test_one_operation_at_a_time_and_timeouts(rig):
+    results = []
+    rig.vsp.balloon(2 * MiB, results.append)
+    rig.vsp.hot_add(128 * MiB, results.append)
+    assert not results[0]["ok"] and "already in progress" in results[0]["error"]
+    # the guest never answers: the timer fails the operation
+    _delay, fire = rig.root_rt.timers[-1]
+    fire()
+    assert not results[1]["ok"] and "did not answer" in results[1]["error"]
+
+
+def test_malformed_messages_close_the_channel():
+    from partitions.devices.base import DeviceError
+
+    r = Rig()
+    try:
+        r.pair.child.try_send(b"\x05\x00\xff\x00" + bytes(4))  # size 255 > payload
+        with pytest.raises(DeviceError):
+            r.vsp.service()
+    finally:
+        r.close()
+
+
+# --- the balancer ---------------------------------------------------------------------------
+
+
+def child(name="c", visible=256, committed=100, minimum=64, maximum=1024, **kw):
+    return ChildMemory(name, visible * MiB, committed * MiB, minimum * MiB, maximum * MiB, **kw)
+
+
+def test_balancer_adds_a_block_when_demand_plus_buffer_exceeds_memory():
+    [a] = plan([child(visible=256, committed=250)], 8 << 30)
+    assert (a.op, a.bytes) == ("hot-add", BLOCK_BYTES)
+
+
+def test_balancer_unballoons_before_hot_adding():
+    [a] = plan([child(visible=256, committed=250, ballooned=100 * MiB)], 8 << 30)
+    assert a.op == "unballoon" and a.bytes == 44 * MiB  # 250 x 1.2 = 300 wanted - 256
+
+
+def test_balancer_balloons_surplus_but_not_below_minimum_and_leaves_small_gaps():
+    [a] = plan([child(visible=512, committed=10)], 8 << 30)
+    assert a.op == "balloon" and a.bytes == 256 * MiB  # one step at most
+    [a] = plan([child(visible=160, committed=10)], 8 << 30)
+    assert a.op == "balloon" and a.bytes == 96 * MiB  # down to the 64 MiB minimum
+    assert plan([child(visible=100, committed=10)], 8 << 30) == []  # 36 MiB over: leave it
+    assert plan([child(visible=256, committed=200)], 8 << 30) == []  # 240 wanted: close enough
+
+
+def test_balancer_respects_maximum_host_memory_and_weight():
+    [a] = plan([child(visible=900, committed=1000, maximum=1024)], 8 << 30)
+    assert a.op == "hot-add" and a.bytes == 124 * MiB  # up to the maximum only
+    # the host can give 14 MiB of the 44 wanted: nothing (no half measures)
+    assert plan([child(visible=256, committed=250)], 270 * MiB) == []
+    low = child("low", visible=256, committed=250, weight=100)
+    high = child("high", visible=256, committed=250, weight=9000)
+    acts = plan([low, high], 256 * MiB + BLOCK_BYTES)  # room for one block
+    assert [(a.child, a.op) for a in acts] == [("high", "hot-add")]
+    assert plan([child(visible=256, committed=250, busy=True)], 8 << 30) == []
