@@ -26,6 +26,7 @@ raises out of this module.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import deque
@@ -496,7 +497,9 @@ class VmbusHost:
 def message_event(direction: str, peer: str, msg: P.Message) -> dict[str, Any]:
     """A decoded control message as a trace event."""
     fields: dict[str, Any] = {}
-    for k in getattr(msg, "__dataclass_fields__", {}):
+    # dataclasses.fields, not __dataclass_fields__: that also lists the ClassVars
+    # (TYPE, _LAYOUT, a struct.Struct that json cannot encode)
+    for k in (f.name for f in dataclasses.fields(msg)):
         v = getattr(msg, k)
         if isinstance(v, bytes):
             if not any(v):
