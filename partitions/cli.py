@@ -51,18 +51,18 @@ def main() -> None:
     show_default=True,
     help="Message sizes to stream, comma-separated (binary units).",
 )
-def demo(seconds: float, sizes: str) -> None:
-    """Stream packets between two processes through a VMBus ring and show the rate."""
+def ringdemo(seconds: float, sizes: str) -> None:
+    """Stream packets between two processes through one VMBus ring (no cluster)."""
     from rich.console import Console
     from rich.table import Table
 
-    from . import ringdemo
+    from . import ringdemo as ring
 
     size_list = _parse_sizes(sizes)
     console = Console()
     console.print(
-        f"[bold]viridian demo[/]: a producer (this process) and a consumer process share "
-        f"one VMBus ring ({(ringdemo.RING_BYTES - 4096) >> 20} MiB of data, a memfd) and two "
+        f"[bold]viridian ringdemo[/]: a producer (this process) and a consumer process share "
+        f"one VMBus ring ({(ring.RING_BYTES - 4096) >> 20} MiB of data, a memfd) and two "
         "eventfd doorbells."
     )
     t_start = time.perf_counter()
@@ -76,14 +76,14 @@ def demo(seconds: float, sizes: str) -> None:
         )
 
     try:
-        results = ringdemo.run(size_list, seconds, progress)
+        results = ring.run(size_list, seconds, progress)
     except KeyboardInterrupt:
         status.stop()
         console.print("interrupted; consumer stopped, ring released")
         sys.exit(130)
     except (TimeoutError, RuntimeError) as e:
         status.stop()
-        click.echo(f"viridian demo: failed: {e}", err=True)
+        click.echo(f"viridian ringdemo: failed: {e}", err=True)
         sys.exit(EXIT_FAILED)
     status.stop()
 
@@ -143,10 +143,32 @@ def _rundir(cluster: str):  # type: ignore[no-untyped-def]
     return RunDir(cluster)
 
 
+def _load_config(cmd: str, config_path: str | None):  # type: ignore[no-untyped-def]
+    """The cluster config (a file, or the embedded default), checked against this machine."""
+    import os
+
+    from hv.config import ConfigError, default_config, load_config
+
+    try:
+        cfg = load_config(config_path) if config_path else default_config()
+    except ConfigError as e:
+        _fail(cmd, f"bad config: {e}")
+    ncpus = len(os.sched_getaffinity(0))
+    reserved = sum(p.cpu.reserve for p in cfg.partitions)
+    if reserved > 100 * ncpus:
+        _fail(cmd, f"bad config: {config_path or '<embedded default>'}: partition.cpu.reserve: "
+              f"the reserves add up to {reserved:g} % but this machine has {ncpus} CPUs "
+              f"({100 * ncpus} %)")
+    return cfg
+
+
+_CONFIG_HELP = ("A TOML cluster config (default: the embedded one; see `viridian config "
+                "default`).")
+
+
 @main.command()
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-              help="A TOML cluster config (default: the embedded one; see `viridian config "
-              "default`).")
+              help=_CONFIG_HELP)
 @_cluster_option
 @click.option("--detach", "-d", is_flag=True,
               help="Return once every partition runs; the cluster keeps running.")
@@ -154,22 +176,11 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
     """Start a cluster: the supervisor, the root partition, then the children."""
     import signal
 
-    from hv.config import ConfigError, default_config, dump_toml, load_config
+    from hv.config import dump_toml
 
-    from .launcher import CliError, Reporter, describe_cleanup, start_cluster, stop_cluster
+    from .launcher import CliError, Reporter, start_cluster
 
-    try:
-        cfg = load_config(config_path) if config_path else default_config()
-    except ConfigError as e:
-        _fail("up", f"bad config: {e}")
-    import os
-
-    ncpus = len(os.sched_getaffinity(0))
-    reserved = sum(p.cpu.reserve for p in cfg.partitions)
-    if reserved > 100 * ncpus:
-        _fail("up", f"bad config: {config_path or '<embedded default>'}: partition.cpu.reserve: "
-              f"the reserves add up to {reserved:g} % but this machine has {ncpus} CPUs "
-              f"({100 * ncpus} %)")
+    cfg = _load_config("up", config_path)
     rd = _rundir(cluster)
     out = Reporter()
     source = config_path or "the embedded default config"
@@ -223,27 +234,136 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
             stopped_elsewhere = True
     except KeyboardInterrupt:
         pass
-    hits: list[int] = []
+    stop = _stop_foreground(rd, res, out, stopped_elsewhere, [])
+    out.line(_stopped_line(res.partitions, stop))
+    if stop.left:
+        sys.exit(EXIT_FAILED)
+
+
+def _count_signals(hits: list[int]) -> None:
+    """From now on SIGINT and SIGTERM only count (into ``hits``): no exception
+    can cut a stop, or a start, in half."""
+    import signal
+
     signal.signal(signal.SIGINT, lambda *_: hits.append(1))
     signal.signal(signal.SIGTERM, lambda *_: hits.append(1))
+
+
+def _stop_foreground(rd, res, out, stopped_elsewhere: bool, hits: list[int]):  # type: ignore[no-untyped-def]
+    """Stop a cluster this process started in the foreground (``up``, ``demo``).
+
+    Gracefully (children, then the root, then the supervisor); one more
+    Ctrl+C or SIGTERM (``hits`` growing) forces it.  Then reap the supervisor
+    and check, with ``down``'s check, that nothing is left (what is, is
+    swept and named in the result).
+
+    Returns:
+        launcher.StopResult.
+    """
+    import subprocess
+
+    from .launcher import stop_cluster
+
+    _count_signals(hits)
+    seen = len(hits)
     if stopped_elsewhere:
         res.client.close()
         out.line("the cluster was stopped from elsewhere")
         stop = stop_cluster(rd, out, quiet=True)
     else:
         out.line("Gracefully stopping... (press Ctrl+C again to force)")
-        stop = stop_cluster(rd, out, force_check=lambda: bool(hits), client=res.client)
-    import subprocess
-
+        stop = stop_cluster(rd, out, force_check=lambda: len(hits) > seen, client=res.client)
     try:
         res.proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         res.proc.kill()
         res.proc.wait(timeout=5)
-    out.line(f"stopped {res.partitions} partitions in {stop.seconds:.1f} s; "
-             f"{describe_cleanup(stop.left)} left")
+    return stop
+
+
+def _stopped_line(partitions: int, stop) -> str:  # type: ignore[no-untyped-def]
+    """The line users learn to trust: ``stopped 3 partitions in 0.4 s; 0 processes, ... left``."""
+    from .launcher import describe_cleanup
+
+    return (f"stopped {partitions} partitions in {stop.seconds:.1f} s; "
+            f"{describe_cleanup(stop.left)} left")
+
+
+@main.command()
+@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(0, None),
+              help="How long to stream; 0: until Ctrl+C.")
+@click.option("--size", "size_text", default="1K", show_default=True,
+              help="Echo payload bytes (binary units: 64, 1K, 64K; at most 64K).")
+@click.option("--window", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Echo requests each child keeps in flight.")
+@click.option("--name", "-n", "cluster", default="demo", show_default=True,
+              callback=_check_name, help=CLUSTER_HELP)
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+              help=_CONFIG_HELP)
+def demo(seconds: float, size_text: str, window: int, cluster: str,
+         config_path: str | None) -> None:
+    """Run a cluster and stream echo requests through every child's VMBus channel, live.
+
+    The cluster (the embedded default: a root and two children) belongs to this
+    command: it stops when the demo ends, after --seconds or at Ctrl+C, and a
+    summary and a leftover check follow.  `viridian ringdemo` is the older demo
+    of one ring between two processes, without a cluster.
+    """
+    from hv.config import dump_toml
+
+    from .launcher import CliError, Reporter, start_cluster
+    from .liveview import Demo, DemoOptions, fmt_size
+
+    sizes = _parse_sizes(size_text)
+    if len(sizes) != 1 or not 1 <= sizes[0] <= 65536:
+        raise click.BadParameter(f"{size_text!r}: one size from 1 to 64K", param_hint="--size")
+    cfg = _load_config("demo", config_path)
+    rd = _rundir(cluster)
+    out = Reporter()
+    hits: list[int] = []
+    _count_signals(hits)  # Ctrl+C during start-up: start, then stop at once (nothing half-made)
+    source = config_path or "the embedded default config"
+    out.line(f"[bold]viridian demo[/]: cluster [bold]{cluster}[/], {len(cfg.partitions)} "
+             f"partitions from {source}")
+    try:
+        res = start_cluster(rd, dump_toml(cfg), len(cfg.partitions), False, out)
+    except CliError as e:
+        _fail("demo", e)
+    assert res.client is not None and res.proc is not None
+    show = Demo(rd.control_socket, res.client, DemoOptions(seconds, sizes[0], window), hits,
+                out.console)
+    outcome = "interrupted"
+    try:
+        if not hits:
+            out.line(f"run dir: {rd.path}")
+            out.line(f"streaming {fmt_size(sizes[0])} echo requests, window {window}, through "
+                     "every child's VMBus channel to the root, "
+                     + (f"for {seconds:g} s (Ctrl+C ends it sooner)" if seconds
+                        else "until Ctrl+C"))
+            outcome = show.run()
+        show.finish()
+    finally:
+        stop = _stop_foreground(rd, res, out, outcome == "stopped", hits)
+    lines = show.summary_lines()
+    if lines:
+        out.line("summary (each child's end of its channel; packets and bytes count both "
+                 "directions):")
+        for line in lines:
+            out.console.print(line, markup=False, soft_wrap=True)
+    else:
+        out.line("no echo stream ran")
+    out.line(_stopped_line(res.partitions, stop))
     if stop.left:
         sys.exit(EXIT_FAILED)
+    if outcome == "stopped":
+        click.echo("viridian demo: the cluster was stopped before the demo ended", err=True)
+        sys.exit(EXIT_FAILED)
+    if show.mismatches():
+        click.echo(f"viridian demo: {show.mismatches()} echoes came back different from what "
+                   "was sent", err=True)
+        sys.exit(EXIT_FAILED)
+    out.line("next: [bold]viridian up -d[/] keeps a cluster running · [bold]viridian trace "
+             "root[/] shows its VMBus traffic · [bold]viridian status[/] its channels")
 
 
 @main.command()
@@ -283,7 +403,7 @@ def down(cluster: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The status as JSON "
               "(docs/status-schema.md).")
 def status(cluster: str, as_json: bool) -> None:
-    """Show a cluster's partitions: state, PID, CPU, memory, uptime, restarts."""
+    """Show a cluster's partitions (state, PID, CPU, memory, uptime, restarts) and channels."""
     import json
 
     from .launcher import CliError, request
@@ -297,6 +417,91 @@ def status(cluster: str, as_json: bool) -> None:
         click.echo(json.dumps(st, indent=2))
         return
     _print_status(st)
+
+
+@main.command()
+@click.argument("partition_name", metavar="PARTITION")
+@_cluster_option
+@click.option("--count", "-c", type=click.IntRange(1, None),
+              help="Stop after this many events.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The raw event objects, one JSON object per line.")
+def trace(partition_name: str, cluster: str, count: int | None, as_json: bool) -> None:
+    """Print a partition's VMBus control messages and packet headers as they happen.
+
+    One line per event, like tcpdump: time, PARTITION, `>` (sent) or `<`
+    (received) or `-` (happened there), the peer, then the decoded message
+    or the packet header.  Ctrl+C stops; stderr then says how many events
+    were shown and how many the partition dropped (it sends at most 150 per
+    50 ms).  PARTITION is a name or an id (the root is 0); a partition that
+    restarts is traced again once it runs.
+    """
+    import json
+    import os
+    import signal
+
+    from hv.control import ControlError
+
+    from .launcher import CliError, connect
+    from .liveview import clean, trace_line
+
+    rd = _rundir(cluster)
+    try:
+        client = connect(rd)
+    except CliError as e:
+        _fail("trace", e)
+    try:
+        ans = client.request("trace", name=partition_name)
+    except (ControlError, TimeoutError) as e:
+        client.close()
+        code = EXIT_NOT_FOUND if getattr(e, "code", "") == "not_found" else EXIT_FAILED
+        _fail("trace", CliError(str(e), code))
+    pname = clean(ans.get("name", partition_name), 32)
+    click.echo(f"viridian trace: tracing {pname} ({clean(ans.get('state', '?'))}) in cluster "
+               f"{cluster}; Ctrl+C stops", err=True)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    shown = dropped = 0
+    ended = ""
+    try:
+        for ev in client.events(None):
+            if ev.get("event") != "trace":
+                continue
+            n = ev.get("dropped")
+            dropped += n if isinstance(n, int) and n > 0 else 0
+            items = ev.get("events")
+            lines = []
+            for item in items if isinstance(items, list) else []:
+                if count is not None and shown >= count:
+                    break
+                if isinstance(item, dict):
+                    lines.append(json.dumps(item) if as_json else trace_line(pname, item))
+                    shown += 1
+            if ev.get("exited"):
+                now = time.time()
+                lines.append(json.dumps({"exited": True, "t": round(now, 6)}) if as_json else
+                             f"{time.strftime('%H:%M:%S', time.localtime(now))}"
+                             f".{int(now % 1 * 1e6):06d} {pname:<6} - exited (traced again "
+                             "once it runs)")
+            if lines:
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+            if count is not None and shown >= count:
+                break
+        else:
+            ended = ("the cluster stopped" if rd.supervisor() is None
+                     else "the supervisor ended the trace: this reader fell behind")
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `viridian trace root | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        client.close()
+    click.echo(f"viridian trace: {shown} events shown, {dropped} dropped by {pname}"
+               + (f" ({ended})" if ended else ""), err=True)
 
 
 def _fmt_uptime(s: float) -> str:
@@ -336,6 +541,14 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     console = Console(highlight=False)
     console.print(table)
     console.print("ID 0 is the root; Memory: assigned, Visible: what the partition reports")
+    from .liveview import CHANNEL_LEGEND, channel_tables
+
+    chans = channel_tables(st)
+    for t in chans:
+        console.print()
+        console.print(t)
+    if chans:
+        console.print(CHANNEL_LEGEND)
     console.print(f"run dir: {st['run_dir']}", overflow="fold")
 
 
@@ -412,10 +625,9 @@ def config_default() -> None:
 
 
 def _fmt_size(n: int) -> str:
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1024)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
+    from .liveview import fmt_size
+
+    return fmt_size(n)
 
 
 if __name__ == "__main__":

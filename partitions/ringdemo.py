@@ -6,7 +6,7 @@ packet's sequence number and length and every 64th packet's CRC, and reports
 per phase.  It shows what the
 ring does on this machine before the cluster (hv/) is in the picture.
 
-Run it with ``viridian demo`` (see partitions/cli.py), or the consumer side
+Run it with ``viridian ringdemo`` (see partitions/cli.py), or the consumer side
 alone with ``python -m partitions.ringdemo consume RING_FD BELL_FD PEER_FD``.
 """
 

@@ -1,0 +1,647 @@
+"""What the CLI shows of a running cluster: the ``viridian demo`` loop and
+live view, the channel tables of ``viridian status``, the lines of
+``viridian trace``.
+
+Layer: partitions (presentation, above hv.control).  Everything here reads
+the status object (docs/status-schema.md) or trace events and turns them
+into rich tables or plain lines; ``Demo`` is the one piece with I/O: it
+polls ``status`` about four times a second (waiting on the cluster's event
+stream in between, so a stop or a crash is seen at once), starts the echo
+``stream`` workload on every child whose echo channel is open, and keeps
+what the summary needs.
+
+Rates are counter deltas over a sliding window of about two seconds:
+partitions report their channels at most every 0.25 s, so a shorter window
+would jump between zero and twice the rate.
+
+Trust: status entries and trace events carry what partitions reported, and
+a partition may be hostile (docs/threat-model.md).  Every value is
+type-checked before it is formatted (a wrong type shows as ``?`` or 0), and
+strings lose control characters and are cut short, so nothing a partition
+writes can move the cursor or recolour the terminal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hv.control import ControlClient, ControlError
+
+__all__ = [
+    "Demo",
+    "DemoOptions",
+    "channel_tables",
+    "fmt_count",
+    "fmt_iec",
+    "fmt_size",
+    "trace_line",
+]
+
+TICK_S = 0.25  # the live view's refresh period (4 per second)
+RATE_WINDOW_S = 2.0
+OPEN_TIMEOUT_S = 10.0  # how long the demo waits for the children's echo channels
+SETTLE_TIMEOUT_S = 2.0  # after "stop": in-flight echoes come back, reports catch up
+
+
+# -- safe formatting ---------------------------------------------------------------------------
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _num(v: object) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def clean(v: object, limit: int = 40) -> str:
+    """``v`` as printable text: control characters dropped, at most ``limit`` characters."""
+    s = v if isinstance(v, str) else str(v)
+    s = "".join(ch for ch in s if ch.isprintable())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _markup_safe(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+def fmt_count(n: float) -> str:
+    """A count in at most 5 characters: 987, 12.3k, 456k, 1.23M, 4.56G."""
+    v, unit = float(n), ""
+    for u in ("k", "M", "G", "T"):
+        if abs(v) < 999.5:
+            break
+        v, unit = v / 1000, u
+    return f"{v:.3g}{unit}" if unit else f"{v:.0f}"
+
+
+def fmt_size(n: int) -> str:
+    """An exact size for messages: 64 B, 1 KiB, 1536 B, 64 KiB."""
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1024)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+def fmt_iec(n: int) -> str:
+    """Bytes in IEC units without a space, at most 6 characters: 512B, 9.5KiB, 148MiB."""
+    v, unit = float(n), "B"
+    for u in ("KiB", "MiB", "GiB", "TiB"):
+        if v < 999.5:
+            break
+        v, unit = v / 1024, u
+    if unit == "B":
+        return f"{n}B"
+    return (f"{v:.1f}" if v < 9.95 else f"{v:.0f}") + unit
+
+
+def _fill(c: dict[str, Any]) -> str:
+    """Ring fill in percent, outgoing/incoming (fractions in the status)."""
+    parts = []
+    for key in ("out_ring_fill", "in_ring_fill"):
+        v = _num(c.get(key))
+        parts.append("-" if v is None else f"{min(max(v, 0.0), 1.0) * 100:.0f}")
+    return "/".join(parts)
+
+
+def _device(c: dict[str, Any]) -> dict[str, Any]:
+    d = c.get("device")
+    return d if isinstance(d, dict) else {}
+
+
+def _echoes(c: dict[str, Any]) -> int:
+    """Echoes checked by the child, or echoed by the root."""
+    d = _device(c)
+    return _int(d.get("echoes")) if "echoes" in d else _int(d.get("echoed"))
+
+
+def _channels(p: dict[str, Any]) -> list[dict[str, Any]]:
+    chans = p.get("channels")
+    return [c for c in chans if isinstance(c, dict)] if isinstance(chans, list) else []
+
+
+def _chan_name(p: dict[str, Any], c: dict[str, Any]) -> str:
+    """``child1`` for a child's end, ``root→child1`` for the root's end of that channel."""
+    name = clean(p.get("name", "?"), 16)
+    return f"{name}→{clean(c['child'], 16)}" if "child" in c else name
+
+
+# -- rates -----------------------------------------------------------------------------------
+
+ChannelKey = tuple[str, int, str, int]  # partition, its pid, child (root's end), relid
+
+
+def channel_key(p: dict[str, Any], c: dict[str, Any]) -> ChannelKey:
+    return (clean(p.get("name", "?")), _int(p.get("pid")), clean(c.get("child", "")),
+            _int(c.get("relid")))
+
+
+class ChannelRates:
+    """Packets/s and bytes/s per channel (both rings), from counter deltas over a window."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._hist: dict[ChannelKey, deque[tuple[float, int, int]]] = {}
+
+    def update(self, st: dict[str, Any], now: float) -> None:
+        seen = set()
+        for p in st.get("partitions", []):
+            for c in _channels(p):
+                key = channel_key(p, c)
+                seen.add(key)
+                pkts = _int(c.get("packets_in")) + _int(c.get("packets_out"))
+                nbytes = _int(c.get("bytes_in")) + _int(c.get("bytes_out"))
+                h = self._hist.setdefault(key, deque())
+                if h and pkts < h[-1][1]:  # counters went back: a new channel end
+                    h.clear()
+                h.append((now, pkts, nbytes))
+                while len(h) > 2 and h[1][0] <= now - self.window_s:
+                    h.popleft()
+        for key in set(self._hist) - seen:
+            del self._hist[key]
+
+    def rate(self, key: ChannelKey) -> tuple[float, float] | None:
+        """(packets/s, bytes/s), or None until there are two samples 0.2 s apart."""
+        h = self._hist.get(key)
+        if not h or len(h) < 2 or h[-1][0] - h[0][0] < 0.2:
+            return None
+        dt = h[-1][0] - h[0][0]
+        return (h[-1][1] - h[0][1]) / dt, (h[-1][2] - h[0][2]) / dt
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+_COLOURS = {"running": "green", "open": "green", "starting": "yellow", "restarting": "yellow",
+            "stopping": "yellow", "opening": "yellow", "offered": "yellow", "gpadl": "yellow",
+            "crashed": "red", "failed": "red", "revoked": "red", "rescinded": "red",
+            "stopped": "dim", "closed": "dim"}
+
+
+def _state(s: object) -> str:
+    text = clean(s, 12)
+    c = _COLOURS.get(text)
+    return f"[{c}]{_markup_safe(text)}[/]" if c else _markup_safe(text)
+
+
+def _table(title: str | None = None) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    # One space between columns (rich's SIMPLE_HEAD divider, no padding).
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), show_edge=False,
+                 title=title, title_justify="left", title_style="", expand=False)
+
+
+def _columns(table: Any, spec: Iterable[tuple[str, str, int]]) -> None:
+    for col, just, width in spec:
+        table.add_column(col, justify=just, no_wrap=True, max_width=width, overflow="ellipsis")
+
+
+def channel_tables(st: dict[str, Any]) -> list[Any]:
+    """One compact table per partition that has channels (``viridian status``).
+
+    Columns: relid, the child (the root's entries), class, state, packets and
+    bytes in/out as that partition sees them, ring fill % (outgoing/incoming),
+    signals sent/suppressed.  Each fits 80 columns (indented by 2).
+    """
+    from rich.padding import Padding
+
+    out = []
+    for p in st.get("partitions", []):
+        chans = _channels(p)
+        if not chans:
+            continue
+        root = any("child" in c for c in chans)
+        n = len(chans)
+        t = _table(f"{_markup_safe(clean(p.get('name', '?'), 16))}: {n} channel"
+                   f"{'' if n == 1 else 's'}")
+        spec = [("Relid", "right", 5)]
+        if root:
+            spec.append(("Child", "left", 8))
+        spec += [("Class", "left", 6), ("State", "left", 9), ("Packets in/out", "right", 14),
+                 ("Bytes in/out", "right", 13), ("Fill %", "right", 7),
+                 ("Signals", "right", 11)]
+        _columns(t, spec)
+        for c in sorted(chans, key=lambda c: (clean(c.get("child", "")), _int(c.get("relid")))):
+            row = [str(_int(c.get("relid")))]
+            if root:
+                row.append(_markup_safe(clean(c.get("child", "-"), 16)))
+            row += [
+                _markup_safe(clean(c.get("class", "?"), 12)), _state(c.get("state", "?")),
+                f"{fmt_count(_int(c.get('packets_in')))}/{fmt_count(_int(c.get('packets_out')))}",
+                f"{fmt_iec(_int(c.get('bytes_in')))}/{fmt_iec(_int(c.get('bytes_out')))}",
+                _fill(c),
+                f"{fmt_count(_int(c.get('signals_sent')))}/"
+                f"{fmt_count(_int(c.get('signals_suppressed')))}",
+            ]
+            t.add_row(*row)
+        out.append(Padding(t, (0, 0, 0, 2), expand=False))  # under its partition
+    return out
+
+
+CHANNEL_LEGEND = "Fill %: outgoing/incoming ring · Signals: sent/suppressed"
+
+
+def partitions_table(st: dict[str, Any]) -> Any:
+    """Name, role, state, PID, memory visible, CPU % (the live view's top half)."""
+    t = _table()
+    _columns(t, (("Name", "left", 12), ("Role", "left", 5), ("State", "left", 10),
+                 ("PID", "right", 7), ("Visible", "right", 9), ("CPU %", "right", 6)))
+    for p in st.get("partitions", []):
+        pid = _int(p.get("pid"))
+        mem = p.get("memory") if isinstance(p.get("memory"), dict) else {}
+        cpu = p.get("cpu") if isinstance(p.get("cpu"), dict) else {}
+        vis = _int(mem.get("guest_visible_bytes"))
+        usage = _num(cpu.get("usage_percent"))
+        t.add_row(_markup_safe(clean(p.get("name", "?"), 16)), clean(p.get("role", "?"), 5),
+                  _state(p.get("state", "?")), str(pid) if pid else "-",
+                  fmt_iec(vis) if vis else "-",
+                  f"{usage:.1f}" if pid and usage is not None else "-")
+    return t
+
+
+def _mbps(bytes_per_s: float) -> str:
+    v = bytes_per_s / 1e6
+    return f"{v:.1f}" if v < 9.95 else f"{v:.0f}"
+
+
+def demo_channels_table(st: dict[str, Any], rates: ChannelRates) -> Any:
+    """Every channel end with its rates and the echo device's counters."""
+    t = _table()
+    # At most 80 columns: 11 columns of at most 70 characters, one space apart.
+    _columns(t, (("Partition", "left", 11), ("Relid", "right", 5), ("Class", "left", 6),
+                 ("State", "left", 7), ("pkt/s", "right", 5), ("MB/s", "right", 4),
+                 ("Pkts", "right", 5), ("Fill %", "right", 7), ("Signals", "right", 11),
+                 ("Echoes", "right", 6), ("Bad", "right", 3)))
+    for p in st.get("partitions", []):
+        for c in _channels(p):
+            r = rates.rate(channel_key(p, c))
+            d = _device(c)
+            t.add_row(
+                _markup_safe(_chan_name(p, c)), str(_int(c.get("relid"))),
+                _markup_safe(clean(c.get("class", "?"), 12)), _state(c.get("state", "?")),
+                fmt_count(r[0]) if r else "-", _mbps(r[1]) if r else "-",
+                fmt_count(_int(c.get("packets_in")) + _int(c.get("packets_out"))),
+                _fill(c),
+                f"{fmt_count(_int(c.get('signals_sent')))}/"
+                f"{fmt_count(_int(c.get('signals_suppressed')))}",
+                fmt_count(_echoes(c)) if d else "-",
+                (f"[red]{_int(d['mismatches'])}[/]" if _int(d["mismatches"])
+                 else "0") if "mismatches" in d else "-")
+    return t
+
+
+# -- trace lines ------------------------------------------------------------------------------
+
+_HEX_KEYS = ("gpadl", "gpadlhandle", "flags", "_requested", "connection_id", "conn_id",
+             "interrupt_page_or_sint")
+_SHOWN_ELSEWHERE = {"t", "dir", "peer", "child", "what", "relid", "fields"}
+
+
+def _kv(k: object, v: object) -> str:
+    key = clean(k, 40)
+    if isinstance(v, int) and not isinstance(v, bool) and key.endswith(_HEX_KEYS):
+        return f"{key}={v:#x}"
+    text = clean(v, 80)
+    if isinstance(v, str) and (" " in text or not text):
+        return f'{key}="{text}"'
+    return f"{key}={text}"
+
+
+def trace_line(partition: str, ev: dict[str, Any]) -> str:
+    """One trace event as a tcpdump-like line::
+
+        16:20:01.123456 child1 > root   OPENCHANNEL child_relid=1 openid=1 ...
+        16:20:01.124001 root   < child1 relid 1 packet type=0x6 flags=0x1 trans_id=42 len=1024
+
+    ``>`` is a message or packet ``partition`` sent to its peer, ``<`` one it
+    received, ``-`` something that happened at ``partition`` (a channel opened).
+    """
+    t = _num(ev.get("t"))
+    try:
+        ts = datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f") if t else "?"
+    except (OverflowError, OSError, ValueError):
+        ts = "?"
+    arrow = {"out": ">", "in": "<"}.get(ev.get("dir"), "-")  # type: ignore[arg-type]
+    peer = ev.get("peer", ev.get("child", "?"))
+    head = f"{ts} {clean(partition, 16):<6} {arrow} {clean(peer, 16):<6}"
+    what = clean(ev.get("what", "?"), 40)
+    relid = ev.get("relid")
+    where = f" relid {_int(relid)}" if isinstance(relid, int) else ""
+    if what == "packet":
+        return (f"{head}{where} packet type={_int(ev.get('type')):#x} "
+                f"flags={_int(ev.get('flags')):#x} trans_id={_int(ev.get('trans_id'))} "
+                f"len={_int(ev.get('len'))}")
+    fields = ev.get("fields")
+    if isinstance(fields, dict):  # a decoded control message
+        return " ".join([f"{head} {what}", *(_kv(k, v) for k, v in list(fields.items())[:24])])
+    rest = [_kv(k, v) for k, v in list(ev.items())[:24] if k not in _SHOWN_ELSEWHERE]
+    return " ".join([f"{head}{where} {what}", *rest])
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoOptions:
+    seconds: float  # 0: until Ctrl+C
+    size_bytes: int
+    window: int
+
+
+@dataclass
+class StreamRecord:
+    """One child's echo stream (a restarted child starts a new one)."""
+
+    partition: str
+    pid: int
+    started: float
+    stopped: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # its channel entry, last seen
+    seen: float = 0.0  # when it was last seen (the end of a stream whose process is gone)
+
+
+def _echo_channel(p: dict[str, Any]) -> dict[str, Any] | None:
+    for c in _channels(p):
+        if c.get("class") == "echo" and c.get("end", "vsc") == "vsc" and "child" not in c:
+            return c
+    return None
+
+
+def _wants_echo(p: dict[str, Any]) -> bool:
+    devs = p.get("devices")
+    return isinstance(devs, list) and any(
+        d == "echo" or (isinstance(d, dict) and d.get("type") == "echo") for d in devs)
+
+
+class Demo:
+    """Streams echo requests on every child and shows it until the time is up.
+
+    Args:
+        control_path: the cluster's control socket.
+        events: a connection that already follows the cluster's events
+            (``watch``); the loop waits on it between refreshes.
+        opts: duration, payload size, window.
+        hits: the CLI's Ctrl+C / SIGTERM counter (a list its signal handler
+            appends to): the loop ends when it grows.
+        console: rich console; a live view when it is a terminal, else one
+            plain progress line per second.
+    """
+
+    def __init__(self, control_path: Any, events: ControlClient, opts: DemoOptions,
+                 hits: list[int], console: Any) -> None:
+        self.control_path = control_path
+        self.events = events
+        self.opts = opts
+        self.hits = hits
+        self.console = console
+        self.rates = ChannelRates()
+        self.streams: dict[tuple[str, int], StreamRecord] = {}
+        self.notes: deque[str] = deque(maxlen=4)
+        self.status: dict[str, Any] = {}
+        self.t0 = time.monotonic()
+        self.stream_t0: float | None = None
+        self.outcome = "done"  # or "interrupted", "stopped" (the cluster went away)
+        self._ctl: ControlClient | None = None
+
+    # -- helpers ---------------------------------------------------------------------
+    def _note(self, text: str) -> None:
+        stamp = f"{time.monotonic() - self.t0:6.1f} s"
+        if self.console.is_terminal:
+            self.notes.append(f"{stamp}  {text}")
+        else:
+            self.console.print(f"[{stamp}] {text}", markup=False, soft_wrap=True)
+
+    def _wait_events(self, until: float) -> bool:
+        """Follow the event stream until ``until``; False once the cluster is going away."""
+        while not self.hits:
+            left = until - time.monotonic()
+            if left <= 0:
+                return True
+            try:
+                ev = next(self.events.events(left), None)
+            except TimeoutError:
+                return True
+            except (ControlError, OSError):
+                return False
+            if ev is None or ev.get("event") == "stopped":
+                return False
+            if ev.get("event") == "state":
+                st, name = clean(ev.get("state")), clean(ev.get("name"))
+                if st in ("crashed", "restarting", "stopped") or (
+                        st == "running" and _int(ev.get("restarts"))):
+                    from .launcher import exit_text
+
+                    extra = f" ({exit_text(ev)})" if st == "crashed" else ""
+                    self._note(f"{name} {st}{extra}")
+        return True
+
+    def _poll(self) -> bool:
+        assert self._ctl is not None
+        try:
+            st = self._ctl.request("status")["status"]
+        except (ControlError, OSError, TimeoutError):
+            return False
+        if not isinstance(st, dict):
+            return False
+        now = time.monotonic()
+        self.status = st
+        self.rates.update(st, now)
+        for p in st.get("partitions", []):
+            rec = self.streams.get((clean(p.get("name")), _int(p.get("pid"))))
+            c = _echo_channel(p)
+            if rec is not None and c is not None:
+                rec.last, rec.seen = c, now
+        return True
+
+    def _start_streams(self) -> None:
+        assert self._ctl is not None
+        for p in self.status.get("partitions", []):
+            if p.get("role") != "child" or p.get("state") != "running":
+                continue
+            c = _echo_channel(p)
+            key = (clean(p.get("name")), _int(p.get("pid")))
+            if c is None or c.get("state") != "open" or key in self.streams:
+                continue
+            args = {"size": self.opts.size_bytes, "window": self.opts.window, "seconds": 0}
+            try:
+                self._ctl.request("workload", name=key[0], device="echo", action="stream",
+                                  args=args)
+            except (ControlError, TimeoutError) as e:
+                self._note(f"{key[0]}: the stream did not start: {e}")
+                continue
+            now = time.monotonic()
+            self.streams[key] = StreamRecord(key[0], key[1], now, last=c, seen=now)
+            if self.stream_t0 is None:
+                self.stream_t0 = now
+        if self.stream_t0 is None:
+            waiting = [p for p in self.status.get("partitions", [])
+                       if p.get("role") == "child" and _wants_echo(p)]
+            if not waiting or time.monotonic() - self.t0 > OPEN_TIMEOUT_S:
+                self.stream_t0 = time.monotonic()
+                if waiting:
+                    self._note("no echo channel opened within "
+                               f"{OPEN_TIMEOUT_S:.0f} s; showing the cluster as it is")
+
+    def _elapsed(self) -> float:
+        return 0.0 if self.stream_t0 is None else time.monotonic() - self.stream_t0
+
+    # -- views -------------------------------------------------------------------------
+    def header(self) -> str:
+        secs = self.opts.seconds
+        if self.stream_t0 is None:
+            when = "waiting for the echo channels"
+        else:
+            when = f"{self._elapsed():.0f} s" + (f" of {secs:g} s" if secs else "")
+        return (f"[bold]viridian demo[/] · {when} · {fmt_size(self.opts.size_bytes)} echoes, "
+                f"window {self.opts.window} · [bold]Ctrl+C[/] ends it")
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list[Any] = [self.header(), "", partitions_table(self.status), "",
+                            demo_channels_table(self.status, self.rates),
+                            Text("pkt/s, MB/s, Pkts: in + out · Fill %: out/in ring · "
+                                 "Signals: sent/suppressed\nEchoes: checked by the "
+                                 "child, echoed by the root · Bad: mismatched echoes",
+                                 style="dim")]
+        parts += [Text(n) for n in self.notes]
+        return Group(*parts)
+
+    def progress_line(self) -> str:
+        items = []
+        for p in self.status.get("partitions", []):
+            c = _echo_channel(p)
+            if c is None:
+                continue
+            r = self.rates.rate(channel_key(p, c))
+            d = _device(c)
+            rate = f"{fmt_count(r[0])} pkt/s {r[1] / 1e6:.1f} MB/s" if r else "- pkt/s"
+            items.append(f"{clean(p.get('name'), 16)} relid {_int(c.get('relid'))} "
+                         f"{clean(c.get('state'), 12)}: {rate} "
+                         f"echoes {_int(d.get('echoes'))} "
+                         f"mismatches {_int(d.get('mismatches'))}")
+        return f"[{self._elapsed():6.1f} s] " + (" | ".join(items) or "no echo channels")
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> str:
+        """Stream and show until the time is up, Ctrl+C, or the cluster goes away.
+
+        Returns:
+            "done", "interrupted" or "stopped" (also in ``outcome``).
+        """
+        import contextlib
+
+        try:
+            self._ctl = ControlClient(self.control_path, timeout=5.0)
+        except ControlError:
+            self.outcome = "stopped"
+            return self.outcome
+        live: Any = None
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            live = Live(console=self.console, auto_refresh=False, transient=False,
+                        redirect_stdout=False, redirect_stderr=False)
+        with live if live is not None else contextlib.nullcontext():
+            tick = time.monotonic()
+            next_line = tick + 1.0
+            while True:
+                if self.hits:
+                    self.outcome = "interrupted"
+                    break
+                if not self._wait_events(tick) or not self._poll():
+                    self.outcome = "interrupted" if self.hits else "stopped"
+                    break
+                self._start_streams()
+                now = time.monotonic()
+                tick = max(tick + TICK_S, now + 0.05)
+                if live is not None:
+                    live.update(self.render(), refresh=True)
+                elif now >= next_line and self.stream_t0 is not None:
+                    next_line = max(next_line + 1.0, now + 0.5)
+                    self.console.print(self.progress_line(), markup=False, highlight=False,
+                                       soft_wrap=True)
+                if self.opts.seconds and self._elapsed() >= self.opts.seconds:
+                    break
+        return self.outcome
+
+    def finish(self) -> None:
+        """Stop the streams and wait (briefly) for the last echoes and reports."""
+        if self._ctl is None:
+            return
+        hits = len(self.hits)
+        try:
+            if self.outcome != "stopped":
+                running = {clean(p.get("name")): _int(p.get("pid"))
+                           for p in self.status.get("partitions", [])
+                           if p.get("state") == "running"}
+                for (name, pid), rec in self.streams.items():
+                    if running.get(name) != pid:
+                        continue
+                    try:
+                        self._ctl.request("workload", name=name, device="echo", action="stop")
+                    except (ControlError, TimeoutError):
+                        continue
+                    rec.stopped = time.monotonic()
+                deadline = time.monotonic() + SETTLE_TIMEOUT_S
+                while time.monotonic() < deadline and len(self.hits) == hits:
+                    if not self._wait_events(time.monotonic() + 0.05) or not self._poll():
+                        break
+                    if self._settled():
+                        break
+        finally:
+            self._ctl.close()
+            self._ctl = None
+        now = time.monotonic()
+        for rec in self.streams.values():
+            if rec.stopped is None:  # its process went away (or the cluster did)
+                rec.stopped = rec.seen if self.outcome != "stopped" else now
+
+    def _settled(self) -> bool:
+        for p in self.status.get("partitions", []):
+            rec = self.streams.get((clean(p.get("name")), _int(p.get("pid"))))
+            if rec is None:
+                continue
+            c = _echo_channel(p)
+            d = _device(c) if c else {}
+            if d.get("streaming") or _int(d.get("in_flight")):
+                return False
+        return True
+
+    # -- the summary ----------------------------------------------------------------------
+    def summary_lines(self) -> list[str]:
+        """One line per stream: packets, bytes, mean rate, echoes, mismatches."""
+        lines = []
+        names = [r.partition for r in self.streams.values()]
+        for rec in sorted(self.streams.values(), key=lambda r: (r.partition, r.started)):
+            c = rec.last
+            who = rec.partition + (f" (pid {rec.pid})" if names.count(rec.partition) > 1 else "")
+            d = _device(c)
+            pkts = _int(c.get("packets_in")) + _int(c.get("packets_out"))
+            nbytes = _int(c.get("bytes_in")) + _int(c.get("bytes_out"))
+            secs = max((rec.stopped or time.monotonic()) - rec.started, 1e-3)
+            lines.append(f"  {who} relid {_int(c.get('relid'))} "
+                         f"{clean(c.get('class', 'echo'), 12)}: {pkts:,} packets, "
+                         f"{fmt_iec(nbytes)} in {secs:.1f} s = {fmt_count(pkts / secs)} "
+                         f"packets/s, {nbytes / secs / 1e6:.1f} MB/s; "
+                         f"{_int(d.get('echoes')):,} echoes, "
+                         f"{_int(d.get('mismatches'))} mismatches")
+        return lines
+
+    def mismatches(self) -> int:
+        return sum(_int(_device(r.last).get("mismatches")) for r in self.streams.values())
+
+    def echoes(self) -> int:
+        return sum(_int(_device(r.last).get("echoes")) for r in self.streams.values())
+
