@@ -37,6 +37,7 @@ __all__ = ["DYNMEM", "OP_TIMEOUT_S", "STATUS_EVERY_S", "DmVsc", "DmVsp"]
 STATUS_EVERY_S = 1.0  # the guest's pressure report period (Linux: about 1 s)
 OP_TIMEOUT_S = 5.0  # a hot-add / balloon the guest does not answer in time fails
 MAX_PENDING_RANGES = 4096  # balloon response ranges gathered for one request
+GIVE_UP_TICKS = 40  # the bursts workload waits this many periods for memory
 
 Done = Callable[[dict[str, Any]], None]
 
@@ -287,6 +288,8 @@ class DmVsc(Vsc):
         self.workload_pages: list[tuple[int, int]] = []  # runs the bursts workload holds
         self.burst: dict[str, Any] | None = None
         self.unmet_pages = 0  # what the workload asked for and did not get (demand too)
+        self.verified_pages = 0  # workload pages checked when freed
+        self.corrupt_pages = 0  # ... whose data had changed (must stay 0)
         self._report_timer = False
 
     @property
@@ -434,8 +437,10 @@ class DmVsc(Vsc):
                 b["phase"], b["hold"] = "hold", 4
             elif got < want:
                 b["hold"] += 1  # memory is short: wait for the balancer to hot-add
-                if b["hold"] > 8:
+                if b["hold"] > GIVE_UP_TICKS:
                     b["phase"], b["hold"] = "hold", 2
+            else:
+                b["hold"] = 0
         elif b["phase"] == "hold":
             b["hold"] -= 1
             if b["hold"] <= 0:
@@ -461,23 +466,37 @@ class DmVsc(Vsc):
             except MemoryError:
                 break
             mv = self.alloc.view_of(pfn, n)
-            for off in range(0, n * PAGE_SIZE, PAGE_SIZE):
-                mv[off] = 0xA5  # touch every page: it becomes resident
+            for i in range(n):  # touch every page (it becomes resident) with its own mark
+                mv[i * PAGE_SIZE : i * PAGE_SIZE + 8] = (pfn + i).to_bytes(8, "little")
             mv.release()
             self.workload_pages.append((pfn, n))
             got += n
         return got
 
+    def _check(self, pfn: int, n: int) -> None:
+        """Every page still holds what was written into it (across hot-adds,
+        balloons and unballoons of other pages)."""
+        mv = self.alloc.view_of(pfn, n)
+        for i in range(n):
+            if bytes(mv[i * PAGE_SIZE : i * PAGE_SIZE + 8]) != (pfn + i).to_bytes(8, "little"):
+                self.corrupt_pages += 1
+        mv.release()
+        self.verified_pages += n
+
     def _drop(self, pages: int) -> None:
         freed = 0
         while self.workload_pages and freed < pages:
             pfn, n = self.workload_pages.pop()
+            self._check(pfn, n)
             self.alloc.free(pfn)
             freed += n
 
     def _free_workload(self) -> None:
         while self.workload_pages:
-            self.alloc.free(self.workload_pages.pop()[0])
+            pfn, n = self.workload_pages.pop()
+            if not self.closed:
+                self._check(pfn, n)
+            self.alloc.free(pfn)
 
     def on_close(self, reason: str) -> None:
         self.burst = None
@@ -492,6 +511,7 @@ class DmVsc(Vsc):
                 "committed_pages": a.used_pages if a else None,
                 "free_pages": a.free_pages if a else None,
                 "workload_pages": sum(n for _, n in self.workload_pages),
+                "verified_pages": self.verified_pages, "corrupt_pages": self.corrupt_pages,
                 "last_hot_add_ms": self.last_hot_add_ms}
 
 

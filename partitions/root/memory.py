@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["BALANCE_EVERY_S", "MemoryManager"]
 
 BALANCE_EVERY_S = 0.5
-_SETTINGS = ("minimum", "maximum", "buffer", "weight", "dynamic")
+_SETTINGS = ("startup", "minimum", "maximum", "buffer", "weight", "dynamic")
 
 
 def _host_available() -> int:
@@ -87,8 +87,11 @@ class MemoryManager:
                 continue
             name = self._name(cid)
             vsps[name] = v
+            # what the child has, from the root's own bookkeeping (each operation
+            # the supervisor carried out), never from the child's word
+            have = int(s.get("startup", 0)) + (v.hot_added_pages - v.ballooned_pages) * PAGE_SIZE
             kids.append(ChildMemory(
-                name, visible=(v.committed_pages + v.avail_pages) * PAGE_SIZE,
+                name, visible=have,
                 committed=v.committed_pages * PAGE_SIZE, minimum=int(s["minimum"]),
                 maximum=int(s["maximum"]), buffer=int(s.get("buffer", 20)),
                 weight=int(s.get("weight", 5000)), ballooned=v.ballooned_pages * PAGE_SIZE,

@@ -107,6 +107,23 @@ class Env:
         assert r.returncode == 0, r.stdout + r.stderr
         return r
 
+    def wait_channels(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Until every child reports every channel open (and Dynamic Memory,
+        where there is one, negotiated): ``up`` returns when the partitions
+        said hello, a few ms before their channels are open."""
+        def ready(st: dict[str, Any]) -> bool:
+            for p in st["partitions"]:
+                if p["role"] != "child":
+                    continue
+                if p["state"] != "running" or len(p["channels"]) < len(p["devices"]):
+                    return False
+                for c in p["channels"]:
+                    if c["state"] != "open" or c.get("device", {}).get("state") not in (
+                            None, "ready"):
+                        return False
+            return True
+        return self.wait_status(name, ready, timeout)
+
     def rundir(self, name: str) -> RunDir:
         return RunDir(name, self.base)
 

@@ -360,6 +360,7 @@ def test_hot_add_and_balloon_a_running_child(env: Env) -> None:
     what it can see; accounting is exact; limits are refused with the rule."""
     name = _unique()
     env.up(name)
+    env.wait_channels(name)
     mib = 1 << 20
     child = env.part(name, "child1")
     assert child["memory"]["assigned_bytes"] == 256 * mib
