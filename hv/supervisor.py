@@ -476,13 +476,18 @@ class Supervisor:
                 self._plog(p)("malformed hypercall: killed", level="error", error=str(e))
                 self._kill(p)
                 return
-            if reply is not None:
-                self._to_partition(p, reply)
+            # What the call produced for other partitions (a grant for the root,
+            # a new memory range or doorbells for a child) goes out before the
+            # caller's reply: the caller may tell the other partition about it
+            # through a ring the moment it has the reply, and by then the frame
+            # must already be waiting on that partition's link.
             for target, out in self.services.take_outbox():
                 if 0 <= target < len(self.parts):
                     self._to_partition(self.parts[target], out)
                 else:
                     out.close_fds()
+            if reply is not None:
+                self._to_partition(p, reply)
         elif (obj := decode_runtime(fr)) is not None:
             self._on_partition_message(p, obj)
         else:
