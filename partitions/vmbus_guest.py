@@ -135,7 +135,33 @@ class VmbusGuest:
         self.rt.report_soon()
 
     def workload(self, obj: dict[str, Any]) -> None:
+        """A ``workload`` request: ``close`` / ``open`` act on the device's
+        channel itself (the child closes it, or opens it again); anything
+        else goes to the VSC."""
         name = obj.get("device", "echo")
+        action = str(obj.get("action"))
+        if action in ("close", "open"):
+            for gc in self.channels.values():
+                if gc.device.name == name:
+                    if action == "close" and gc.state == "open":
+                        self.rt.log("closing channel", relid=gc.relid, device=name)
+                        self.close(gc.relid)
+                    elif action == "open" and gc.state in ("closed", "failed") \
+                            and not gc.gpadl and not gc.npages:
+                        self.rt.log("opening channel again", relid=gc.relid, device=name)
+                        gc.offered_at = time.monotonic()
+                        try:
+                            self._setup(gc)
+                        except (OutOfGuestMemory, ValueError, OSError) as e:
+                            self.rt.log("channel not opened", level="error", relid=gc.relid,
+                                        error=str(e))
+                            self._free(gc)
+                            gc.state = "failed"
+                    else:
+                        self.rt.log("workload refused", level="warning", device=name,
+                                    error=f"cannot {action} a channel that is {gc.state}")
+                    self.rt.report_soon()
+                    return
         for gc in self.channels.values():
             if gc.device.name == name and gc.vsc is not None and not gc.vsc.closed:
                 try:
@@ -215,6 +241,7 @@ class VmbusGuest:
             if gc.gpadl == gpadl:
                 gc.gpadl = 0
                 self._free(gc)
+                self.rt.report_soon()
 
     def opened(self, ch: ClientChannel, status: int) -> None:
         relid = ch.offer.child_relid
@@ -361,7 +388,7 @@ class VmbusGuest:
         for relid, gc in sorted(self.channels.items()):
             entry: dict[str, Any] = {"relid": relid, "class": gc.device.name,
                                      "state": gc.state, "end": "vsc",
-                                     "ring_pages": gc.npages}
+                                     "ring_pages": gc.npages, "grant": gc.grant_id}
             entry.update(channel_stats(gc.channel))
             if gc.vsc is not None:
                 entry["device"] = gc.vsc.stats()

@@ -95,6 +95,10 @@ class DmVsp(Vsp):
             self.caps = msg
             self.ready = True
             self._send(D.CapabilitiesResponse(True), tid)
+            maximum = self._settings().get("maximum")
+            if isinstance(maximum, int) and self.version >= D.DmVersion.WIN8:
+                # DM_INFO (>= 1.0): the most memory this guest may ever have
+                self._send(D.InfoMessage.max_page_count(maximum // PAGE_SIZE), 0)
             self.log("dynamic memory ready", child=self.child, version=f"{self.version:#x}",
                      balloon=msg.balloon, hot_add=msg.hot_add)
         elif isinstance(msg, D.StatusReport):
@@ -117,6 +121,10 @@ class DmVsp(Vsp):
                 self._finish(True, pages=op["pages"])
         else:
             raise DeviceError(f"{msg.TYPE.name} is not a message a guest sends")
+
+    def _settings(self) -> dict[str, Any]:
+        mm = getattr(getattr(self.partition, "vmbus", None), "memory", None)
+        return mm.settings.get(self.child, {}) if mm is not None else {}
 
     # -- operations (root side) ----------------------------------------------------------
     @property
@@ -288,6 +296,7 @@ class DmVsc(Vsc):
         self.workload_pages: list[tuple[int, int]] = []  # runs the bursts workload holds
         self.burst: dict[str, Any] | None = None
         self.unmet_pages = 0  # what the workload asked for and did not get (demand too)
+        self.max_pages: int | None = None  # from DM_INFO: the most this guest may have
         self.verified_pages = 0  # workload pages checked when freed
         self.corrupt_pages = 0  # ... whose data had changed (must stay 0)
         self._report_timer = False
@@ -339,7 +348,9 @@ class DmVsc(Vsc):
                 self._send(D.UnballoonResponse(), tid)
             self._report_now()
         elif isinstance(msg, D.InfoMessage):
-            pass
+            for t, data in msg.items:
+                if t == D.INFO_TYPE_MAX_PAGE_CNT and len(data) == 8:
+                    self.max_pages = int.from_bytes(data, "little")
         else:
             raise DeviceError(f"{msg.TYPE.name} is not a message the root sends")
 
@@ -505,7 +516,7 @@ class DmVsc(Vsc):
 
     def stats(self) -> dict[str, Any]:
         a = self.alloc if self.partition is not None else None
-        return {"state": self.state, "hot_adds": self.hot_adds,
+        return {"state": self.state, "max_pages": self.max_pages, "hot_adds": self.hot_adds,
                 "hot_added_pages": self.hot_added_pages, "balloons": self.balloons,
                 "ballooned_pages": self.ballooned_pages,
                 "committed_pages": a.used_pages if a else None,

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from clusterenv import Env, _unique, all_pids, assert_no_leaks
+from clusterenv import Env, _log_records, _unique, all_pids, assert_no_leaks
 
 from hv.control import ControlError
 
@@ -120,6 +120,32 @@ def test_child_crash_root_restart_and_rescind(env: Env) -> None:
     assert is_open(st, "child2")
     # the supervisor keeps no copy of any channel's doorbells
     assert sup.num_fds() <= fds_before
+    r = env.cli("down", "--name", name)
+    assert r.returncode == 0, r.stderr
+    assert_no_leaks(env, name, all_pids(st))
+
+
+def test_child_closes_and_reopens_its_channel(env: Env) -> None:
+    """CLOSECHANNEL, GPADL teardown, grant revoked and pages freed on both
+    sides; then the same offer opens again on fresh pages."""
+    name = _unique()
+    env.up(name)
+    st = env.wait_status(name, lambda s: is_open(s, "child1"))
+    grant = chan(st, "child1")["grant"]
+    assert grant > 0 and chan(st, "child1")["ring_pages"] == 66
+    stream(env, name, "child1", "close")
+    st = env.wait_status(name, lambda s: chan(s, "child1")["state"] == "closed"
+                         and chan(s, "child1")["ring_pages"] == 0
+                         and chan(s, "root", "child1")["state"] == "offered")
+    assert chan(st, "child1")["grant"] == 0
+    root_log = [r for r in _log_records(env, name, "root") if r["event"] == "revoke"]
+    assert [r["grant_id"] for r in root_log] == [grant]  # the root unmapped those pages
+    stream(env, name, "child1", "open")
+    st = env.wait_status(name, lambda s: is_open(s, "child1"))
+    assert chan(st, "child1")["grant"] not in (0, grant)
+    stream(env, name, "child1")
+    env.wait_status(name, lambda s: echoes(s, "child1") > 200)
+    assert is_open(env.status(name), "child2")
     r = env.cli("down", "--name", name)
     assert r.returncode == 0, r.stderr
     assert_no_leaks(env, name, all_pids(st))

@@ -118,7 +118,9 @@ def test_add_and_balloon_by_hand_and_memory_goes_back_to_the_os(env: Env) -> Non
 def test_every_limit_is_refused_with_its_reason(env: Env) -> None:
     name = _unique()
     env.up(name, "--config", config(env, dynamic=False, minimum=128, maximum=512))
-    st = env.wait_status(name, lambda s: dm(s) is not None and dm(s, "child2") is not None)
+    st = env.wait_status(name, lambda s: dm(s) is not None and dm(s, "child2") is not None
+                         and dm(s)["max_pages"] is not None)
+    assert dm(st)["max_pages"] == 512 * MiB // 4096  # DM_INFO from the root
     with env.client(name) as c:
         with pytest.raises(ControlError, match="above its maximum of 512 MiB"):
             c.request("memory.add", name="child1", bytes=384 * MiB)
