@@ -205,6 +205,33 @@ def assert_no_leaks(env: Env, name: str, pids: list[int], timeout: float = 5.0) 
     assert shm == []
 
 
+def settled_fds(proc: psutil.Process, timeout: float = 5.0) -> int:
+    """The process's open fd count once it stops changing for a moment.
+
+    A control connection the test just closed is still open in the
+    supervisor until its loop reads the EOF, so a single count can be one
+    high; a leak stays."""
+    deadline = time.monotonic() + timeout
+    last = proc.num_fds()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # sampling interval of a settling measurement
+        now = proc.num_fds()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def fds_at_most(proc: psutil.Process, limit: int, timeout: float = 5.0) -> bool:
+    """True once ``proc`` has at most ``limit`` open fds (polled up to ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while proc.num_fds() > limit:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def all_pids(st: dict[str, Any]) -> list[int]:
     return [st["supervisor_pid"]] + [p["pid"] for p in st["partitions"] if p["pid"]]
 

@@ -13,7 +13,15 @@ from typing import Any
 
 import psutil
 import pytest
-from clusterenv import Env, _log_records, _unique, all_pids, assert_no_leaks
+from clusterenv import (
+    Env,
+    _log_records,
+    _unique,
+    all_pids,
+    assert_no_leaks,
+    fds_at_most,
+    settled_fds,
+)
 
 from hv.control import ControlError
 
@@ -85,7 +93,7 @@ def test_child_crash_root_restart_and_rescind(env: Env) -> None:
     env.up(name)
     st = env.wait_status(name, lambda s: is_open(s, "child1") and is_open(s, "child2"))
     sup = psutil.Process(st["supervisor_pid"])
-    fds_before = sup.num_fds()
+    fds_before = settled_fds(sup)
     root_pid = next(p["pid"] for p in st["partitions"] if p["name"] == "root")
     stream(env, name, "child2")
 
@@ -119,7 +127,7 @@ def test_child_crash_root_restart_and_rescind(env: Env) -> None:
                          and chan(s, "child1") is None)
     assert is_open(st, "child2")
     # the supervisor keeps no copy of any channel's doorbells
-    assert sup.num_fds() <= fds_before
+    assert fds_at_most(sup, fds_before), sup.num_fds()
     r = env.cli("down", "--name", name)
     assert r.returncode == 0, r.stderr
     assert_no_leaks(env, name, all_pids(st))
