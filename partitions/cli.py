@@ -304,6 +304,10 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
          config_path: str | None) -> None:
     """Run a cluster and stream echo requests through every child's VMBus channel, live.
 
+    Each child with a Dynamic Memory channel also allocates and frees memory
+    in bursts, so the root's balancer hot-adds and balloons: the view shows
+    each partition's memory over the last minute.
+
     The cluster (the embedded default: a root and two children) belongs to this
     command: it stops when the demo ends, after --seconds or at Ctrl+C, and a
     summary and a leftover check follow.  `viridian ringdemo` is the older demo
@@ -352,11 +356,20 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
             out.console.print(line, markup=False, soft_wrap=True)
     else:
         out.line("no echo stream ran")
+    lines = show.memory_summary_lines()
+    if lines:
+        out.line("dynamic memory (each child's DM channel; assigned: the least and most seen):")
+        for line in lines:
+            out.console.print(line, markup=False, soft_wrap=True)
     out.line(_stopped_line(res.partitions, stop))
     if stop.left:
         sys.exit(EXIT_FAILED)
     if outcome == "stopped":
         click.echo("viridian demo: the cluster was stopped before the demo ended", err=True)
+        sys.exit(EXIT_FAILED)
+    if show.corrupt_pages():
+        click.echo(f"viridian demo: {show.corrupt_pages()} memory pages came back changed "
+                   "across hot-adds and balloons", err=True)
         sys.exit(EXIT_FAILED)
     if show.mismatches():
         click.echo(f"viridian demo: {show.mismatches()} echoes came back different from what "
@@ -609,6 +622,245 @@ def partition_set(partition_name: str, cpu_weight: int | None, cpu_limit: float 
     c = ans["cpu"]
     Reporter().step(True, ans["name"], f"cpu weight {c['weight']}, limit "
                     f"{c['limit_percent']:g} %, reserve {c['reserve_percent']:g} %")
+
+
+# -- dynamic memory ---------------------------------------------------------------------------
+
+MEMORY_TIMEOUT_S = 20.0  # memory.add / memory.balloon answer when the guest did (up to ~15 s)
+
+
+class _SizeType(click.ParamType):
+    """A size like 128M or 1G (binary units, whole 4 KiB pages): hv.config's parser."""
+
+    name = "SIZE"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from hv.config import parse_size
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = _SizeType()
+
+
+class _PartitionOrCommand(click.Group):
+    """A group whose first argument is a subcommand or a partition name.
+
+    ``viridian memory child1`` runs the hidden ``show`` command;
+    ``viridian memory add child1 128M`` runs ``add``.  The first positional
+    token decides (``--name X`` and ``--json`` may come before it); a
+    partition named like a subcommand is shown with ``memory show NAME``.
+    """
+
+    default_command = "show"
+    _TAKES_VALUE = ("--name", "-n")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                i += 1
+                break
+            if a in self._TAKES_VALUE:
+                i += 2
+                continue
+            if not a.startswith("-") or a == "-":
+                break
+            i += 1
+        if i < len(args):
+            if args[i] in self.commands:  # options before the subcommand go after it
+                args = [args[i], *args[:i], *args[i + 1 :]]
+            else:
+                args = [self.default_command, *args]
+        elif args and not any(a in ("-h", "--help") for a in args):
+            args = [self.default_command, *args]  # options only: show says what is missing
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_PartitionOrCommand, subcommand_metavar="PARTITION | COMMAND [ARGS]...")
+def memory() -> None:
+    """Show or change a partition's memory (Dynamic Memory: hot-add, balloon, limits).
+
+    `viridian memory [--name CLUSTER] [--json] PARTITION` shows it: assigned,
+    visible, demand, pressure, ballooned, resident, the limits, buffer, weight,
+    and whether the root's balancer moves it (dynamic).  PARTITION is a name
+    or an id (the root is 0).  Sizes are binary: 128M, 1G.
+    """
+
+
+def _memory_partition(st: dict, ref: str) -> dict | None:  # type: ignore[type-arg]
+    for p in st["partitions"]:
+        if p["name"] == ref or (ref.isdigit() and p["id"] == int(ref)):
+            return p  # type: ignore[no-any-return]
+    return None
+
+
+@memory.command("show", hidden=True)
+@click.argument("partition_name", metavar="PARTITION")
+@_cluster_option
+@click.option("--json", "as_json", is_flag=True,
+              help="The partition's raw `memory` object (docs/status-schema.md).")
+def memory_show(partition_name: str, cluster: str, as_json: bool) -> None:
+    """Show a partition's memory: assigned, visible, demand, limits, balancer settings."""
+    import json
+
+    from .launcher import CliError, request
+
+    try:
+        st = request(_rundir(cluster), "status")["status"]
+    except CliError as e:
+        _fail("memory", e)
+    p = _memory_partition(st, partition_name)
+    if p is None:
+        _fail("memory", CliError(f"no such partition: {partition_name}", EXIT_NOT_FOUND))
+    if as_json:
+        click.echo(json.dumps(p["memory"], indent=2))
+        return
+    _print_memory(p)
+
+
+def _print_memory(p: dict) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .launcher import _fmt_bytes
+
+    m = p["memory"]
+
+    def size(key: str) -> str:
+        v = m.get(key)
+        return _fmt_bytes(v) if isinstance(v, int) and not isinstance(v, bool) else "-"
+
+    pressure = m.get("pressure_percent")
+    rows = [
+        ("assigned", f"{size('assigned_bytes')}  [dim](the supervisor's accounting)[/]"),
+        ("visible", f"{size('guest_visible_bytes')}  [dim](what the partition reports)[/]"),
+        ("demand", size("demand_bytes") + (f"  [dim](pressure {pressure:g} %)[/]" if isinstance(
+            pressure, (int, float)) and not isinstance(pressure, bool) else "")),
+        ("ballooned", size("ballooned_bytes")),
+        ("resident", f"{size('resident_bytes')}  [dim](pages the kernel holds for it)[/]"),
+        ("limits", f"startup {size('startup_bytes')} · minimum {size('minimum_bytes')} · "
+                   f"maximum {size('maximum_bytes')}"),
+        ("buffer", f"{m.get('buffer_percent', '-')} %"),
+        ("weight", str(m.get("weight", "-"))),
+        ("dynamic", "[green]on[/]  [dim](the root's balancer adds and balloons by demand)[/]"
+         if m.get("dynamic") else "off  [dim](memory moves by `viridian memory add/balloon`)[/]"),
+    ]
+    dm = next((c for c in p.get("channels", []) if isinstance(c, dict)
+               and c.get("class") == "dynmem" and "child" not in c), None)
+    if dm is not None:
+        d = dm.get("device") if isinstance(dm.get("device"), dict) else {}
+        rows.append(("DM channel", escape(
+            f"relid {dm.get('relid')} {dm.get('state')}"
+            + (f" ({d.get('state')}): " + ", ".join(
+                f"{d.get(k, 0)} {what}{'' if d.get(k, 0) == 1 else 's'}"
+                for k, what in (("hot_adds", "hot-add"), ("balloons", "balloon"),
+                                ("corrupt_pages", "corrupt page"))) if d else ""))))
+    console = Console(highlight=False)
+    console.print(f"[bold]{escape(p['name'])}[/] (id {p['id']}, {p['role']}, {p['state']})")
+    for key, value in rows:
+        console.print(f"  [bold]{key:<10}[/] {value}", soft_wrap=True)
+
+
+def _memory_change(cmd: str, op: str, partition_name: str, nbytes: int, cluster: str) -> None:
+    """memory.add / memory.balloon: one operation through the child's DM channel."""
+    from hv.control import ControlError
+
+    from .launcher import CliError, Reporter, _fmt_bytes, connect
+
+    t0 = time.monotonic()
+    try:
+        with connect(_rundir(cluster), timeout=MEMORY_TIMEOUT_S) as c:
+            ans = c.request(op, name=partition_name, bytes=nbytes)
+    except CliError as e:
+        _fail(cmd, e)
+    except ControlError as e:
+        _fail(cmd, CliError(str(e), EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILED))
+    except TimeoutError:
+        _fail(cmd, CliError(f"no answer from the supervisor within {MEMORY_TIMEOUT_S:g} s"))
+    except OSError as e:
+        _fail(cmd, CliError(f"lost the supervisor: {e}"))
+    except KeyboardInterrupt:
+        _fail(cmd, CliError("interrupted: the operation may still complete (see `viridian "
+                            f"memory {partition_name}`)", 130))
+    ms = ans.get("ms")
+    took = ms if isinstance(ms, (int, float)) else (time.monotonic() - t0) * 1000
+    verb = "hot-added" if op == "memory.add" else "ballooned"
+    pages = ans.get("pages")
+    out = Reporter()
+    out.console.print(f"  [green]✓[/] {ans['name']:<12.12} {verb} {_fmt_bytes(nbytes)}"
+                      + (f" ({pages} pages)" if isinstance(pages, int) else "")
+                      + f" in {took:.1f} ms: {_fmt_bytes(ans['assigned_bytes'])} assigned",
+                      soft_wrap=True)
+    if ans.get("note"):
+        out.console.print(f"  note: {ans['note']}", markup=False, soft_wrap=True)
+
+
+@memory.command("add")
+@click.argument("partition_name", metavar="PARTITION")
+@click.argument("nbytes", metavar="SIZE", type=SIZE)
+@_cluster_option
+def memory_add(partition_name: str, nbytes: int, cluster: str) -> None:
+    """Hot-add SIZE (128M, 1G) to a running child through its Dynamic Memory channel.
+
+    Answers when the guest took the memory, with the new assigned size and how
+    long it took; refused (exit 1, with the reason) above the child's maximum,
+    without enough host memory, or when the guest refuses.
+    """
+    _memory_change("memory add", "memory.add", partition_name, nbytes, cluster)
+
+
+@memory.command("balloon")
+@click.argument("partition_name", metavar="PARTITION")
+@click.argument("nbytes", metavar="SIZE", type=SIZE)
+@_cluster_option
+def memory_balloon(partition_name: str, nbytes: int, cluster: str) -> None:
+    """Take SIZE back from a running child (its free pages go back to the host).
+
+    Refused (exit 1, with the reason) below the child's minimum or when the
+    guest does not give the pages.
+    """
+    _memory_change("memory balloon", "memory.balloon", partition_name, nbytes, cluster)
+
+
+@memory.command("set")
+@click.argument("partition_name", metavar="PARTITION")
+@click.option("--min", "minimum", type=SIZE, help="Minimum: balloons never go below.")
+@click.option("--max", "maximum", type=SIZE, help="Maximum: hot-adds never go above.")
+@click.option("--buffer", type=click.IntRange(5, 2000),
+              help="% of demand the balancer keeps free on top, 5-2000.")
+@click.option("--weight", type=click.IntRange(0, 10000),
+              help="Who gets memory first when the host is short, 0-10000.")
+@click.option("--dynamic/--static", default=None,
+              help="Whether the root's balancer moves this partition's memory by demand.")
+@_cluster_option
+def memory_set(partition_name: str, minimum: int | None, maximum: int | None,
+               buffer: int | None, weight: int | None, dynamic: bool | None,
+               cluster: str) -> None:
+    """Change a partition's memory limits and balancer settings (applies at once)."""
+    from .launcher import CliError, Reporter, _fmt_bytes, request
+
+    args = {k: v for k, v in (("minimum", minimum), ("maximum", maximum), ("buffer", buffer),
+                              ("weight", weight), ("dynamic", dynamic)) if v is not None}
+    if not args:
+        raise click.UsageError("give at least one of --min, --max, --buffer, --weight, "
+                               "--dynamic/--static")
+    try:
+        ans = request(_rundir(cluster), "memory.set", name=partition_name, **args)
+    except CliError as e:
+        _fail("memory set", e)
+    m = ans["memory"]
+    Reporter().console.print(
+        f"  [green]✓[/] {ans['name']:<12.12} minimum {_fmt_bytes(m['minimum_bytes'])}, "
+        f"maximum {_fmt_bytes(m['maximum_bytes'])}, buffer {m['buffer_percent']} %, "
+        f"weight {m['weight']}, dynamic {'on' if m['dynamic'] else 'off'}", soft_wrap=True)
 
 
 @main.group()

@@ -8,7 +8,10 @@ into rich tables or plain lines; ``Demo`` is the one piece with I/O: it
 polls ``status`` about four times a second (waiting on the cluster's event
 stream in between, so a stop or a crash is seen at once), starts the echo
 ``stream`` workload on every child whose echo channel is open, and keeps
-what the summary needs.
+what the summary needs; it also starts the Dynamic Memory ``bursts``
+workload on every child with a DM channel and shows each partition's
+memory over time (assigned, visible, demand, a sparkline of the last
+minute), so hot-adds and balloons can be watched as they happen.
 
 Rates are counter deltas over a sliding window of about two seconds:
 partitions report their channels at most every 0.25 s, so a shorter window
@@ -35,6 +38,7 @@ from hv.control import ControlClient, ControlError
 __all__ = [
     "Demo",
     "DemoOptions",
+    "MemoryHistory",
     "channel_tables",
     "fmt_count",
     "fmt_iec",
@@ -46,6 +50,11 @@ TICK_S = 0.25  # the live view's refresh period (4 per second)
 RATE_WINDOW_S = 2.0
 OPEN_TIMEOUT_S = 10.0  # how long the demo waits for the children's echo channels
 SETTLE_TIMEOUT_S = 2.0  # after "stop": in-flight echoes come back, reports catch up
+HISTORY_S = 60.0  # the memory sparkline's span ...
+HISTORY_CELLS = 30  # ... in this many characters (2 s each)
+SPARK = "▁▂▃▄▅▆▇█"
+# The demo's Dynamic Memory workload: allocate in 96 MiB steps to 480 MiB, hold, free, rest.
+BURSTS_ARGS = {"peak_mb": 480, "step_mb": 96, "period_s": 0.25}
 
 
 # -- safe formatting ---------------------------------------------------------------------------
@@ -122,6 +131,15 @@ def _echoes(c: dict[str, Any]) -> int:
     """Echoes checked by the child, or echoed by the root."""
     d = _device(c)
     return _int(d.get("echoes")) if "echoes" in d else _int(d.get("echoed"))
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def _mem(p: dict[str, Any]) -> dict[str, Any]:
+    m = p.get("memory")
+    return m if isinstance(m, dict) else {}
 
 
 def _channels(p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -252,21 +270,107 @@ CHANNEL_LEGEND = "Fill %: outgoing/incoming ring · Signals: sent/suppressed"
 
 
 def partitions_table(st: dict[str, Any]) -> Any:
-    """Name, role, state, PID, memory visible, CPU % (the live view's top half)."""
+    """Name, role, state, PID, CPU % (the live view's top; memory has its own table)."""
     t = _table()
     _columns(t, (("Name", "left", 12), ("Role", "left", 5), ("State", "left", 10),
-                 ("PID", "right", 7), ("Visible", "right", 9), ("CPU %", "right", 6)))
+                 ("PID", "right", 7), ("CPU %", "right", 6)))
     for p in st.get("partitions", []):
         pid = _int(p.get("pid"))
-        mem = p.get("memory") if isinstance(p.get("memory"), dict) else {}
         cpu = p.get("cpu") if isinstance(p.get("cpu"), dict) else {}
-        vis = _int(mem.get("guest_visible_bytes"))
         usage = _num(cpu.get("usage_percent"))
         t.add_row(_markup_safe(clean(p.get("name", "?"), 16)), clean(p.get("role", "?"), 5),
                   _state(p.get("state", "?")), str(pid) if pid else "-",
-                  fmt_iec(vis) if vis else "-",
                   f"{usage:.1f}" if pid and usage is not None else "-")
     return t
+
+
+# -- memory over time ---------------------------------------------------------------------------
+
+
+class MemoryHistory:
+    """Each partition's assigned memory over the last ``span_s`` seconds, in
+    ``cells`` fixed time cells (the most assigned in each), for a sparkline;
+    and the least and most each process (name, pid) was seen with."""
+
+    def __init__(self, t0: float, span_s: float = HISTORY_S, cells: int = HISTORY_CELLS) -> None:
+        self.t0 = t0
+        self.cells = cells
+        self.cell_s = span_s / cells
+        self._hist: dict[str, deque[tuple[int, int]]] = {}  # name -> (cell, most assigned)
+        self.seen: dict[tuple[str, int], tuple[int, int]] = {}  # (name, pid) -> (least, most)
+
+    def _cell(self, now: float) -> int:
+        return int((now - self.t0) // self.cell_s)
+
+    def update(self, st: dict[str, Any], now: float) -> None:
+        cell = self._cell(now)
+        for p in st.get("partitions", []):
+            name, pid = clean(p.get("name", "?")), _int(p.get("pid"))
+            a = _int(_mem(p).get("assigned_bytes"))
+            if not pid or a <= 0:  # no process: a gap in its line
+                continue
+            h = self._hist.setdefault(name, deque())
+            if h and h[-1][0] == cell:
+                h[-1] = (cell, max(h[-1][1], a))
+            else:
+                h.append((cell, a))
+            while h[0][0] <= cell - self.cells:
+                h.popleft()
+            lo, hi = self.seen.get((name, pid), (a, a))
+            self.seen[(name, pid)] = (min(lo, a), max(hi, a))
+
+    def sparkline(self, name: str, top: int, now: float) -> str:
+        """``cells`` characters, oldest first: ▁ (little) to █ (``top``), blank without data."""
+        cell = self._cell(now)
+        h = dict(self._hist.get(name, ()))
+        if top <= 0:
+            top = max(h.values(), default=1)
+        out = []
+        for i in range(cell - self.cells + 1, cell + 1):
+            v = h.get(i)
+            out.append(" " if v is None else
+                       SPARK[min(len(SPARK) - 1, max(0, -(-v * len(SPARK) // top) - 1))])
+        return "".join(out)
+
+
+def _dm_channel(p: dict[str, Any]) -> dict[str, Any] | None:
+    """A child's own end of its Dynamic Memory channel."""
+    for c in _channels(p):
+        if c.get("class") == "dynmem" and c.get("end", "vsc") == "vsc" and "child" not in c:
+            return c
+    return None
+
+
+def memory_table(st: dict[str, Any], history: MemoryHistory, now: float) -> Any:
+    """Per partition: assigned, visible, demand, the DM channel's hot-adds and
+    balloons, and a sparkline of assigned memory over the last minute."""
+    from rich.text import Text
+
+    t = _table()
+    secs = history.cell_s * history.cells
+    _columns(t, (("Name", "left", 10), ("Assigned", "right", 8), ("Visible", "right", 7),
+                 ("Demand", "right", 7), ("Add/Bal", "right", 7),
+                 (f"Assigned, last {secs:.0f} s", "left", history.cells)))
+    for p in st.get("partitions", []):
+        m = _mem(p)
+        pid = _int(p.get("pid"))
+        a, vis, dem = (_int(m.get(k)) for k in ("assigned_bytes", "guest_visible_bytes",
+                                                 "demand_bytes"))
+        dm = _dm_channel(p)
+        d = _device(dm) if dm else {}
+        name = clean(p.get("name", "?"), 16)
+        t.add_row(_markup_safe(name), fmt_iec(a) if pid and a else "-",
+                  fmt_iec(vis) if pid and vis else "-", fmt_iec(dem) if pid and dem else "-",
+                  f"{fmt_count(_int(d.get('hot_adds')))}/{fmt_count(_int(d.get('balloons')))}"
+                  if d else "-",
+                  Text(history.sparkline(name, _int(m.get("maximum_bytes")), now),
+                       style="green" if m.get("dynamic") is True else "dim"))
+    return t
+
+
+MEMORY_LEGEND = ("Visible: as the partition reports · Demand: its last pressure report\n"
+                 "Add/Bal: hot-adds/balloons on its DM channel · "
+                 f"{SPARK[0]} to {SPARK[-1]}: 0 to its maximum")
 
 
 def _mbps(bytes_per_s: float) -> str:
@@ -294,7 +398,7 @@ def demo_channels_table(st: dict[str, Any], rates: ChannelRates) -> Any:
                 _fill(c),
                 f"{fmt_count(_int(c.get('signals_sent')))}/"
                 f"{fmt_count(_int(c.get('signals_suppressed')))}",
-                fmt_count(_echoes(c)) if d else "-",
+                fmt_count(_echoes(c)) if "echoes" in d or "echoed" in d else "-",
                 (f"[red]{_int(d['mismatches'])}[/]" if _int(d["mismatches"])
                  else "0") if "mismatches" in d else "-")
     return t
@@ -360,13 +464,14 @@ class DemoOptions:
 
 @dataclass
 class StreamRecord:
-    """One child's echo stream (a restarted child starts a new one)."""
+    """One child's echo stream or memory bursts (a restarted child starts a new one)."""
 
     partition: str
     pid: int
     started: float
     stopped: float | None = None
     last: dict[str, Any] = field(default_factory=dict)  # its channel entry, last seen
+    startup: int = 0  # (bursts) the partition's startup memory
     seen: float = 0.0  # when it was last seen (the end of a stream whose process is gone)
 
 
@@ -406,9 +511,11 @@ class Demo:
         self.console = console
         self.rates = ChannelRates()
         self.streams: dict[tuple[str, int], StreamRecord] = {}
+        self.bursts: dict[tuple[str, int], StreamRecord] = {}  # the DM workload per child
         self.notes: deque[str] = deque(maxlen=4)
         self.status: dict[str, Any] = {}
         self.t0 = time.monotonic()
+        self.memory = MemoryHistory(self.t0)
         self.stream_t0: float | None = None
         self.outcome = "done"  # or "interrupted", "stopped" (the cluster went away)
         self._ctl: ControlClient | None = None
@@ -456,12 +563,35 @@ class Demo:
         now = time.monotonic()
         self.status = st
         self.rates.update(st, now)
+        self.memory.update(st, now)
         for p in st.get("partitions", []):
-            rec = self.streams.get((clean(p.get("name")), _int(p.get("pid"))))
-            c = _echo_channel(p)
-            if rec is not None and c is not None:
-                rec.last, rec.seen = c, now
+            key = (clean(p.get("name")), _int(p.get("pid")))
+            for recs, c in ((self.streams, _echo_channel(p)), (self.bursts, _dm_channel(p))):
+                rec = recs.get(key)
+                if rec is not None and c is not None:
+                    rec.last, rec.seen = c, now
         return True
+
+    def _start_bursts(self) -> None:
+        """The DM ``bursts`` workload on every running child whose DM channel is ready."""
+        assert self._ctl is not None
+        for p in self.status.get("partitions", []):
+            if p.get("role") != "child" or p.get("state") != "running":
+                continue
+            c = _dm_channel(p)
+            key = (clean(p.get("name")), _int(p.get("pid")))
+            if (c is None or c.get("state") != "open" or _device(c).get("state") != "ready"
+                    or key in self.bursts):
+                continue
+            now = time.monotonic()
+            self.bursts[key] = StreamRecord(key[0], key[1], now, last=c, seen=now,
+                                            startup=_int(_mem(p).get("startup_bytes")))
+            try:
+                self._ctl.request("workload", name=key[0], device="dynmem", action="bursts",
+                                  args=BURSTS_ARGS)
+            except (ControlError, TimeoutError) as e:
+                del self.bursts[key]
+                self._note(f"{key[0]}: the memory bursts did not start: {e}")
 
     def _start_streams(self) -> None:
         assert self._ctl is not None
@@ -510,6 +640,11 @@ class Demo:
         from rich.text import Text
 
         parts: list[Any] = [self.header(), "", partitions_table(self.status), "",
+                            memory_table(self.status, self.memory, time.monotonic()),
+                            Text(("Each child allocates in bursts (to "
+                                  f"{BURSTS_ARGS['peak_mb']} MiB): the balancer hot-adds, "
+                                  "balloons\n" if self.bursts else "") + MEMORY_LEGEND,
+                                 style="dim"), "",
                             demo_channels_table(self.status, self.rates),
                             Text("pkt/s, MB/s, Pkts: in + out · Fill %: out/in ring · "
                                  "Signals: sent/suppressed\nEchoes: checked by the "
@@ -531,6 +666,11 @@ class Demo:
                          f"{clean(c.get('state'), 12)}: {rate} "
                          f"echoes {_int(d.get('echoes'))} "
                          f"mismatches {_int(d.get('mismatches'))}")
+        mem = [f"{clean(p.get('name'), 16)} {fmt_iec(_int(_mem(p).get('assigned_bytes')))}"
+               for p in self.status.get("partitions", [])
+               if p.get("role") == "child" and _int(p.get("pid"))]
+        if mem:
+            items.append("assigned: " + ", ".join(mem))
         return f"[{self._elapsed():6.1f} s] " + (" | ".join(items) or "no echo channels")
 
     # -- the loop ------------------------------------------------------------------------
@@ -564,6 +704,7 @@ class Demo:
                     self.outcome = "interrupted" if self.hits else "stopped"
                     break
                 self._start_streams()
+                self._start_bursts()
                 now = time.monotonic()
                 tick = max(tick + TICK_S, now + 0.05)
                 if live is not None:
@@ -586,14 +727,16 @@ class Demo:
                 running = {clean(p.get("name")): _int(p.get("pid"))
                            for p in self.status.get("partitions", [])
                            if p.get("state") == "running"}
-                for (name, pid), rec in self.streams.items():
-                    if running.get(name) != pid:
-                        continue
-                    try:
-                        self._ctl.request("workload", name=name, device="echo", action="stop")
-                    except (ControlError, TimeoutError):
-                        continue
-                    rec.stopped = time.monotonic()
+                for device, recs in (("echo", self.streams), ("dynmem", self.bursts)):
+                    for (name, pid), rec in recs.items():
+                        if running.get(name) != pid:
+                            continue
+                        try:
+                            self._ctl.request("workload", name=name, device=device,
+                                              action="stop")
+                        except (ControlError, TimeoutError):
+                            continue
+                        rec.stopped = time.monotonic()
                 deadline = time.monotonic() + SETTLE_TIMEOUT_S
                 while time.monotonic() < deadline and len(self.hits) == hits:
                     if not self._wait_events(time.monotonic() + 0.05) or not self._poll():
@@ -604,7 +747,7 @@ class Demo:
             self._ctl.close()
             self._ctl = None
         now = time.monotonic()
-        for rec in self.streams.values():
+        for rec in [*self.streams.values(), *self.bursts.values()]:
             if rec.stopped is None:  # its process went away (or the cluster did)
                 rec.stopped = rec.seen if self.outcome != "stopped" else now
 
@@ -617,6 +760,14 @@ class Demo:
             d = _device(c) if c else {}
             if d.get("streaming") or _int(d.get("in_flight")):
                 return False
+        for p in self.status.get("partitions", []):
+            key = (clean(p.get("name")), _int(p.get("pid")))
+            rec = self.bursts.get(key)
+            if rec is None or rec.stopped is None:
+                continue
+            c = _dm_channel(p)
+            if c is not None and _int(_device(c).get("workload_pages")):
+                return False  # its pages are freed (and checked) at stop: not reported yet
         return True
 
     # -- the summary ----------------------------------------------------------------------
@@ -638,6 +789,25 @@ class Demo:
                          f"{_int(d.get('echoes')):,} echoes, "
                          f"{_int(d.get('mismatches'))} mismatches")
         return lines
+
+    def memory_summary_lines(self) -> list[str]:
+        """One line per child's memory bursts: hot-adds, balloons, corrupt pages
+        (its DM channel's counters), and the least and most memory it was assigned."""
+        lines = []
+        names = [r.partition for r in self.bursts.values()]
+        for rec in sorted(self.bursts.values(), key=lambda r: (r.partition, r.started)):
+            d = _device(rec.last)
+            who = rec.partition + (f" (pid {rec.pid})" if names.count(rec.partition) > 1 else "")
+            lo, hi = self.memory.seen.get((rec.partition, rec.pid), (0, 0))
+            lines.append(f"  {who} relid {_int(rec.last.get('relid'))} dynmem: "
+                         f"{_plural(_int(d.get('hot_adds')), 'hot-add')}, "
+                         f"{_plural(_int(d.get('balloons')), 'balloon')}, "
+                         f"{_plural(_int(d.get('corrupt_pages')), 'corrupt page')}; assigned "
+                         f"{fmt_iec(lo)} to {fmt_iec(hi)} (startup {fmt_iec(rec.startup)})")
+        return lines
+
+    def corrupt_pages(self) -> int:
+        return sum(_int(_device(r.last).get("corrupt_pages")) for r in self.bursts.values())
 
     def mismatches(self) -> int:
         return sum(_int(_device(r.last).get("mismatches")) for r in self.streams.values())

@@ -25,6 +25,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
 PROGRESS = re.compile(r"^\[\s*[\d.]+ s\] (.*)$", re.M)
 STREAM_ITEM = re.compile(r"(\w+) relid (\d+) (\w+): .*?echoes (\d+) mismatches (\d+)")
+ASSIGNED = re.compile(r"\| assigned: (\w+) (\d+(?:\.\d+)?[KMG]iB), (\w+) (\d+(?:\.\d+)?[KMG]iB)$")
+DM_SUMMARY = re.compile(r"^  (child\d) relid \d+ dynmem: (\d+) hot-adds?, (\d+) balloons?, "
+                        r"(\d+) corrupt pages?; assigned (\S+) to (\S+) \(startup 256MiB\)$",
+                        re.M)
 
 
 def chan(st: dict[str, Any], partition: str, child: str | None = None,
@@ -100,11 +104,21 @@ def test_demo_streams_echoes_and_leaves_nothing(env: Env) -> None:
         assert state == "open" and relid == "1", lines[-1]
         assert int(echoes) > 0 and mismatches == "0", lines[-1]
     assert all(m[4] == "0" for line in lines for m in STREAM_ITEM.findall(line)), out
+    # ... and the children's assigned memory (the demo runs the DM bursts workload)
+    m = ASSIGNED.search(lines[-1])
+    assert m and (m[1], m[3]) == ("child1", "child2"), lines[-1]
     # The summary: per channel packets, bytes, mean rate, mismatches; then nothing left.
     summary = re.findall(r"^  (child\d) relid 1 echo: ([\d,]+) packets, .* (\d+) mismatches$",
                          out, re.M)
     assert {s[0] for s in summary} == {"child1", "child2"}, out
     assert all(int(s[1].replace(",", "")) > 0 and s[2] == "0" for s in summary), out
+    # Dynamic Memory per child: what its DM channel did, nothing corrupted, memory moved
+    # (the balancer balloons the idle start, then hot-adds as the bursts grow)
+    dm = DM_SUMMARY.findall(out)
+    assert {d[0] for d in dm} == {"child1", "child2"}, out
+    for _child, hot_adds, balloons, corrupt, least, most in dm:
+        assert corrupt == "0" and int(hot_adds) + int(balloons) >= 1, out
+        assert least != most, out
     m = LEAVES_LINE.search(out)
     assert m and m.group(1) == "3", out
     assert "\x1b[" not in out  # no live view, no colour when piped
