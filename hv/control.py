@@ -30,11 +30,24 @@ Ops (``name`` is a partition name or its numeric id; the root is 0):
 ``partition.kill``            SIGKILL it and keep it stopped (Hyper-V "Turn Off")
 ``partition.set``             ``cpu_weight`` 1-10000, ``cpu_limit`` (0, 100],
                               ``cpu_reserve`` [0, 100]; live; answers ``"cpu"``
-``memory.add``                ``bytes`` (a multiple of 4096): hot-add a new memfd
-                              range to a running partition; answers
-                              ``"assigned_bytes"``; refused above its maximum
-``memory.balloon``            ``bytes``: take back its highest free pages (punched
-                              out of the memfd); refused below its minimum
+``memory.add``                ``bytes`` (a multiple of 4096): hot-add to a running
+                              child through its Dynamic Memory channel; answers
+                              when the guest has (``"assigned_bytes"``, ``"pages"``,
+                              ``"ms"``); refused with the reason: above its
+                              maximum, not enough host memory, the guest refused,
+                              the channel is not open
+``memory.balloon``            ``bytes``: the child gives back its highest free
+                              pages (punched out of its memfd); refused below its
+                              minimum or when the guest does not answer
+``memory.set``                ``minimum``, ``maximum``, ``buffer``, ``weight``,
+                              ``dynamic``: live; answers ``"memory"``
+``workload``                  ``device``, ``action``, ``args``: relayed to a
+                              child's device (echo ``stream``, dynmem ``bursts``,
+                              ``close`` / ``open`` of its channel, ``stop``)
+``channel.rescind``           ``relid``: the root withdraws a child's channel
+``trace``                     turns the connection into a stream of the
+                              partition's decoded control messages and packet
+                              headers (``{"event": "trace", "events": [...]}``)
 ``watch``                     turns the connection into an event stream: one
                               ``{"event": "snapshot", "status": {...}}``, then
                               ``{"event": "state", "name", "state", "pid",
