@@ -15,8 +15,8 @@ _DEADLINE_S and _CPUS ("0,1": producer CPU, consumer CPU).
 
 At the end ``pytest_terminal_summary`` prints one table (msgs/s, GB/s and
 ratios per size), the latency table, the idle reader's CPU, the check of
-issue 2's targets and a system block; the same goes to
-benchmarks/results/latest.json.
+issue 2's targets, the channel block of bench_channels.py with issue 4's
+target, and a system block; the same goes to benchmarks/results/latest.json.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _watched_dirs() -> dict[str, set[str]]:
 def pytest_configure(config: pytest.Config) -> None:
     disabled = bool(config.getoption("benchmark_disable", False))
     config.stash[_CFG] = BenchConfig.from_env(benchmark_disabled=disabled)
-    config.stash[_STORE] = {"stream": {}, "latency": {}, "idle": None, "notes": []}
+    config.stash[_STORE] = {"stream": {}, "latency": {}, "idle": None, "channels": {},
+                            "notes": []}
     config.stash[_START] = {"time": time.time(), "dirs": _watched_dirs(),
                             "load": os.getloadavg()}
     # Columns that matter for rounds of one op each: medians, not means
@@ -200,12 +201,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     cfg = config.stash.get(_CFG, None)
     if store is None or cfg is None:
         return
-    if not store["stream"] and not store["latency"] and not store["idle"]:
+    if not (store["stream"] or store["latency"] or store["idle"]
+            or store["channels"].keys() - {"leftovers"}):
         return
     system = _system(cfg, config.stash[_START])
     lines, doc = report.build(store, cfg.as_dict(), system)
     tr = terminalreporter
-    tr.write_sep("=", "Viridian IPC benchmarks (issue 2)")
+    tr.write_sep("=", "Viridian IPC benchmarks (issues 2 and 4)")
     for line in lines:
         tr.write_line(line)
     with contextlib.suppress(OSError):

@@ -273,6 +273,18 @@ class ViridianBatchProducer(_ViridianEnd, Producer):
         self.need = packet_bytes(size)
         self.k = opts["batch_k"]
 
+    @classmethod
+    def on_ring(cls, ring: Any, space_bell: Any, size: int, k: int) -> ViridianBatchProducer:
+        """The same producer on a ring someone else owns (a VMBus channel's
+        outgoing ring and its doorbell: benchmarks/channel_hook.py).  Its
+        ``close`` must not be called (the ring is not its own)."""
+        from vmbus.ring import packet_bytes
+
+        self = cls.__new__(cls)
+        self.ring, self.space_bell = ring, space_bell
+        self.need, self.k = packet_bytes(size), k
+        return self
+
     def _rest(self, items: list[bytes], w: int) -> None:
         wm, ww = self.ring.write_many, self.ring.wait_writable
         while w < len(items):
@@ -978,9 +990,10 @@ def viridian_pingpong_setup(ring_data: int) -> Setup:
 
 
 class ViridianPingEnd:
-    """One end of a ping-pong: writes on one ring, reads the other."""
+    """One end of a ping-pong: writes on one ring, reads the other.  Pings are
+    ``size`` bytes (64 B in bench_latency; bench_channels also uses 1 KiB)."""
 
-    def __init__(self, args: Any, spin_ns: int | None) -> None:
+    def __init__(self, args: Any, spin_ns: int | None, size: int = 64) -> None:
         from vmbus.doorbell import Doorbell
         from vmbus.ring import IncomingRing, OutgoingRing
         from vmbus.shm import SharedMemory
@@ -992,6 +1005,7 @@ class ViridianPingEnd:
         self.out = OutgoingRing(self.out_shm.map, on_signal=self.peer.ring)
         self.inc = IncomingRing(self.in_shm.map, on_signal=self.peer.ring)
         self.spin_ns = spin_ns
+        self.size = size
 
     def _reader(self) -> Callable[[], Any]:
         """``IncomingRing.read``, the blocking read (its spin is one C call that
@@ -1005,7 +1019,7 @@ class ViridianPingEnd:
     def pings(self, k: int, w: int) -> list[int]:
         """w unrecorded round trips, then k timed ones (ns each): try_write,
         then the blocking read of the answer."""
-        msg = b"\x01" * 64
+        msg = b"\x01" * self.size
         tw = self.out.try_write
         read = self._reader()
         pc = time.perf_counter_ns
@@ -1021,13 +1035,14 @@ class ViridianPingEnd:
             m = p.payload
             t1 = pc()
             app(t1 - t0)
-        if len(m) != 64:
+        if len(m) != self.size:
             raise RuntimeError("bad pong")
         return lat[w:]
 
     def pong_forever(self) -> None:
         tw = self.out.try_write
         read = self._reader()
+        size = self.size
         timeouts = 0  # waits that timed out (WAIT_S each) over the ponger's life
         while True:
             p = read()
@@ -1037,7 +1052,7 @@ class ViridianPingEnd:
                     return
                 p = read()
             m = p.payload
-            if len(m) != 64:
+            if len(m) != size:
                 return  # QUIT
             if not tw(m):
                 raise RuntimeError("pong ring full")
@@ -1108,7 +1123,7 @@ def worker_main(role: str, key: str, size: int, cpu: int | None, conn: Any, args
             t = TRANSPORTS[key]
             ep = (t.producer if role == "producer" else t.consumer)(args, size, opts)
         elif role in ("pinger", "ponger"):
-            ep = ViridianPingEnd(args, opts.get("spin_ns"))
+            ep = ViridianPingEnd(args, opts.get("spin_ns"), size or 64)
         elif role == "idle":
             ep = IdleReader(args)
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from vmbus.packet import Packet, PacketType
@@ -64,7 +65,7 @@ class EchoVsp(Vsp):
         self.mode = ud[len(MAGIC)]
         return 0
 
-    def on_packets(self, pkts: list[Packet]) -> None:
+    def on_packets(self, pkts: Sequence[Packet]) -> None:
         if self.mode == MODE_SINK:
             self.dropped += len(pkts)
             return
