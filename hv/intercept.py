@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from hv._atomic import SharedWords
 
 __all__ = [
+    "IDE_PORTS",
     "IN",
     "OUT",
     "SPIN_NS",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 IN, OUT = 1, 2
+#: The emulated IDE controller's ports (partitions/storage/ata.py): the primary
+#: channel's task file, its device control / alternate status, the bus master.
+IDE_PORTS = ((0x1F0, 8), (0x3F6, 1), (0xC000, 8))
 REQ, DONE, OP, PORT, SIZE, VALUE, RESULT, STATUS, IRQS = range(0, 36, 4)
 SLOT_BYTES = 64
 PAGE = 4096
@@ -231,9 +235,9 @@ class InterceptServer:
             self.irqs = (self.irqs + 1) & 0xFFFFFFFF
             w.store(IRQS, self.irqs)
         self._last = seq
+        self.served += 1
         w.store(DONE, seq)  # last: the supervisor reads the answer after seeing it
         _ring(self.done_fd)
-        self.served += 1
         return True
 
     def close(self) -> None:
