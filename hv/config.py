@@ -151,13 +151,39 @@ class CpuConfig(_Strict):
 RestartPolicy = Literal["never", "on-crash", "always"]
 
 
+class DiskConfig(_Strict):
+    """A disk the root serves to a child from a raw image file on the host:
+    ``ide`` (emulated, every register access trapped) or ``scsi`` (synthetic,
+    storvsc over VMBus).  A missing image is created sparse at ``size``."""
+
+    bus: Literal["ide", "scsi"]
+    path: str | None = Field(default=None, description="image file; default: "
+                             "$VIRIDIAN_DATA_DIR/<cluster>/<partition>-disk<N>.img")
+    size: Size = Field(default=1 << 30, description="bytes, a multiple of 512")
+
+    @model_validator(mode="after")
+    def _whole_sectors(self) -> DiskConfig:
+        if self.size <= 0 or self.size % 512:
+            raise ValueError(f"disk size must be a positive multiple of 512, got {self.size}")
+        return self
+
+
 class PartitionConfig(_Strict):
     name: str = Field(pattern=NAME_RE.pattern)
     role: Literal["root", "child"] = "child"
     memory: MemoryConfig = MemoryConfig()
     cpu: CpuConfig = CpuConfig()
     devices: list[str | dict[str, Any]] = Field(default_factory=list)
+    disks: list[DiskConfig] = Field(default_factory=list)
     restart: RestartPolicy = "never"
+
+    @model_validator(mode="after")
+    def _disks(self) -> PartitionConfig:
+        if self.disks and self.role == "root":
+            raise ValueError("the root serves disks; it has none of its own")
+        if sum(d.bus == "ide" for d in self.disks) > 1:
+            raise ValueError("one ide disk at most (one emulated controller, master only)")
+        return self
 
 
 class ClusterConfig(_Strict):
@@ -204,6 +230,7 @@ name = "child1"
 role = "child"
 restart = "on-crash"
 devices = ["echo", "dynmem"]
+disks = [{ bus = "scsi", size = "1G" }]
 memory = { startup = "256M", minimum = "64M", maximum = "1G", dynamic = true, buffer = 20 }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 
@@ -212,9 +239,29 @@ name = "child2"
 role = "child"
 restart = "on-crash"
 devices = ["echo", "dynmem"]
+disks = [{ bus = "ide", size = "1G" }]
 memory = { startup = "256M", minimum = "64M", maximum = "1G", dynamic = true, buffer = 20 }
 cpu = { weight = 100, limit = 100, reserve = 0 }
 """
+
+
+def data_dir() -> Path:
+    """Where disk images live by default: ``$VIRIDIAN_DATA_DIR``, else
+    ``$XDG_DATA_HOME/viridian``, else ``~/.local/share/viridian``.  Images
+    are the user's data: they stay after the cluster stops."""
+    import os
+
+    if os.environ.get("VIRIDIAN_DATA_DIR"):
+        return Path(os.environ["VIRIDIAN_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "viridian"
+
+
+def disk_path(cluster: str, partition: str, index: int, disk: DiskConfig) -> str:
+    """The image file of a partition's ``index``-th disk (absolute)."""
+    if disk.path:
+        return str(Path(disk.path).expanduser().resolve())
+    return str(data_dir() / cluster / f"{partition}-disk{index}.img")
 
 
 def _where(loc: tuple[int | str, ...], data: object) -> str:
@@ -316,4 +363,10 @@ def dump_toml(config: ClusterConfig) -> str:
             f"cpu = {_toml_value(cpu)}",
             "",
         ]
+        for d in p.disks:
+            disk: dict[str, Any] = {"bus": d.bus, "size": format_size(d.size)}
+            if d.path is not None:
+                disk["path"] = d.path
+            lines[-1:-1] = ["[[partition.disks]]",
+                            *(f"{k} = {_toml_value(v)}" for k, v in disk.items())]
     return "\n".join(lines)

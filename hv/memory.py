@@ -881,6 +881,9 @@ class GrantTable(_AppliesFrames):
     def get(self, grant_id: int) -> GrantMapping | None:
         return self._grants.get(grant_id)
 
+    def ids(self) -> list[int]:
+        return list(self._grants)
+
     def find(self, owner: int, pfns: Sequence[int], exclude: Iterable[int] = ()) -> int | None:
         """The id of a grant from ``owner`` of exactly ``pfns`` (in order),
         not in ``exclude``; None if there is none."""

@@ -129,7 +129,8 @@ def cluster_processes(cluster: str) -> list[psutil.Process]:
             # hv/cpu.py's cgroup reaper of this cluster (it outlives a killed supervisor)
             ("viridian-cgroup-reaper" in line or "hv.cpu reap" in line) and group in line
         ) or (
-            any(c in ("partitions.root", "partitions.child", "hv.supervisor") for c in cmd)
+            any(c in ("partitions.root", "partitions.child", "hv.supervisor",
+                      "partitions.root.ideworker") for c in cmd)
             and "--cluster" in cmd
             and cmd[cmd.index("--cluster") + 1 : cmd.index("--cluster") + 2] == [cluster]
         ):

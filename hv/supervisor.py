@@ -118,6 +118,8 @@ class Partition:
     channels: list[dict[str, Any]] = field(default_factory=list)  # its last report
     hypercalls: int = 0  # frames it sent the supervisor (none per channel packet)
     demand: dict[str, int] | None = None  # its DM pressure report, as the root relayed it
+    route: Any = None  # hv.intercept.InterceptRoute while it runs with an ide disk
+    disk_stats: list[dict[str, Any]] = field(default_factory=list)  # the root's report
     tracers: set[int] = field(default_factory=set)  # control connections tracing it
 
     @property
@@ -397,15 +399,68 @@ class Supervisor:
         if p.cfg.role == "root":
             boot["children"] = [{"id": c.id, "name": c.name, "devices": c.cfg.devices,
                                  "running": c.state == PartitionState.RUNNING,
-                                 "memory": self._memory_settings(c)}
+                                 "memory": self._memory_settings(c),
+                                 "disks": self._disks(c)}
                                 for c in self.parts[1:]]
         else:
             boot["root_up"] = self.parts[0].state == PartitionState.RUNNING
+            boot["disks"] = [{"index": d["index"], "bus": d["bus"], "size": d["size"]}
+                             for d in self._disks(p)]
         self._to_partition(p, runtime_frame(boot, grant.synic_fds))
         self._to_partition(p, grant.memory)
+        if any(d.bus == "ide" for d in p.cfg.disks):
+            self._start_intercepts(p)
         self.services.partition_started(p.name, pid)
         p.timer = self._timers.call_later(BOOT_TIMEOUT_S, lambda: self._boot_timeout(p))
         self._set_state(p, PartitionState.STARTING)
+
+    # -- emulated devices: trapped port I/O (hv/intercept.py) ---------------------------------
+
+    def _disks(self, p: Partition) -> list[dict[str, Any]]:
+        from hv.config import disk_path
+
+        return [{"index": i, "bus": d.bus, "path": disk_path(self.cluster, p.name, i, d),
+                 "size": d.size} for i, d in enumerate(p.cfg.disks)]
+
+    def _start_intercepts(self, p: Partition) -> None:
+        """The child's emulated IDE controller: its intercept link (to the
+        child) and its worker link (to the root, which runs the worker)."""
+        from hv.intercept import IDE_PORTS, InterceptRoute
+
+        self._stop_intercepts(p)
+        route = p.route = InterceptRoute(ports=list(IDE_PORTS))
+        self._sel.register(route.child_exit_fd, selectors.EVENT_READ,
+                           lambda _f, r=route: r.on_exit())
+        self._sel.register(route.worker_done_fd, selectors.EVENT_READ,
+                           lambda _f, r=route: r.on_done())
+        self._to_partition(p, runtime_frame({"op": "intercept", "ports": route.ports},
+                                            route.child_handles()))
+        self._offer_worker(p)
+
+    def _offer_worker(self, p: Partition) -> None:
+        """Give the root what it needs to run ``p``'s device worker."""
+        root = self.parts[0]
+        if p.route is None or root.state not in (PartitionState.RUNNING,
+                                                 PartitionState.STARTING):
+            return
+        ide = [d for d in self._disks(p) if d["bus"] == "ide"]
+        self._tell_fds(root, {"op": "intercept", "child": p.id, "name": p.name,
+                              "ports": p.route.ports, "disk": ide[0]},
+                       p.route.worker_handles())
+
+    def _tell_fds(self, p: Partition, obj: dict[str, Any], fds: list[int]) -> None:
+        if p.alive and p.link is not None:
+            self._to_partition(p, runtime_frame(obj, fds))
+
+    def _stop_intercepts(self, p: Partition) -> None:
+        route, p.route = p.route, None
+        if route is None:
+            return
+        for fd in route.fds():
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(fd)
+        route.close()
+        self._tell_root({"op": "intercept.stop", "child": p.id})
 
     def _boot_timeout(self, p: Partition) -> None:
         if p.alive and p.state == PartitionState.STARTING:
@@ -515,6 +570,8 @@ class Supervisor:
             if p.tracers:  # a traced partition started again: the trace goes on
                 self._tell(p, {"op": "trace", "on": True})
             if p.cfg.role == "root":
+                for c in self.parts[1:]:  # workers first: the children then re-share
+                    self._offer_worker(c)  # their DMA pages, which go to them
                 self._tell_children({"op": "root", "state": "up"})
             else:
                 self._tell_root({"op": "partition", "id": p.id, "name": p.name, "state": "up"})
@@ -533,6 +590,18 @@ class Supervisor:
                 self._trace_out(p, {"event": "trace", "partition": p.name,
                                     "events": ev[:MAX_TRACE_EVENTS],
                                     "dropped": obj.get("dropped", 0)})
+        elif op in ("intercept.attached", "intercept.detached") and p.cfg.role == "root":
+            child = obj.get("child")
+            if isinstance(child, int) and 0 < child < len(self.parts) \
+                    and self.parts[child].route is not None:
+                self.parts[child].route.worker_attached = op == "intercept.attached"
+        elif op == "disks" and p.cfg.role == "root":
+            stats = obj.get("disks")
+            if isinstance(stats, dict):
+                for c in self.parts[1:]:
+                    v = stats.get(c.name)
+                    if isinstance(v, list):
+                        c.disk_stats = [d for d in v if isinstance(d, dict)][:8]
         elif op == "dm.result" and p.cfg.role == "root":
             self._dm_result(obj)
         elif op == "dm.status" and p.cfg.role == "root":
@@ -581,7 +650,12 @@ class Supervisor:
         p.guest_visible_bytes = None
         p.channels = []
         p.demand = None
+        self._stop_intercepts(p)
+        p.disk_stats = []
         if p.cfg.role == "root":
+            for c in self.parts[1:]:
+                if c.route is not None:
+                    c.route.worker_gone()
             for req in list(self._dm_pending):
                 self._dm_answer(req, {"ok": False, "error": "the root went down"})
         if p.cfg.role == "root":
@@ -746,6 +820,7 @@ class Supervisor:
                 "devices": p.cfg.devices,
                 "hypercalls": p.hypercalls,
                 "channels": p.channels,
+                "disks": self._disk_status(p),
             })
         return {
             "schema_version": SCHEMA_VERSION,
@@ -978,6 +1053,21 @@ class Supervisor:
         return {"ok": True, "name": p.name, "state": str(p.state), "pid": p.pid}
 
     # -- dynamic memory ----------------------------------------------------------------------
+
+    def _disk_status(self, p: Partition) -> list[dict[str, Any]]:
+        out = []
+        for i, d in enumerate(self._disks(p)):
+            st = next((x for x in p.disk_stats if x.get("index") == i), {})
+            entry: dict[str, Any] = {
+                "bus": d["bus"], "path": d["path"], "size_bytes": d["size"],
+                **{k: int(st.get(k, 0)) for k in ("read_ops", "write_ops", "read_bytes",
+                                                    "write_bytes", "flushes", "errors")}}
+            if d["bus"] == "ide":
+                r = p.route
+                entry["traps"] = r.traps if r is not None else 0
+                entry["traps_forwarded"] = r.forwarded if r is not None else 0
+            out.append(entry)
+        return out
 
     def _memory_settings(self, p: Partition) -> dict[str, Any]:
         m = p.cfg.memory

@@ -102,9 +102,12 @@ class PartitionRuntime:
             "workload": self._on_workload,
             "dm": self._on_dm,
             "dm.settings": self._on_dm,
+            "intercept": self._on_intercept_link,
+            "intercept.stop": self._on_intercept_link,
         }
         self.cluster = ""
         self.vmbus: Any = None  # VmbusHost (root) or VmbusGuest (child), after boot
+        self.storage: Any = None  # StorageHost (root) or StorageGuest (child), after boot
         self.sel = selectors.DefaultSelector()
         self._watched: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -116,6 +119,7 @@ class PartitionRuntime:
         self._trace_buf: list[dict[str, Any]] = []
         self._trace_dropped = 0
         self._trace_due = False
+        self._early_intercept: list[Frame] = []
 
     # -- boot ------------------------------------------------------------------------------
 
@@ -151,15 +155,26 @@ class PartitionRuntime:
         if self.vmbus is not None:
             return
         if self.role == "root":
+            from .root.storage import StorageHost
             from .vmbus_host import VmbusHost
 
             kids = self.boot_info.get("children")
             self.vmbus = VmbusHost(self, kids if isinstance(kids, list) else [])
+            self.storage = StorageHost(self, kids if isinstance(kids, list) else [])
         else:
+            from .child.storage import StorageGuest
             from .vmbus_guest import VmbusGuest
 
             devs = self.boot_info.get("devices")
             self.vmbus = VmbusGuest(self, devs if isinstance(devs, list) else [])
+            disks = self.boot_info.get("disks")
+            self.storage = StorageGuest(self, disks if isinstance(disks, list) else [])
+            early, self._early_intercept = self._early_intercept, []
+            for fr in early:
+                try:
+                    self._on_intercept_link(decode_runtime(fr) or {}, fr)
+                finally:
+                    fr.close_fds()
             if self.boot_info.get("root_up"):
                 self.vmbus.connect()
 
@@ -183,6 +198,8 @@ class PartitionRuntime:
     def _on_root(self, obj: dict[str, Any], fr: Frame) -> None:
         if self.role == "child" and self.vmbus is not None:
             self.vmbus.on_root(obj)
+        if self.role == "child" and self.storage is not None and obj.get("state") == "up":
+            self.storage.share_dma()  # a new root: its worker needs our DMA pages again
 
     def _on_partition(self, obj: dict[str, Any], fr: Frame) -> None:
         if self.role == "root" and self.vmbus is not None:
@@ -201,8 +218,27 @@ class PartitionRuntime:
             else:
                 self.vmbus.memory.on_settings(obj)
 
+    def _on_intercept_link(self, obj: dict[str, Any], fr: Frame) -> None:
+        """The emulated disk's intercept link: the child's end (it traps
+        through it), or, in the root, the worker's end (the root starts the
+        device worker with it)."""
+        if self.role == "child":
+            if self.storage is None:  # before the loop: keep it for start_vmbus
+                self._early_intercept.append(Frame(fr.kind, fr.seq, fr.body, fr.fds))
+                fr.fds = []
+            elif self.storage.on_intercept(fr.fds):
+                fr.fds = []  # adopted
+        elif self.storage is not None:
+            if obj.get("op") == "intercept":
+                self.storage.start_worker(obj, fr.fds)  # passed on; ours close below
+            elif isinstance(obj.get("child"), int):
+                self.storage.stop_worker(obj["child"])
+
     def _on_workload(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "child" and self.vmbus is not None:
+        if self.role == "child" and obj.get("device") == "disk" and self.storage is not None:
+            args = obj.get("args")
+            self.storage.workload(str(obj.get("action")), args if isinstance(args, dict) else {})
+        elif self.role == "child" and self.vmbus is not None:
             self.vmbus.workload(obj)
 
     # -- the loop's services: fds, timers, reports, traces --------------------------------
@@ -240,6 +276,8 @@ class PartitionRuntime:
         if chans != self._last_report:
             self._last_report = chans
             self.send({"op": "report", "channels": chans})
+        if self.role == "root" and self.storage is not None:
+            self.storage.send_report()
 
     def trace(self, ev: dict[str, Any]) -> None:
         """One trace event (decoded message, packet header) for ``viridian trace``."""
@@ -299,6 +337,8 @@ class PartitionRuntime:
                     try:
                         if op == MemoryOp.REVOKE and self.vmbus is not None:
                             self.vmbus.on_revoke(msg.grant_id)
+                        if self.storage is not None:
+                            self.storage.on_memory(msg)  # the IDE worker's DMA reach
                         self.grants.apply(msg)
                     finally:
                         msg.close_fds()
@@ -403,6 +443,11 @@ class PartitionRuntime:
                 self.vmbus.close() if self.role == "root" else self.vmbus.close_all()
             except Exception as e:  # closing must go on
                 self.log("vmbus close failed", level="error", error=repr(e))
+        if self.storage is not None:
+            try:
+                self.storage.close()
+            except Exception as e:
+                self.log("storage close failed", level="error", error=repr(e))
         self.sel.close()
         self.hv.close()
         if self.synic is not None:

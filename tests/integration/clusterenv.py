@@ -75,6 +75,7 @@ class Env:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.env = {**os.environ, "VIRIDIAN_RUNTIME_DIR": str(base), "NO_COLOR": "1",
+                    "VIRIDIAN_DATA_DIR": str(base / "data"),
                     "COLUMNS": "80"}
         self.started: list[str] = []
 
