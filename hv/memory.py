@@ -865,8 +865,10 @@ class GrantTable(_AppliesFrames):
 
     def __init__(self) -> None:
         self._grants: dict[int, GrantMapping] = {}
+        self._index: dict[int, dict[int, tuple[GrantMapping, int]]] = {}  # owner -> pfn ->
 
     def apply(self, msg: MemoryMessage) -> None:
+        self._index.pop(msg.owner, None)
         if msg.op == MemoryOp.GRANT:
             if msg.grant_id in self._grants:
                 raise WireError(f"grant {msg.grant_id} already exists")
@@ -883,6 +885,26 @@ class GrantTable(_AppliesFrames):
 
     def ids(self) -> list[int]:
         return list(self._grants)
+
+    def views(self, owner: int, pfns: Sequence[int]) -> list[memoryview] | None:
+        """One 4 KiB view per page of ``pfns``, each in a grant from ``owner``;
+        None if any page is not granted by ``owner`` (a device then refuses
+        the request: it may touch only what the child shared)."""
+        index = self._index.get(owner)
+        if index is None:
+            index = {}
+            for g in self._grants.values():
+                if g.owner == owner:
+                    for i, pfn in enumerate(g.pfns):
+                        index[pfn] = (g, i)
+            self._index[owner] = index
+        out = []
+        for pfn in pfns:
+            loc = index.get(pfn)
+            if loc is None:
+                return None
+            out.append(loc[0].page(loc[1]))
+        return out
 
     def find(self, owner: int, pfns: Sequence[int], exclude: Iterable[int] = ()) -> int | None:
         """The id of a grant from ``owner`` of exactly ``pfns`` (in order),

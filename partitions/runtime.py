@@ -165,9 +165,11 @@ class PartitionRuntime:
             from .child.storage import StorageGuest
             from .vmbus_guest import VmbusGuest
 
-            devs = self.boot_info.get("devices")
-            self.vmbus = VmbusGuest(self, devs if isinstance(devs, list) else [])
+            devs = list(self.boot_info.get("devices") or [])
             disks = self.boot_info.get("disks")
+            if any(isinstance(d, dict) and d.get("bus") == "scsi" for d in disks or []):
+                devs.append("storvsc")  # the root offers a SCSI controller for it
+            self.vmbus = VmbusGuest(self, devs)
             self.storage = StorageGuest(self, disks if isinstance(disks, list) else [])
             early, self._early_intercept = self._early_intercept, []
             for fr in early:

@@ -362,7 +362,11 @@ class VmbusHost:
                 cid, name = int(c["id"]), str(c["name"])
             except (KeyError, TypeError, ValueError):
                 continue
-            devices = c.get("devices") if isinstance(c.get("devices"), list) else []
+            devices = list(c.get("devices") if isinstance(c.get("devices"), list) else [])
+            for d in c.get("disks") or []:  # a synthetic SCSI controller per scsi disk
+                if isinstance(d, dict) and d.get("bus") == "scsi":
+                    devices.append({"type": "storvsc", "disk": d.get("index", 0),
+                                    "path": d.get("path"), "size": d.get("size", 0)})
             self.buses[cid] = ChildBus(self, cid, name, devices)
         from .root.memory import MemoryManager
 

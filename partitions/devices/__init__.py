@@ -5,6 +5,7 @@ Importing this package registers every shipped device (``DEVICES`` by name).
 
 from . import dynmem as dynmem
 from . import echo as echo
+from . import storvsc as storvsc
 from .base import DEVICES as DEVICES
 from .base import DeviceClass as DeviceClass
 from .base import DeviceError as DeviceError
@@ -15,7 +16,7 @@ from .base import by_class_id as by_class_id
 from .base import register as register
 
 __all__ = ["DEVICES", "DeviceClass", "DeviceError", "Endpoint", "Vsc", "Vsp", "by_class_id",
-           "dynmem", "echo", "register"]
+           "dynmem", "echo", "register", "storvsc"]
 
 
 def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]
