@@ -124,6 +124,10 @@ class StorageGuest:
         self.rt.log("IDE disk attached", dma_pfn=self.dma_pfn, pages=self.dma_pages)
         return True
 
+    def ide_prd_view(self) -> memoryview:
+        """The page holding the driver's PRD table (granted with the data pages)."""
+        return self._alloc.view_of(self.dma_pfn, 1)
+
     def share_dma(self) -> None:
         """(Re)share the DMA pages with the root: its device worker may reach
         exactly these pages of ours."""

@@ -33,7 +33,7 @@ from typing import Any
 from vmbus.packet import GpaRange, Packet, PacketType
 
 from ..storage import vstor as V
-from ..storage.scsi import FileBackend, ScsiDisk
+from ..storage.scsi import CHECK_CONDITION, FileBackend, ScsiDisk, SenseKey, fixed_sense
 from .base import DeviceClass, DeviceError, Vsc, Vsp, register
 
 __all__ = ["SCSI_CLASS_ID", "STORVSC", "StorVsc", "StorVsp"]
@@ -90,7 +90,17 @@ class StorVsp(Vsp):
             pkt = V.decode_packet(payload, size=min(len(payload), V.VSTOR_PACKET_BYTES)
                                   if len(payload) >= V.VSTOR_PACKET_BYTES else self._size())
         except (V.VstorError, ValueError) as e:
-            raise DeviceError(f"bad vstor packet: {e}") from None
+            # A malformed request (a CDB longer than its field allows, a short
+            # packet ...): an error status for it, nothing more.
+            self.counters["errors"] += 1
+            if self.counters["errors"] <= 20:
+                self.log("storvsp: malformed request", level="warning", child=self.child,
+                         error=str(e)[:200])
+            if p.completion_requested:
+                self.complete(p.trans_id, V.build_completion(
+                    size=V.reply_size(len(payload), self.version),
+                    status=V.VstorStatus.INVALID_PARAMETER))
+            return
         op = pkt.operation
         if op == V.VstorOperation.EXECUTE_SRB:
             if not self.ready or not isinstance(pkt.body, V.ScsiRequest):
@@ -147,9 +157,22 @@ class StorVsp(Vsp):
 
     def _srb(self, p: Packet, req: V.ScsiRequest) -> None:
         assert self.disk is not None and self.version is not None
-        buf = self._buffer(p, req)
-        res = self.disk.execute(req.cdb, req.cdb_length, req.data_in == V.DataIn.READ,
-                                buf, req.data_transfer_length if buf is not None else 0)
+        try:
+            buf = self._buffer(p, req)
+            res = self.disk.execute(req.cdb, req.cdb_length, req.data_in == V.DataIn.READ,
+                                    buf, req.data_transfer_length if buf is not None else 0)
+        except (DeviceError, ValueError) as e:
+            # Pages that are not the child's, a range shorter than the transfer:
+            # CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB; nothing moved.
+            self.counters["errors"] += 1
+            if self.counters["errors"] <= 20:
+                self.log("storvsp: SRB refused", level="warning", child=self.child,
+                         error=str(e)[:200])
+            self.complete(p.trans_id, V.build_srb_reply(
+                req, version=self.version, scsi_status=CHECK_CONDITION,
+                data_transfer_length=0, sense=fixed_sense(SenseKey.ILLEGAL_REQUEST, 0x24, 0),
+                srb_status=V.SrbStatus.INVALID_REQUEST))
+            return
         st = self.counters
         opcode = req.cdb[0] if req.cdb else 0
         if res.scsi_status:
