@@ -341,8 +341,12 @@ def test_hypercalls_between_real_partitions(env: Env) -> None:
     assert any(r["event"] == "probe events" and r["flags"] == [5] for r in root)
     from partitions.devices import DEVICES
 
+    from partitions.child.storage import DMA_DATA_BYTES
+    from partitions.devices.storvsc import SLOT_BYTES, SLOTS
+
     ring_pages = {d.send_ring_pages + d.recv_ring_pages for d in DEVICES.values()}
-    # each child's channels' rings are grants too
+    ring_pages |= {SLOTS * SLOT_BYTES // 4096, 1 + DMA_DATA_BYTES // 4096}  # disk buffers
+    # each child's channels' rings and disk buffers are grants too
     grants = [r for r in root if r["event"] == "grant" and r["pages"] not in ring_pages]
     assert [(g["owner"], g["pages"]) for g in grants] == [(1, 3)]
     assert not [r for r in _log_records(env, name, "child2") if r["event"].startswith("probe m")]
