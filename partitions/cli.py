@@ -306,7 +306,10 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
 
     Each child with a Dynamic Memory channel also allocates and frees memory
     in bursts, so the root's balancer hot-adds and balloons: the view shows
-    each partition's memory over the last minute.
+    each partition's memory over the last minute.  Each child with a disk
+    reads random 4 KiB blocks in a short bench about once a second: the view
+    shows the disks side by side (child1's synthetic SCSI over VMBus, child2's
+    emulated IDE whose every register access traps), with their rates.
 
     The cluster (the embedded default: a root and two children) belongs to this
     command: it stops when the demo ends, after --seconds or at Ctrl+C, and a
@@ -335,7 +338,7 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
         _fail("demo", e)
     assert res.client is not None and res.proc is not None
     show = Demo(rd.control_socket, res.client, DemoOptions(seconds, sizes[0], window), hits,
-                out.console)
+                out.console, logs_dir=rd.logs)
     outcome = "interrupted"
     try:
         if not hits:
@@ -359,6 +362,12 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
     lines = show.memory_summary_lines()
     if lines:
         out.line("dynamic memory (each child's DM channel; assigned: the least and most seen):")
+        for line in lines:
+            out.console.print(line, markup=False, soft_wrap=True)
+    lines = show.disk_summary_lines()
+    if lines:
+        out.line("disks (the demo's random 4 KiB reads, as the root counted them; benches "
+                 "timed by each child):")
         for line in lines:
             out.console.print(line, markup=False, soft_wrap=True)
     out.line(_stopped_line(res.partitions, stop))
@@ -416,7 +425,7 @@ def down(cluster: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The status as JSON "
               "(docs/status-schema.md).")
 def status(cluster: str, as_json: bool) -> None:
-    """Show a cluster's partitions (state, PID, CPU, memory, uptime, restarts) and channels."""
+    """Show a cluster's partitions (state, PID, CPU, memory, uptime, restarts), channels, disks."""
     import json
 
     from .launcher import CliError, request
@@ -554,7 +563,7 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     console = Console(highlight=False)
     console.print(table)
     console.print("ID 0 is the root; Memory: assigned, Visible: what the partition reports")
-    from .liveview import CHANNEL_LEGEND, channel_tables
+    from .liveview import CHANNEL_LEGEND, DISK_LEGEND, channel_tables, disk_tables
 
     chans = channel_tables(st)
     for t in chans:
@@ -562,6 +571,12 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
         console.print(t)
     if chans:
         console.print(CHANNEL_LEGEND)
+    disks = disk_tables(st)
+    for t in disks:
+        console.print()
+        console.print(t)
+    if disks:
+        console.print(DISK_LEGEND)
     console.print(f"run dir: {st['run_dir']}", overflow="fold")
 
 

@@ -1,5 +1,5 @@
 """What the CLI shows of a running cluster: the ``viridian demo`` loop and
-live view, the channel tables of ``viridian status``, the lines of
+live view, the channel and disk tables of ``viridian status``, the lines of
 ``viridian trace``.
 
 Layer: partitions (presentation, above hv.control).  Everything here reads
@@ -11,7 +11,12 @@ stream in between, so a stop or a crash is seen at once), starts the echo
 what the summary needs; it also starts the Dynamic Memory ``bursts``
 workload on every child with a DM channel and shows each partition's
 memory over time (assigned, visible, demand, a sparkline of the last
-minute), so hot-adds and balloons can be watched as they happen.
+minute), so hot-adds and balloons can be watched as they happen.  Every
+child with a disk gets a short ``disk`` ``bench`` (random 4 KiB reads) about
+once a second, one at a time per child, sized from the child's own timing
+(its log's ``disk bench`` records) to take about 80 ms of its loop; the
+disks panel shows each child's disk side by side (synthetic SCSI over
+VMBus, emulated IDE behind traps) with rates from the root's counters.
 
 Rates are counter deltas over a sliding window of about two seconds:
 partitions report their channels at most every 0.25 s, so a shorter window
@@ -38,11 +43,17 @@ from hv.control import ControlClient, ControlError
 __all__ = [
     "Demo",
     "DemoOptions",
+    "DiskRates",
+    "DiskRecord",
+    "LogTail",
     "MemoryHistory",
     "channel_tables",
+    "disk_tables",
     "fmt_count",
     "fmt_iec",
     "fmt_size",
+    "fmt_us",
+    "short_path",
     "trace_line",
 ]
 
@@ -404,6 +415,368 @@ def demo_channels_table(st: dict[str, Any], rates: ChannelRates) -> Any:
     return t
 
 
+# -- disks ---------------------------------------------------------------------------------------
+
+DISK_KEYS = ("read_ops", "write_ops", "read_bytes", "write_bytes", "traps", "flushes", "errors")
+BUS_KIND = {"scsi": "synthetic", "ide": "emulated"}  # over VMBus / behind traps
+BENCH_PATH = {"scsi": "scsi", "ide": "ide-dma"}  # the child's block path the demo benches
+DISK_BLOCK = 4096  # the demo reads random 4 KiB blocks ...
+DISK_EVERY_S = 1.0  # ... in one short bench per child about every second,
+DISK_BUDGET_S = 0.08  # sized (from the child's own timing) to take about this long: the
+DISK_OPS_START = {"scsi": 256, "ide": 32}  # child's loop (its echoes, its DM) waits meanwhile
+DISK_OPS_MIN, DISK_OPS_MAX = 8, 2048
+DISK_ANSWER_TIMEOUT_S = 3.0  # a bench whose result the child never logged counts as lost
+IDE_GRACE_S = 1.0  # an ide disk is benched this long after the child's channels opened
+DiskKey = tuple[str, int, int]  # partition, its pid, the disk's index
+
+
+def disk_entries(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """A partition's ``disks`` (docs/status-schema.md); entries that are not objects dropped."""
+    disks = p.get("disks")
+    return [d for d in disks if isinstance(d, dict)][:16] if isinstance(disks, list) else []
+
+
+def disk_counters(d: dict[str, Any]) -> dict[str, int]:
+    """The disk's counters as integers (0 for a missing or mistyped one)."""
+    return {k: max(0, _int(d.get(k))) for k in DISK_KEYS}
+
+
+def disk_bus(d: dict[str, Any]) -> str:
+    bus = clean(d.get("bus", "?"), 8)
+    return bus if bus in BUS_KIND else "?"
+
+
+def short_path(path: object, limit: int = 28) -> str:
+    """A file path in at most ``limit`` characters: the home directory as ``~``,
+    then, if still too long, ``…`` and as many whole trailing components as fit
+    (the file name itself cut from the left when it alone is too long)."""
+    import os
+
+    s = clean(path, 4096)
+    home = os.path.expanduser("~")
+    if home not in ("", "/", "~") and (s == home or s.startswith(home + "/")):
+        s = "~" + s[len(home):]
+    if len(s) <= limit:
+        return s
+    parts = s.split("/")
+    tail = parts[-1]
+    for comp in reversed(parts[:-1]):
+        if len(comp) + 1 + len(tail) + 2 > limit:
+            break
+        tail = f"{comp}/{tail}"
+    out = "…/" + tail
+    return out if len(out) <= limit else "…" + s[-(limit - 1):]
+
+
+def fmt_us(us: float | None) -> str:
+    """A latency: 33µs, 850µs, 1.2ms, 15ms, 1.5s."""
+    if us is None or us < 0:
+        return "-"
+    if us < 999.5:
+        return f"{us:.0f}µs"
+    ms = us / 1000
+    if ms < 999.5:
+        return f"{ms:.1f}ms" if ms < 9.95 else f"{ms:.0f}ms"
+    return f"{ms / 1000:.1f}s"
+
+
+class DiskRates:
+    """Reads/s, writes/s, bytes/s and traps/s per disk, from counter deltas
+    over a window (as ``ChannelRates``: the root reports at most every 0.25 s)."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._hist: dict[DiskKey, deque[tuple[float, tuple[int, ...]]]] = {}
+
+    def update(self, st: dict[str, Any], now: float) -> None:
+        seen = set()
+        for p in st.get("partitions", []):
+            if not isinstance(p, dict):
+                continue
+            for i, d in enumerate(disk_entries(p)):
+                key = (clean(p.get("name", "?")), _int(p.get("pid")), i)
+                seen.add(key)
+                c = disk_counters(d)
+                v = (c["read_ops"], c["write_ops"], c["read_bytes"] + c["write_bytes"],
+                     c["traps"])
+                h = self._hist.setdefault(key, deque())
+                if h and any(a < b for a, b in zip(v, h[-1][1], strict=True)):
+                    h.clear()  # counters went back: a new worker (the root restarted)
+                h.append((now, v))
+                while len(h) > 2 and h[1][0] <= now - self.window_s:
+                    h.popleft()
+        for key in set(self._hist) - seen:
+            del self._hist[key]
+
+    def rate(self, key: DiskKey) -> dict[str, float] | None:
+        """``reads``, ``writes``, ``bytes``, ``traps`` per second, or None until
+        there are two samples 0.2 s apart."""
+        h = self._hist.get(key)
+        if not h or len(h) < 2 or h[-1][0] - h[0][0] < 0.2:
+            return None
+        dt = h[-1][0] - h[0][0]
+        return {k: (b - a) / dt for k, a, b in zip(("reads", "writes", "bytes", "traps"),
+                                                    h[0][1], h[-1][1], strict=True)}
+
+
+@dataclass
+class DiskRecord:
+    """One disk of one child process during the demo: its counters since the
+    demo first saw it, and the benches the demo ran on it."""
+
+    partition: str
+    pid: int
+    index: int
+    bus: str
+    path: str
+    size: int
+    first: dict[str, int]  # the counters when first seen (the baseline)
+    last: dict[str, int] = field(default_factory=dict)
+    carried: dict[str, int] = field(default_factory=dict)  # what counted before a reset
+    benches: deque[tuple[float, float]] = field(  # the last results: (ops/s, p50 µs)
+        default_factory=lambda: deque(maxlen=8))
+    bench_count: int = 0
+    ops_benched: int = 0  # ops in the benches the child reported
+    next_ops: int = 0  # the size of the next bench
+    failures: int = 0
+
+    def observe(self, counters: dict[str, int]) -> None:
+        last = self.last or self.first
+        for k, v in counters.items():
+            if v < last.get(k, 0):  # a reset (a new device worker): keep what it counted
+                self.carried[k] = self.carried.get(k, 0) + last.get(k, 0) - self.first.get(k, 0)
+                self.first[k] = 0
+        self.last = dict(counters)
+
+    def total(self, key: str) -> int:
+        last = self.last or self.first
+        return self.carried.get(key, 0) + max(0, last.get(key, 0) - self.first.get(key, 0))
+
+    @property
+    def ops(self) -> int:
+        return self.total("read_ops") + self.total("write_ops")
+
+    def bench_rate(self) -> tuple[float, float] | None:
+        """The median ops/s and p50 latency (µs) of the last benches."""
+        if not self.benches:
+            return None
+        import statistics
+
+        return (statistics.median(b[0] for b in self.benches),
+                statistics.median(b[1] for b in self.benches))
+
+    def add_bench(self, r: dict[str, Any]) -> bool:
+        """Take one ``disk bench`` result the child logged; size the next bench
+        so it takes about ``DISK_BUDGET_S``.  False for a malformed result."""
+        ops, secs = r.get("ops"), _num(r.get("seconds"))
+        rate, p50 = _num(r.get("ops_per_s")), _num(r.get("p50_us"))
+        if (not isinstance(ops, int) or isinstance(ops, bool) or not 0 < ops <= 1 << 20
+                or secs is None or secs <= 0 or rate is None or rate < 0 or p50 is None):
+            return False
+        self.benches.append((rate, max(p50, 0.0)))
+        self.bench_count += 1
+        self.ops_benched += ops
+        want = ops * DISK_BUDGET_S / secs
+        self.next_ops = int(min(max(want, ops / 4, DISK_OPS_MIN), ops * 4, DISK_OPS_MAX))
+        return True
+
+
+@dataclass
+class DiskWork:
+    """The demo's disk benches on one child process: at most one at a time."""
+
+    partition: str
+    pid: int
+    tail: LogTail | None  # the child's log, for its results (None: fire and forget)
+    pending: DiskKey | None = None  # the bench sent and not yet answered in the log
+    sent: float = -1e9  # when the last one was sent
+    turn: int = 0  # round robin over the child's disks
+    open_since: float | None = None  # since when all its channels are open
+
+
+class LogTail:
+    """New records of one partition's JSON-lines log (RUN/logs/NAME.jsonl)
+    whose ``event`` is one of ``events``, from where the file ended when the
+    tail was made.  The file is the partition's own writing: lines are capped
+    and anything that is not a JSON object is skipped."""
+
+    MAX_READ = 1 << 20
+    MAX_LINE = 1 << 14
+
+    def __init__(self, path: Any, events: Iterable[str]) -> None:
+        import os
+
+        self.path = path
+        self.events = frozenset(events)
+        self._needles = [f'"{e}"'.encode() for e in self.events]
+        try:
+            self.offset = os.stat(path).st_size
+        except OSError:
+            self.offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        import json
+
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.MAX_READ)
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.MAX_LINE:
+            self._partial = b""  # (the rest of that line is skipped as not JSON)
+        out = []
+        for line in lines:
+            if len(line) > self.MAX_LINE or not any(n in line for n in self._needles):
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("event") in self.events:
+                out.append(obj)
+        return out
+
+
+def _rate_cell(r: dict[str, float] | None, key: str) -> str:
+    return fmt_count(r[key]) if r else "-"
+
+
+def demo_disks_table(st: dict[str, Any], rates: DiskRates,
+                     records: dict[DiskKey, DiskRecord]) -> Any:
+    """Every child's disks side by side: bus, rates from counter deltas (reads,
+    writes, MB/s, traps), the child's own timing of the demo's benches, and
+    the ops the demo did."""
+    t = _table()
+    # At most 80 columns: 9 columns of at most 72 characters, one space apart.
+    _columns(t, (("Disk", "left", 12), ("Bus", "left", 14), ("Read/s", "right", 6),
+                 ("Write/s", "right", 7), ("MB/s", "right", 5), ("Traps/s", "right", 7),
+                 ("Bench/s", "right", 7), ("p50", "right", 6), ("Ops", "right", 5)))
+    for p in st.get("partitions", []):
+        if not isinstance(p, dict):
+            continue
+        name, pid = clean(p.get("name", "?")), _int(p.get("pid"))
+        for i, d in enumerate(disk_entries(p)):
+            key = (name, pid, i)
+            r = rates.rate(key) if pid else None
+            bus = disk_bus(d)
+            rec = records.get(key)
+            br = rec.bench_rate() if rec else None
+            t.add_row(_markup_safe(f"{clean(name, 16)} disk{i}"),
+                      f"{bus} {BUS_KIND.get(bus, '')}".strip(),
+                      _rate_cell(r, "reads"), _rate_cell(r, "writes"),
+                      _mbps(r["bytes"]) if r else "-",
+                      _rate_cell(r, "traps") if bus == "ide" else "-",
+                      fmt_count(br[0]) if br else "-", fmt_us(br[1]) if br else "-",
+                      fmt_count(rec.ops) if rec else "-")
+    return t
+
+
+DISKS_LEGEND = ("synthetic: storvsc → storvsp over VMBus · emulated: every port access "
+                "traps\nBench/s, p50: as the child timed its last benches · Ops: the "
+                "demo's, in all")
+
+
+def disk_comparison(records: Iterable[DiskRecord]) -> str | None:
+    """``4 KiB random reads: scsi 17.8k ops/s, ide-dma 650 ops/s (27x)`` once
+    both kinds of disk have bench results (the best of each kind)."""
+    best: dict[str, float] = {}
+    for rec in records:
+        br = rec.bench_rate()
+        if br is not None and rec.bus in BENCH_PATH:
+            best[rec.bus] = max(best.get(rec.bus, 0.0), br[0])
+    if "scsi" not in best or "ide" not in best:
+        return None
+    ratio = f" ({best['scsi'] / best['ide']:.0f}x)" if best["ide"] > 0 else ""
+    return (f"{fmt_size(DISK_BLOCK)} random reads: scsi {fmt_count(best['scsi'])} ops/s, "
+            f"{BENCH_PATH['ide']} {fmt_count(best['ide'])} ops/s{ratio}")
+
+
+def disk_progress(st: dict[str, Any], rates: DiskRates) -> str | None:
+    """The progress line's item: ``disks: child1 scsi 1.7k read/s 0 write/s 7.0 MB/s, ...``."""
+    items = []
+    for p in st.get("partitions", []):
+        if not isinstance(p, dict) or p.get("role") != "child":
+            continue
+        disks = disk_entries(p)
+        name, pid = clean(p.get("name", "?"), 16), _int(p.get("pid"))
+        for i, d in enumerate(disks):
+            bus = disk_bus(d)
+            who = f"{name} {bus}" + (f"#{i}" if len(disks) > 1 else "")
+            r = rates.rate((clean(p.get("name", "?")), pid, i)) if pid else None
+            if r is None:
+                items.append(f"{who} -")
+                continue
+            items.append(f"{who} {fmt_count(r['reads'])} read/s {fmt_count(r['writes'])} "
+                         f"write/s {_mbps(r['bytes'])} MB/s"
+                         + (f" {fmt_count(r['traps'])} traps/s" if bus == "ide" else ""))
+    return "disks: " + ", ".join(items) if items else None
+
+
+def disk_summary_line(rec: DiskRecord, who: str) -> str:
+    """``  child2 disk0 ide, emulated: 320 ops (320 reads, 0 writes), 1.2MiB read,
+    0B written, 4,480 traps (14.0 per op); 3 benches, median 650 ops/s, p50 1.2ms``."""
+    reads, writes = rec.total("read_ops"), rec.total("write_ops")
+    benches = f"{rec.bench_count:,} bench" + ("" if rec.bench_count == 1 else "es")
+    line = (f"  {who} disk{rec.index} {rec.bus}, {BUS_KIND.get(rec.bus, '?')}: "
+            f"{rec.ops:,} ops ({reads:,} reads, {writes:,} writes), "
+            f"{fmt_iec(rec.total('read_bytes'))} read, {fmt_iec(rec.total('write_bytes'))} "
+            "written, ")
+    if rec.bus == "ide":
+        traps = rec.total("traps")
+        line += _plural(traps, "trap") + (f" ({traps / rec.ops:.1f} per op)" if rec.ops else "")
+    else:
+        line += "no traps"
+    br = rec.bench_rate()
+    if br is not None:
+        line += (f"; {benches}, median {fmt_count(br[0])} ops/s, "
+                 f"p50 {fmt_us(br[1])}")
+    if rec.failures:
+        line += f"; {_plural(rec.failures, 'failed bench')}"
+    return line
+
+
+def disk_tables(st: dict[str, Any]) -> list[Any]:
+    """One compact table per partition that has disks (``viridian status``):
+    bus, size, ops and bytes read/written, traps (ide), errors, the image
+    file (shortened).  Each fits 80 columns (indented by 2)."""
+    from rich.padding import Padding
+
+    out = []
+    for p in st.get("partitions", []):
+        if not isinstance(p, dict):
+            continue
+        disks = disk_entries(p)
+        if not disks:
+            continue
+        n = len(disks)
+        t = _table(f"{_markup_safe(clean(p.get('name', '?'), 16))}: {n} disk"
+                   f"{'' if n == 1 else 's'}")
+        # 7 columns of at most 72 characters, one space apart, indented by 2: 80.
+        _columns(t, (("Bus", "left", 4), ("Size", "right", 6), ("Ops r/w", "right", 11),
+                     ("Bytes r/w", "right", 13), ("Traps", "right", 5), ("Err", "right", 5),
+                     ("Image", "left", 28)))
+        for d in disks:
+            c = disk_counters(d)
+            bus = disk_bus(d)
+            t.add_row(bus, fmt_iec(_int(d.get("size_bytes"))),
+                      f"{fmt_count(c['read_ops'])}/{fmt_count(c['write_ops'])}",
+                      f"{fmt_iec(c['read_bytes'])}/{fmt_iec(c['write_bytes'])}",
+                      fmt_count(c["traps"]) if bus == "ide" else "-",
+                      f"[red]{fmt_count(c['errors'])}[/]" if c["errors"] else "0",
+                      _markup_safe(short_path(d.get("path", "?"), 28)))
+        out.append(Padding(t, (0, 0, 0, 2), expand=False))
+    return out
+
+
+DISK_LEGEND = ("Bus: scsi synthetic (VMBus), ide emulated (trapped) · Ops, Bytes: read/written"
+               "\nTraps: the child's trapped port accesses · images stay after `down`")
+
+
 # -- trace lines ------------------------------------------------------------------------------
 
 _HEX_KEYS = ("gpadl", "gpadlhandle", "flags", "_requested", "connection_id", "conn_id",
@@ -500,10 +873,13 @@ class Demo:
             appends to): the loop ends when it grows.
         console: rich console; a live view when it is a terminal, else one
             plain progress line per second.
+        logs_dir: the cluster's log folder (RUN/logs): the children's ``disk
+            bench`` results, to size the next bench and show the child's own
+            timing; None: benches of the starting size, no timing.
     """
 
     def __init__(self, control_path: Any, events: ControlClient, opts: DemoOptions,
-                 hits: list[int], console: Any) -> None:
+                 hits: list[int], console: Any, logs_dir: Any = None) -> None:
         self.control_path = control_path
         self.events = events
         self.opts = opts
@@ -512,6 +888,10 @@ class Demo:
         self.rates = ChannelRates()
         self.streams: dict[tuple[str, int], StreamRecord] = {}
         self.bursts: dict[tuple[str, int], StreamRecord] = {}  # the DM workload per child
+        self.logs_dir = logs_dir
+        self.disk_rates = DiskRates()
+        self.disks: dict[DiskKey, DiskRecord] = {}  # every child disk seen, per process
+        self.disk_work: dict[tuple[str, int], DiskWork] = {}  # the benches, per child process
         self.notes: deque[str] = deque(maxlen=4)
         self.status: dict[str, Any] = {}
         self.t0 = time.monotonic()
@@ -564,13 +944,119 @@ class Demo:
         self.status = st
         self.rates.update(st, now)
         self.memory.update(st, now)
+        self.disk_rates.update(st, now)
         for p in st.get("partitions", []):
             key = (clean(p.get("name")), _int(p.get("pid")))
             for recs, c in ((self.streams, _echo_channel(p)), (self.bursts, _dm_channel(p))):
                 rec = recs.get(key)
                 if rec is not None and c is not None:
                     rec.last, rec.seen = c, now
+            if p.get("role") != "child" or not key[1]:
+                continue
+            for i, d in enumerate(disk_entries(p)):
+                counters = disk_counters(d)
+                drec = self.disks.get((*key, i))
+                if drec is None:
+                    bus = disk_bus(d)
+                    self.disks[(*key, i)] = DiskRecord(
+                        key[0], key[1], i, bus, clean(d.get("path", "?"), 4096),
+                        _int(d.get("size_bytes")), first=counters,
+                        next_ops=DISK_OPS_START.get(bus, DISK_OPS_MIN))
+                else:
+                    drec.observe(counters)
         return True
+
+    # -- the disk benches ------------------------------------------------------------------
+    def _disk_ready(self, p: dict[str, Any], d: dict[str, Any], work: DiskWork,
+                    now: float) -> bool:
+        """Its channels are open and the disk answers: the storvsc channel
+        ready (scsi); the root's device worker attached (ide).  Before the
+        worker is attached the supervisor answers the child's port accesses
+        with all ones, and a bench would poll a busy status for seconds; the
+        status says nothing of the worker (an ``attached`` flag, should the
+        disk entry gain one, is followed), so the demo waits ``IDE_GRACE_S``
+        after the channels open (the root starts the worker as the child
+        boots: it is ready well before)."""
+        if work.open_since is None:
+            return False
+        if disk_bus(d) == "scsi":
+            return any(c.get("class") == "storvsc" and _device(c).get("ready") is True
+                       for c in _channels(p))
+        if disk_bus(d) != "ide":
+            return False
+        if isinstance(d.get("attached"), bool):
+            return d["attached"] is True
+        return now - work.open_since >= IDE_GRACE_S
+
+    def _take_bench_results(self, work: DiskWork) -> None:
+        if work.tail is None or work.pending is None:
+            return
+        for r in work.tail.read():
+            if r.get("pid") != work.pid or work.pending is None:
+                continue
+            rec = self.disks.get(work.pending)
+            if r.get("event") == "disk bench" and r.get("tag") == "demo":
+                if rec is not None and r.get("path") == BENCH_PATH.get(rec.bus):
+                    rec.add_bench(r)
+                work.pending = None
+            elif r.get("event") == "disk workload failed" and r.get("action") == "bench":
+                if rec is not None:
+                    rec.failures += 1
+                    if rec.failures == 1:
+                        self._note(f"{rec.partition}: the {BENCH_PATH.get(rec.bus)} bench "
+                                   f"failed: {clean(r.get('error'), 120)}")
+                work.pending = None
+
+    def _run_disks(self) -> None:
+        """One short ``disk`` ``bench`` (random 4 KiB reads) per child about
+        every second, once its disks answer; at most one in flight per child."""
+        assert self._ctl is not None
+        now = time.monotonic()
+        for p in self.status.get("partitions", []):
+            if p.get("role") != "child" or p.get("state") != "running":
+                continue
+            key = (clean(p.get("name")), _int(p.get("pid")))
+            disks = disk_entries(p)
+            if not key[1] or not disks:
+                continue
+            work = self.disk_work.get(key)
+            if work is None:
+                tail = (LogTail(self.logs_dir / f"{key[0]}.jsonl",
+                                ("disk bench", "disk workload failed"))
+                        if self.logs_dir is not None else None)
+                work = self.disk_work[key] = DiskWork(key[0], key[1], tail)
+            self._take_bench_results(work)
+            chans = _channels(p)
+            if not chans or any(c.get("state") != "open" for c in chans):
+                work.open_since = None  # (the root may be restarting: its worker too)
+            elif work.open_since is None:
+                work.open_since = now
+            if work.pending is not None and now - work.sent > DISK_ANSWER_TIMEOUT_S:
+                work.pending = None  # never answered: sent again below
+            if work.pending is not None or now - work.sent < DISK_EVERY_S:
+                continue
+            # the first disk of each bus: the child's block API benches one per bus
+            ready = [i for i, d in enumerate(disks)
+                     if disk_bus(d) in BENCH_PATH and self._disk_ready(p, d, work, now)
+                     and not any(disk_bus(e) == disk_bus(d) for e in disks[:i])]
+            if not ready:
+                continue
+            dkey = (*key, ready[work.turn % len(ready)])
+            rec = self.disks.get(dkey)
+            if rec is None:
+                continue
+            work.turn += 1
+            args = {"path": BENCH_PATH[rec.bus], "block": DISK_BLOCK, "ops": rec.next_ops,
+                    "qd": 1, "write": False, "tag": "demo"}
+            try:
+                self._ctl.request("workload", name=key[0], device="disk", action="bench",
+                                  args=args)
+            except (ControlError, TimeoutError) as e:
+                self._note(f"{key[0]}: the disk bench did not start: {e}")
+                work.sent = now
+                continue
+            work.sent = now
+            work.pending = dkey if work.tail is not None else None
 
     def _start_bursts(self) -> None:
         """The DM ``bursts`` workload on every running child whose DM channel is ready."""
@@ -650,6 +1136,16 @@ class Demo:
                                  "Signals: sent/suppressed\nEchoes: checked by the "
                                  "child, echoed by the root · Bad: mismatched echoes",
                                  style="dim")]
+        if any(disk_entries(p) for p in self.status.get("partitions", [])
+               if isinstance(p, dict)):
+            cmp = disk_comparison(self.disks.values())
+            parts += ["", demo_disks_table(self.status, self.disk_rates, self.disks),
+                      Text(f"Each child reads random {fmt_size(DISK_BLOCK)} blocks for "
+                           f"~{DISK_BUDGET_S * 1000:.0f} ms each {DISK_EVERY_S:g} s (its loop "
+                           "waits)", style="dim")]
+            if cmp:
+                parts.append(Text(cmp, style="bold"))
+            parts.append(Text(DISKS_LEGEND, style="dim"))
         parts += [Text(n) for n in self.notes]
         return Group(*parts)
 
@@ -669,6 +1165,9 @@ class Demo:
         mem = [f"{clean(p.get('name'), 16)} {fmt_iec(_int(_mem(p).get('assigned_bytes')))}"
                for p in self.status.get("partitions", [])
                if p.get("role") == "child" and _int(p.get("pid"))]
+        disks = disk_progress(self.status, self.disk_rates)
+        if disks:
+            items.append(disks)
         if mem:
             items.append("assigned: " + ", ".join(mem))
         return f"[{self._elapsed():6.1f} s] " + (" | ".join(items) or "no echo channels")
@@ -705,6 +1204,7 @@ class Demo:
                     break
                 self._start_streams()
                 self._start_bursts()
+                self._run_disks()
                 now = time.monotonic()
                 tick = max(tick + TICK_S, now + 0.05)
                 if live is not None:
@@ -741,6 +1241,8 @@ class Demo:
                 while time.monotonic() < deadline and len(self.hits) == hits:
                     if not self._wait_events(time.monotonic() + 0.05) or not self._poll():
                         break
+                    for work in self.disk_work.values():
+                        self._take_bench_results(work)
                     if self._settled():
                         break
         finally:
@@ -768,6 +1270,14 @@ class Demo:
             c = _dm_channel(p)
             if c is not None and _int(_device(c).get("workload_pages")):
                 return False  # its pages are freed (and checked) at stop: not reported yet
+        running = {(clean(p.get("name")), _int(p.get("pid")))
+                   for p in self.status.get("partitions", []) if p.get("state") == "running"}
+        for work in self.disk_work.values():
+            if (work.partition, work.pid) in running and work.pending is not None:
+                return False  # its last bench runs (the child logs its result at the end)
+        for rec in self.disks.values():
+            if (rec.partition, rec.pid) in running and rec.ops < rec.ops_benched:
+                return False  # the root has not reported all of its ops yet
         return True
 
     # -- the summary ----------------------------------------------------------------------
@@ -804,6 +1314,23 @@ class Demo:
                          f"{_plural(_int(d.get('balloons')), 'balloon')}, "
                          f"{_plural(_int(d.get('corrupt_pages')), 'corrupt page')}; assigned "
                          f"{fmt_iec(lo)} to {fmt_iec(hi)} (startup {fmt_iec(rec.startup)})")
+        return lines
+
+    def disk_summary_lines(self) -> list[str]:
+        """One line per child disk the demo saw: ops, bytes, traps (as the root
+        counted them since the demo first saw the disk), the benches' timing;
+        then the scsi/ide comparison."""
+        lines = []
+        recs = sorted(self.disks.values(), key=lambda r: (r.partition, r.pid, r.index))
+        pids: dict[str, set[int]] = {}
+        for r in recs:
+            pids.setdefault(r.partition, set()).add(r.pid)
+        for rec in recs:
+            who = rec.partition + (f" (pid {rec.pid})" if len(pids[rec.partition]) > 1 else "")
+            lines.append(disk_summary_line(rec, who))
+        cmp = disk_comparison(recs)
+        if cmp:
+            lines.append(f"  {cmp}, as each child timed them")
         return lines
 
     def corrupt_pages(self) -> int:

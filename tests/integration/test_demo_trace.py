@@ -26,6 +26,12 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 PROGRESS = re.compile(r"^\[\s*[\d.]+ s\] (.*)$", re.M)
 STREAM_ITEM = re.compile(r"(\w+) relid (\d+) (\w+): .*?echoes (\d+) mismatches (\d+)")
 ASSIGNED = re.compile(r"\| assigned: (\w+) (\d+(?:\.\d+)?[KMG]iB), (\w+) (\d+(?:\.\d+)?[KMG]iB)$")
+DISKS_ITEM = re.compile(r"\| disks: child1 scsi (?:-|(\S+) read/s (\S+) write/s (\S+) MB/s), "
+                        r"child2 ide (?:-|(\S+) read/s (\S+) write/s (\S+) MB/s (\S+) traps/s) \|")
+DISK_SUMMARY = re.compile(r"^  (child\d) disk0 (scsi|ide), (synthetic|emulated): ([\d,]+) ops "
+                          r"\(([\d,]+) reads, ([\d,]+) writes\), (\S+) read, (\S+) written, "
+                          r"(?:no traps|([\d,]+) traps? \(([\d.]+) per op\))"
+                          r"(?:; ([\d,]+) benche?s?, median (\S+) ops/s, p50 \S+)?$", re.M)
 DM_SUMMARY = re.compile(r"^  (child\d) relid \d+ dynmem: (\d+) hot-adds?, (\d+) balloons?, "
                         r"(\d+) corrupt pages?; assigned (\S+) to (\S+) \(startup 256MiB\)$",
                         re.M)
@@ -107,6 +113,10 @@ def test_demo_streams_echoes_and_leaves_nothing(env: Env) -> None:
     # ... and the children's assigned memory (the demo runs the DM bursts workload)
     m = ASSIGNED.search(lines[-1])
     assert m and (m[1], m[3]) == ("child1", "child2"), lines[-1]
+    # ... and both disks' rates side by side (the demo benches each child's disk)
+    disks = [DISKS_ITEM.search(line) for line in lines]
+    assert all(disks), lines
+    assert any(d[1] not in (None, "0") for d in disks if d), lines  # scsi reads/s
     # The summary: per channel packets, bytes, mean rate, mismatches; then nothing left.
     summary = re.findall(r"^  (child\d) relid 1 echo: ([\d,]+) packets, .* (\d+) mismatches$",
                          out, re.M)
@@ -119,6 +129,18 @@ def test_demo_streams_echoes_and_leaves_nothing(env: Env) -> None:
     for _child, hot_adds, balloons, corrupt, least, most in dm:
         assert corrupt == "0" and int(hot_adds) + int(balloons) >= 1, out
         assert least != most, out
+    # Disks per child: the demo's random reads, as the root counted them; traps for ide
+    ds = {d[0]: d for d in DISK_SUMMARY.findall(out)}
+    assert set(ds) == {"child1", "child2"}, out
+    c1, c2 = ds["child1"], ds["child2"]
+    assert c1[1:3] == ("scsi", "synthetic") and c2[1:3] == ("ide", "emulated"), out
+    for d in (c1, c2):
+        ops, reads, writes = (int(x.replace(",", "")) for x in d[3:6])
+        assert ops > 0 and ops == reads and writes == 0, out  # reads only: user data
+        assert d[7] == "0B" and int(d[10].replace(",", "")) >= 1, out  # written; benches
+    assert c1[8] == "" and int(c2[8].replace(",", "")) >= int(c2[3].replace(",", "")), out
+    assert re.search(r"^  4 KiB random reads: scsi \S+ ops/s, ide-dma \S+ ops/s \(\d+x\), "
+                     r"as each child timed them$", out, re.M), out
     m = LEAVES_LINE.search(out)
     assert m and m.group(1) == "3", out
     assert "\x1b[" not in out  # no live view, no colour when piped
