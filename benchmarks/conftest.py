@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     disabled = bool(config.getoption("benchmark_disable", False))
     config.stash[_CFG] = BenchConfig.from_env(benchmark_disabled=disabled)
     config.stash[_STORE] = {"stream": {}, "latency": {}, "idle": None, "channels": {},
-                            "notes": []}
+                            "storage": {}, "notes": []}
     config.stash[_START] = {"time": time.time(), "dirs": _watched_dirs(),
                             "load": os.getloadavg()}
     # Columns that matter for rounds of one op each: medians, not means
@@ -202,12 +202,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     if store is None or cfg is None:
         return
     if not (store["stream"] or store["latency"] or store["idle"]
-            or store["channels"].keys() - {"leftovers"}):
+            or store["channels"].keys() - {"leftovers"}
+            or (store.get("storage") or {}).get("rows")):
         return
     system = _system(cfg, config.stash[_START])
     lines, doc = report.build(store, cfg.as_dict(), system)
     tr = terminalreporter
-    tr.write_sep("=", "Viridian IPC benchmarks (issues 2 and 4)")
+    tr.write_sep("=", "Viridian benchmarks (issues 2, 4 and 7)")
     for line in lines:
         tr.write_line(line)
     with contextlib.suppress(OSError):

@@ -1,5 +1,6 @@
 """The benchmark report: one streaming table with ratios, the latency table,
-the idle reader's CPU, a system block and the check of issue 2's targets.
+the idle reader's CPU, a system block and the check of issue 2's targets;
+issue 4's channel block and issue 7's storage block when those ran.
 
 ``build(store, cfg, system)`` returns the text lines and the JSON document.
 """
@@ -385,6 +386,131 @@ def channel_targets(store: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+STORAGE_PATHS = (("ide-pio", 1), ("ide-dma", 1), ("scsi", 1), ("scsi", 32), ("host", 1))
+STORAGE_NAMES = {("ide-pio", 1): "emulated IDE, PIO", ("ide-dma", 1): "emulated IDE, DMA",
+                 ("scsi", 1): "storvsc", ("scsi", 32): "storvsc", ("host", 1): "host direct"}
+
+
+def _storage_row(st: dict[str, Any], path: str, qd: int, op: str,
+                 block: int) -> dict[str, Any] | None:
+    return (st.get("rows") or {}).get(f"{path}/qd{qd}/{op}/{block}")
+
+
+def _rate(r: dict[str, Any] | None) -> float | None:
+    return r["ops_per_s"] if r else None
+
+
+def _num(x: float) -> str:
+    """Three significant digits or so, no wider than needed."""
+    if x == 0:
+        return "0"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _pct(frac: float | None) -> str:
+    if frac is None:
+        return ""
+    return f"{100 * frac:.0f}%" if frac >= 0.1 else f"{100 * frac:.1f}%" \
+        if frac >= 0.001 else f"{100 * frac:.3f}%"
+
+
+def storage_lines(st: dict[str, Any]) -> list[str]:
+    """Issue 7: the emulated IDE disk (PIO, DMA) and storvsc against the host's
+    direct I/O on the same image in the page cache, with ratios."""
+    rows = st.get("rows") or {}
+    if not rows:
+        return []
+    res = st.get("resident")
+    cache = ("page cache residency unknown" if res is None
+             else f"{100 * res:.0f} % in the page cache")
+    lines = [
+        f"Storage paths (issue 7): random I/O from one child that has an ide and a scsi disk on "
+        f"the same {st.get('image_bytes', 0) // (1 << 20)} MiB image "
+        f"({cache}); host = the benchmark process, os.preadv/os.pwritev, same offsets, same loop",
+        "  x PIO / x DMA = ops/s over the emulated IDE disk's at the same size and op; "
+        "% host = of the host's direct rate; per op: traps, supervisor messages (hypercalls "
+        "of child + root, forwarded intercepts), context switches and CPU time (child, "
+        "supervisor, root, IDE worker; host: the benchmark process); ops/s and latencies: the "
+        "median round",
+    ]
+    head = (f"  {'path':<18} {'QD':>2} {'op':<5} {'block':>6} | {'ops/s':>8} {'p50 us':>9} "
+            f"{'p99 us':>9} | {'traps':>6} {'sup msg':>7} {'ctx sw':>7} {'CPU us':>7} | "
+            f"{'x PIO':>6} {'x DMA':>6} {'% host':>6}")
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    from .harness import size_label
+
+    for op in ("read", "write"):
+        for block in (512, 4096, 65536):
+            for path, qd in STORAGE_PATHS:
+                r = _storage_row(st, path, qd, op, block)
+                if r is None:
+                    continue
+                pio = _rate(_storage_row(st, "ide-pio", 1, op, block))
+                dma = _rate(_storage_row(st, "ide-dma", 1, op, block))
+                host = _rate(_storage_row(st, "host", 1, op, block))
+                guest = path != "host"
+                x_pio = _div(r["ops_per_s"], pio) if path in ("ide-dma", "scsi") else None
+                x_dma = _div(r["ops_per_s"], dma) if path == "scsi" else None
+                pct = _div(r["ops_per_s"], host) if guest else None
+                lines.append(
+                    f"  {STORAGE_NAMES[(path, qd)]:<18} {qd:>2} {op:<5} {size_label(block):>6} | "
+                    f"{_num(r['ops_per_s']):>8} {_num(r['p50_us']):>9} {_num(r['p99_us']):>9} | "
+                    f"{_num(r['traps']):>6} {_num(r['supervisor_messages']):>7} "
+                    f"{_num(r['context_switches']):>7} "
+                    f"{_num(r['cpu_us_per_op']) if 'cpu_us_per_op' in r else '-':>7} | "
+                    f"{fmt_ratio(x_pio) if x_pio is not None else '':>6} "
+                    f"{fmt_ratio(x_dma) if x_dma is not None else '':>6} "
+                    f"{_pct(pct):>6}")
+            lines.append("")
+    if lines[-1] == "":
+        lines.pop()
+    noisy = []
+    for key, r in rows.items():
+        m = r.get("machine") or {}
+        if (m.get("max_foreign_cpu_pct") or 0) > NOISE_PCT or (m.get("max_steal_pct") or 0) > \
+                NOISE_PCT:
+            path, qd, op, block = key.split("/")
+            noisy.append(f"{path} {qd} {op} {size_label(int(block))} "
+                         f"({m['max_foreign_cpu_pct']:.0f}% other)")
+    if noisy:
+        lines.append(f"  noise: other processes or steal took > {NOISE_PCT:g}% of the CPUs in a "
+                     f"round of: " + "; ".join(noisy))
+    if "counters_check" in st:
+        lines.append(f"  viridian status disk counters vs ops issued: {st['counters_check']}")
+    if "leftovers" in st:
+        lines.append(f"  left behind after viridian down: {st['leftovers']}")
+    return lines
+
+
+def storage_targets(st: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets: at 4 KiB QD 1 storvsc >= 10x PIO and >= 2x DMA;
+    storvsc at QD 32 >= 25 % of the host's direct 4 KiB read rate."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, a: float | None, b: float | None, limit: float, unit: str) -> None:
+        v = _div(a, b)
+        out.append({"target": name, "value": v, "limit": limit,
+                    "pass": None if v is None else v >= limit,
+                    "detail": f"{fmt_rate(a)} vs {fmt_rate(b)} {unit}"})
+
+    for op in ("read", "write"):
+        scsi = _rate(_storage_row(st, "scsi", 1, op, 4096))
+        add(f"4 KiB QD1 {op}: storvsc >= 10x emulated PIO", scsi,
+            _rate(_storage_row(st, "ide-pio", 1, op, 4096)), 10.0, "ops/s")
+        add(f"4 KiB QD1 {op}: storvsc >= 2x emulated DMA", scsi,
+            _rate(_storage_row(st, "ide-dma", 1, op, 4096)), 2.0, "ops/s")
+    add("4 KiB read: storvsc QD32 >= 25% of host direct", _rate(_storage_row(st, "scsi", 32,
+                                                                              "read", 4096)),
+        _rate(_storage_row(st, "host", 1, "read", 4096)), 0.25, "ops/s (host: QD1 preadv)")
+    return out
+
+
 def build(store: dict[str, Any], cfg: dict[str, Any],
           system: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     tg = targets(store)
@@ -407,6 +533,14 @@ def build(store: dict[str, Any], cfg: dict[str, Any],
         if ctg:
             lines += target_lines(ctg, cfg["quick"], "Issue 4 targets")
             lines.append("")
+    st = store.get("storage") or {}
+    stl = storage_lines(st)
+    stg = storage_targets(st) if stl else []
+    if stl:
+        lines += stl
+        lines.append("")
+        lines += target_lines(stg, cfg["quick"], "Issue 7 targets")
+        lines.append("")
     lines += system_lines(system)
     for note in store.get("notes", []):
         lines.append(f"  note: {note}")
@@ -423,6 +557,8 @@ def build(store: dict[str, Any], cfg: dict[str, Any],
         "targets": tg,
         "channels": store.get("channels") or {},
         "channel_targets": ctg,
+        "storage": st,
+        "storage_targets": stg,
         "notes": store.get("notes", []),
     }
     return lines, doc

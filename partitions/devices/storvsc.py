@@ -58,6 +58,7 @@ class StorVsp(Vsp):
         self.fd = -1
         self.counters = {"read_ops": 0, "write_ops": 0, "read_bytes": 0, "write_bytes": 0,
                          "flushes": 0, "errors": 0}
+        self._published: dict[str, int] | None = None
 
     def accept(self) -> int:
         from ..storage.disk import open_image
@@ -86,9 +87,19 @@ class StorVsp(Vsp):
             raise DeviceError(f"storvsp takes inband or GPA-direct packets, not "
                               f"{p.packet_type:#x}")
         payload = p.payload
+        size = V.VSTOR_PACKET_BYTES if len(payload) >= V.VSTOR_PACKET_BYTES else self._size()
+        if self.ready:
+            # The I/O path: an EXECUTE_SRB in one unpack, no dataclasses.  Anything
+            # else (or anything malformed) takes the general path below.
+            try:
+                srb = V.decode_srb(payload, size=size)
+            except (V.VstorError, ValueError):
+                srb = None
+            if srb is not None:
+                self._srb(p, srb[1])
+                return
         try:
-            pkt = V.decode_packet(payload, size=min(len(payload), V.VSTOR_PACKET_BYTES)
-                                  if len(payload) >= V.VSTOR_PACKET_BYTES else self._size())
+            pkt = V.decode_packet(payload, size=size)
         except (V.VstorError, ValueError) as e:
             # A malformed request (a CDB longer than its field allows, a short
             # packet ...): an error status for it, nothing more.
@@ -130,7 +141,7 @@ class StorVsp(Vsp):
             self.complete(p.trans_id, V.build_completion(size=size,
                                                          status=V.VstorStatus.INVALID_DEVICE_STATE))
 
-    def _buffer(self, p: Packet, req: V.ScsiRequest) -> list[memoryview] | None:
+    def _buffer(self, p: Packet, req: V.ScsiRequest | V.RawSrb) -> list[memoryview] | None:
         """Views of the child's pages the SRB names (None: no data phase)."""
         if p.packet_type != PacketType.DATA_USING_GPA_DIRECT:
             return None
@@ -145,7 +156,10 @@ class StorVsp(Vsp):
         views = grants.views(self.child, r.pfns) if grants is not None else None
         if views is None:
             raise DeviceError("an SRB names pages the child did not grant")
-        out, off, left = [], r.byte_offset, r.byte_count
+        off, left = r.byte_offset, r.byte_count
+        if not off and left == len(views) * PAGE:
+            return views  # whole pages (the usual case): the views as they are
+        out = []
         for v in views:
             if left <= 0:
                 break
@@ -155,11 +169,12 @@ class StorVsp(Vsp):
             off = 0
         return out
 
-    def _srb(self, p: Packet, req: V.ScsiRequest) -> None:
+    def _srb(self, p: Packet, req: V.ScsiRequest | V.RawSrb) -> None:
         assert self.disk is not None and self.version is not None
         try:
             buf = self._buffer(p, req)
-            res = self.disk.execute(req.cdb, req.cdb_length, req.data_in == V.DataIn.READ,
+            # (the CDB is the union's first cdb_length bytes: execute copies those)
+            res = self.disk.execute(req.payload, req.cdb_length, req.data_in == V.DataIn.READ,
                                     buf, req.data_transfer_length if buf is not None else 0)
         except (DeviceError, ValueError) as e:
             # Pages that are not the child's, a range shorter than the transfer:
@@ -174,7 +189,7 @@ class StorVsp(Vsp):
                 srb_status=V.SrbStatus.INVALID_REQUEST))
             return
         st = self.counters
-        opcode = req.cdb[0] if req.cdb else 0
+        opcode = req.payload[0] if req.cdb_length else 0
         if res.scsi_status:
             st["errors"] += 1
         elif opcode in (0x28, 0x88):
@@ -188,10 +203,17 @@ class StorVsp(Vsp):
         self.complete(p.trans_id, V.build_srb_reply(
             req, version=self.version, scsi_status=res.scsi_status,
             data_transfer_length=res.data_transferred, sense=res.sense))
+        if self._published is not st:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Hand the root's storage host our live counters (it copies them into
+        each report), once per VSP rather than a copy per request."""
         host = getattr(self.partition, "storage", None)
         if host is not None:
             host.scsi_stats.setdefault(self.child, {})[int(self.config.get("disk", 0))] = \
-                dict(st)
+                self.counters
+            self._published = self.counters
 
     def on_close(self, reason: str) -> None:
         self.ready = False
@@ -223,6 +245,7 @@ class StorVsc(Vsc):
         self._tid = 1 << 32  # above the framework's own request ids
         self._step = "begin"
         self._vi = 0
+        self._ranges: dict[tuple[int, int, int], GpaRange] = {}  # (pool, slot, bytes) ->
 
     @classmethod
     def open_userdata(cls, config: dict[str, Any]) -> bytes:
@@ -291,10 +314,15 @@ class StorVsc(Vsc):
                                       version=self.version)
         ch = self.channel
         if nbytes:
-            first = self.pool_pfn + slot * (SLOT_BYTES // PAGE)
-            pages = -(-nbytes // PAGE)
-            rng = GpaRange(nbytes, 0, tuple(range(first, first + pages)))
-            ok = ch.outgoing.try_write_gpa_direct(payload, [rng], trans_id=tid,
+            key = (self.pool_pfn, slot, nbytes)
+            rng = self._ranges.get(key)
+            if rng is None:  # (a frozen GpaRange: made once per slot and size)
+                if len(self._ranges) >= 4 * SLOTS:
+                    self._ranges.clear()
+                first = self.pool_pfn + slot * (SLOT_BYTES // PAGE)
+                pages = -(-nbytes // PAGE)
+                rng = self._ranges[key] = GpaRange(nbytes, 0, tuple(range(first, first + pages)))
+            ok = ch.outgoing.try_write_gpa_direct(payload, (rng,), trans_id=tid,
                                                   completion_requested=True)
         else:
             ok = ch.try_send(payload, trans_id=tid, completion_requested=True)
@@ -302,24 +330,30 @@ class StorVsc(Vsc):
             raise DeviceError("the SCSI ring is full")
         return tid
 
-    def _wait(self, tids: set[int], timeout: float = 10.0) -> dict[int, tuple[V.ScsiRequest, int]]:
-        got: dict[int, tuple[V.ScsiRequest, int]] = {}
+    def _wait(self, tids: set[int],
+              timeout: float = 10.0) -> dict[int, tuple[V.ScsiRequest | V.RawSrb, int]]:
+        got: dict[int, tuple[V.ScsiRequest | V.RawSrb, int]] = {}
         deadline = time.monotonic() + timeout
+        size = V.packet_size(self.version)
+        recv = self.channel.recv
+        comp = PacketType.COMP
         while len(got) < len(tids):
             left = deadline - time.monotonic()
-            pkt = self.channel.recv(max(0.0, left))
+            pkt = recv(max(0.0, left))
             if pkt is None:
                 raise TimeoutError(f"{len(tids) - len(got)} SRBs not completed")
-            if pkt.packet_type != PacketType.COMP or pkt.trans_id not in tids:
+            if pkt.packet_type != comp:
                 continue  # unsolicited (ENUMERATE_BUS ...)
-            done = V.decode_packet(pkt.payload, size=V.packet_size(self.version),
-                                   completes=V.VstorOperation.EXECUTE_SRB)
-            if not isinstance(done.body, V.ScsiRequest):
+            tid = pkt.trans_id
+            if tid not in tids:
+                continue
+            done = V.decode_srb(pkt.payload, size=size, completion=True)
+            if done is None:
                 raise DeviceError("an SRB completion without an SRB")
-            got[pkt.trans_id] = (done.body, done.status)
+            got[tid] = (done[1], done[0])
         return got
 
-    def _do(self, cdb: bytes, data_in: V.DataIn, nbytes: int) -> V.ScsiRequest:
+    def _do(self, cdb: bytes, data_in: V.DataIn, nbytes: int) -> V.ScsiRequest | V.RawSrb:
         tid = self._send_srb(cdb, data_in, nbytes, 0)
         srb, _status = self._wait({tid})[tid]
         if srb.scsi_status:

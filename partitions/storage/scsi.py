@@ -91,6 +91,19 @@ class ScsiResult:
     sense: bytes = b""
 
 
+_GOOD_RESULTS: dict[int, ScsiResult] = {}
+
+
+def _good(n: int) -> ScsiResult:
+    """GOOD with ``n`` bytes moved (frozen: one instance per transfer size)."""
+    r = _GOOD_RESULTS.get(n)
+    if r is None:
+        if len(_GOOD_RESULTS) >= 1024:
+            _GOOD_RESULTS.clear()
+        r = _GOOD_RESULTS[n] = ScsiResult(GOOD, n)
+    return r
+
+
 class _CheckCondition(Exception):
     """Raised by a command handler; carries the CHECK CONDITION result."""
 
@@ -108,6 +121,8 @@ Buffer = memoryview | bytearray | bytes | Sequence[memoryview]
 
 
 def _byte_view(b: memoryview | bytearray | bytes) -> memoryview:
+    if type(b) is memoryview and b.ndim == 1 and b.format == "B":
+        return b  # already a view of bytes (the usual case: pages of guest memory)
     v = memoryview(b)
     return v if v.ndim == 1 and v.format == "B" else v.cast("B")
 
@@ -118,8 +133,12 @@ def _head(views: Sequence[memoryview], n: int) -> list[memoryview]:
     for v in views:
         if n <= 0:
             break
-        out.append(v[:n])
-        n -= len(out[-1])
+        k = len(v)
+        if k > n:
+            v = v[:n]
+            k = n
+        out.append(v)
+        n -= k
     if n > 0:
         raise ValueError(f"the buffers are {n} bytes short")
     return out
@@ -136,7 +155,7 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def _nbytes(views: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 class Backend(Protocol):
@@ -186,21 +205,33 @@ class FileBackend:
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
         todo = [v for v in views if len(v)]
-        _check_span(offset, _nbytes(todo), self._size)
+        left = _nbytes(todo)
+        if offset < 0 or offset + left > self._size:
+            _check_span(offset, left, self._size)  # raises
         while todo:
-            n = os.preadv(self.fd, todo[:_IOV_MAX], offset)
+            n = os.preadv(self.fd, todo if len(todo) <= _IOV_MAX else todo[:_IOV_MAX],
+                          offset)
             if n == 0:  # the file shrank under us: never hand out stale buffer bytes
                 raise OSError(errno.EIO, f"end of file at {offset}")
+            left -= n
+            if not left:
+                return
             offset += n
             todo = _advance(todo, n)
 
     def write(self, offset: int, views: Sequence[memoryview]) -> None:
         todo = [v for v in views if len(v)]
-        _check_span(offset, _nbytes(todo), self._size)
+        left = _nbytes(todo)
+        if offset < 0 or offset + left > self._size:
+            _check_span(offset, left, self._size)  # raises
         while todo:
-            n = os.pwritev(self.fd, todo[:_IOV_MAX], offset)
+            n = os.pwritev(self.fd, todo if len(todo) <= _IOV_MAX else todo[:_IOV_MAX],
+                           offset)
             if n == 0:  # not for a non-empty write to a file; do not spin if it happens
                 raise OSError(errno.EIO, f"pwritev wrote nothing at {offset}")
+            left -= n
+            if not left:
+                return
             offset += n
             todo = _advance(todo, n)
 
@@ -245,6 +276,8 @@ def _ascii(name: str, s: str, width: int) -> bytes:
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_RW10 = struct.Struct(">IxH")  # READ/WRITE(10) from byte 2: LBA (4), group, TRANSFER LENGTH (2)
+_RW16 = struct.Struct(">QI")  # READ/WRITE(16) from byte 2: LBA (8), TRANSFER LENGTH (4)
 
 # The caching mode page (SBC-3 0x08, 20 bytes): WCE (byte 2 bit 2) set: writes
 # land in the host's page cache and are durable only after SYNCHRONIZE CACHE
@@ -351,13 +384,15 @@ class ScsiDisk:
                   views: list[memoryview]) -> ScsiResult:
         if cdb[1] & 0xE0:  # RDPROTECT / WRPROTECT: no protection information here
             raise _illegal(INVALID_FIELD_IN_CDB)
-        self._check_range(lba, blocks)
+        if lba >= self.block_count or lba + blocks > self.block_count:  # (_check_range)
+            raise _illegal(LBA_OUT_OF_RANGE)
         n = blocks * self.block_size
         if n == 0:
             return ScsiResult(GOOD)
-        if n > _nbytes(views) or data_in == write:
+        have = _nbytes(views)
+        if n > have or data_in == write:
             raise _illegal(INVALID_FIELD_IN_CDB)
-        span, offset = _head(views, n), lba * self.block_size
+        span, offset = views if n == have else _head(views, n), lba * self.block_size
         try:
             if write:
                 self.backend.write(offset, span)
@@ -368,7 +403,7 @@ class ScsiDisk:
         except OSError:
             raise _CheckCondition(SenseKey.MEDIUM_ERROR,
                                   WRITE_ERROR if write else UNRECOVERED_READ_ERROR) from None
-        return ScsiResult(GOOD, n)
+        return _good(n)
 
     # --- commands (SPC-4 / SBC-3 byte offsets in the comments) ---
 
@@ -451,20 +486,20 @@ class ScsiDisk:
 
     def _read10(self, cdb: bytes, data_in: bool, views: list[memoryview]) -> ScsiResult:
         # LBA @2 (4), TRANSFER LENGTH @7 (2)
-        lba, blocks = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
+        lba, blocks = _RW10.unpack_from(cdb, 2)
         return self._transfer(cdb, lba, blocks, False, data_in, views)
 
     def _write10(self, cdb: bytes, data_in: bool, views: list[memoryview]) -> ScsiResult:
-        lba, blocks = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
+        lba, blocks = _RW10.unpack_from(cdb, 2)
         return self._transfer(cdb, lba, blocks, True, data_in, views)
 
     def _read16(self, cdb: bytes, data_in: bool, views: list[memoryview]) -> ScsiResult:
         # LBA @2 (8), TRANSFER LENGTH @10 (4)
-        lba, blocks = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        lba, blocks = _RW16.unpack_from(cdb, 2)
         return self._transfer(cdb, lba, blocks, False, data_in, views)
 
     def _write16(self, cdb: bytes, data_in: bool, views: list[memoryview]) -> ScsiResult:
-        lba, blocks = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        lba, blocks = _RW16.unpack_from(cdb, 2)
         return self._transfer(cdb, lba, blocks, True, data_in, views)
 
     def _synchronize(self, lba: int, blocks: int) -> ScsiResult:

@@ -34,6 +34,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "CDB_MAX_BYTES",
@@ -47,6 +48,7 @@ __all__ = [
     "ChannelProperties",
     "DataIn",
     "ProtocolVersion",
+    "RawSrb",
     "ScsiRequest",
     "SrbFlags",
     "SrbStatus",
@@ -67,6 +69,7 @@ __all__ = [
     "build_srb_reply",
     "build_version_reply",
     "decode_packet",
+    "decode_srb",
     "encode_packet",
     "packet_size",
     "reply_size",
@@ -85,6 +88,11 @@ _SRB_WIN8 = struct.Struct("<HBBIII")
 # vmstorage_channel_properties: reserved u32, max_channel_cnt u16, reserved u16,
 # flags u32, max_transfer_bytes u32, reserved u64
 _PROPERTIES = struct.Struct("<IHHIIQ")
+# A whole vstor_packet holding a vmscsi_request, in one call (the I/O hot path):
+# header + the request + the Win8 extension (64 bytes), or without it (48).
+_SRB_PACKET = struct.Struct("<III" + _SRB.format[1:] + _SRB_WIN8.format[1:])
+_SRB_PACKET_PRE_WIN8 = struct.Struct("<III" + _SRB.format[1:])
+_NO_WIN8 = (0,) * 6
 _VERSION = struct.Struct("<HH")  # major_minor, revision
 _SUB_CHANNELS = struct.Struct("<H")
 
@@ -294,6 +302,44 @@ class ScsiRequest:
         return cls(*_SRB.unpack_from(b), *ext)
 
 
+class RawSrb(NamedTuple):
+    """A ``vmscsi_request`` as ``decode_srb`` returns it on the I/O path: the
+    fields of ``ScsiRequest``, in its order, validated the same way, as a
+    tuple (a frozen dataclass of 19 fields costs ~10x more to make).
+    ``build_srb_reply`` takes either; ``to_request()`` gives the dataclass."""
+
+    length: int
+    srb_status: int
+    scsi_status: int
+    port_number: int
+    path_id: int
+    target_id: int
+    lun: int
+    cdb_length: int
+    sense_info_length: int
+    data_in: int
+    reserved: int
+    data_transfer_length: int
+    payload: bytes
+    reserve: int = 0
+    queue_tag: int = 0
+    queue_action: int = 0
+    srb_flags: int = 0
+    time_out_value: int = 0
+    queue_sort_key: int = 0
+
+    @property
+    def cdb(self) -> bytes:
+        return self.payload[: self.cdb_length]
+
+    @property
+    def sense(self) -> bytes:
+        return self.payload[: self.sense_info_length]
+
+    def to_request(self) -> ScsiRequest:
+        return ScsiRequest(*self)
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelProperties:
     """``vmstorage_channel_properties`` (24 bytes), the QUERY_PROPERTIES reply.
@@ -446,6 +492,42 @@ def decode_packet(data: bytes | bytearray | memoryview, *, size: int,
     return VstorPacket(op, flags, status, body)
 
 
+_DATA_IN_VALUES = frozenset((DataIn.WRITE, DataIn.READ, DataIn.UNKNOWN))
+
+
+def decode_srb(data: bytes | bytearray | memoryview, *, size: int,
+               completion: bool = False) -> tuple[int, RawSrb] | None:
+    """``decode_packet`` for the I/O path: (status, SRB) of an EXECUTE_SRB
+    (``completion``: of the COMPLETE_IO answering one), in one unpack.
+
+    Returns None when the packet holds another operation: the caller then
+    uses ``decode_packet``.  Reads ``data`` once (the fields are copied out
+    by the unpack) and refuses what ``decode_packet`` refuses: fewer than
+    ``size`` bytes, cdb_length > 16, sense_info_length > 20, data_in > 2
+    (``VstorError``); ``size`` other than 48 or 64 is a ValueError.
+    """
+    if size == VSTOR_PACKET_BYTES:
+        if len(data) < VSTOR_PACKET_BYTES:
+            raise VstorError(f"a {len(data)}-byte vstor_packet (expected {size})")
+        f = _SRB_PACKET.unpack_from(data)
+    elif size == VSTOR_PACKET_BYTES_PRE_WIN8:
+        if len(data) < VSTOR_PACKET_BYTES_PRE_WIN8:
+            raise VstorError(f"a {len(data)}-byte vstor_packet (expected {size})")
+        f = _SRB_PACKET_PRE_WIN8.unpack_from(data) + _NO_WIN8
+    else:
+        raise ValueError(f"size is {VSTOR_PACKET_BYTES} or {VSTOR_PACKET_BYTES_PRE_WIN8}")
+    if f[0] != (VstorOperation.COMPLETE_IO if completion else VstorOperation.EXECUTE_SRB):
+        return None
+    srb = RawSrb._make(f[3:])
+    if srb.cdb_length > CDB_MAX_BYTES:
+        raise VstorError(f"cdb_length {srb.cdb_length} > {CDB_MAX_BYTES}")
+    if srb.sense_info_length > SENSE_BUFFER_BYTES:
+        raise VstorError(f"sense_info_length {srb.sense_info_length} > {SENSE_BUFFER_BYTES}")
+    if srb.data_in not in _DATA_IN_VALUES:
+        raise VstorError(f"data_in {srb.data_in} (0 write, 1 read, 2 none)")
+    return f[2], srb
+
+
 # --- guest side (storvsc): the requests, as current Linux builds them ---
 
 
@@ -486,17 +568,31 @@ def build_execute_srb(cdb: bytes, *, data_in: DataIn, data_transfer_length: int,
     """
     if len(cdb) > CDB_MAX_BYTES:
         raise VstorError(f"a {len(cdb)}-byte CDB (at most {CDB_MAX_BYTES})")
-    for name, v in (("lun", lun), ("target_id", target_id), ("path_id", path_id),
-                    ("port_number", port_number)):
-        _u8(name, v)
-    flags = {DataIn.READ: SrbFlags.DATA_IN, DataIn.WRITE: SrbFlags.DATA_OUT}.get(data_in, 0)
-    srb = ScsiRequest(length=vmscsi_size(version), port_number=port_number, path_id=path_id,
-                      target_id=target_id, lun=lun, cdb_length=len(cdb),
-                      sense_info_length=sense_buffer_size(version), data_in=data_in,
-                      data_transfer_length=data_transfer_length,
-                      payload=bytes(cdb).ljust(_UNION_BYTES, b"\0"), srb_flags=int(flags),
-                      time_out_value=60)
-    return _request(VstorOperation.EXECUTE_SRB, srb, size=packet_size(version))
+    if lun or target_id or path_id or port_number:
+        for name, v in (("lun", lun), ("target_id", target_id), ("path_id", path_id),
+                        ("port_number", port_number)):
+            _u8(name, v)
+    flags = _DIRECTION_FLAGS.get(data_in)
+    if flags is None:
+        raise VstorError(f"data_in {data_in} (0 write, 1 read, 2 none)")
+    # One pack of the whole packet: the bytes encode_packet(VstorPacket(
+    # EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0, ScsiRequest(...))) gives.
+    try:
+        if version >= VstorVersion.WIN8:
+            return _SRB_PACKET.pack(
+                VstorOperation.EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0, VMSCSI_REQUEST_BYTES,
+                0, 0, port_number, path_id, target_id, lun, len(cdb), SENSE_BUFFER_BYTES,
+                data_in, 0, data_transfer_length, bytes(cdb), 0, 0, 0, flags, 60, 0)
+        return _SRB_PACKET_PRE_WIN8.pack(
+            VstorOperation.EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0,
+            VMSCSI_REQUEST_BYTES_PRE_WIN8, 0, 0, port_number, path_id, target_id, lun,
+            len(cdb), SENSE_BUFFER_BYTES_PRE_WIN8, data_in, 0, data_transfer_length, bytes(cdb))
+    except struct.error as e:
+        raise VstorError(f"vmscsi_request: {e}") from None
+
+
+_DIRECTION_FLAGS = {DataIn.READ: int(SrbFlags.DATA_IN), DataIn.WRITE: int(SrbFlags.DATA_OUT),
+                    DataIn.UNKNOWN: 0}
 
 
 # --- host side (storvsp): replies, sized by ``reply_size`` ---
@@ -518,7 +614,7 @@ def build_properties_reply(properties: ChannelProperties, *, size: int) -> bytes
     return build_completion(size=size, body=properties)
 
 
-def build_srb_reply(request: ScsiRequest, *, version: int, scsi_status: int,
+def build_srb_reply(request: ScsiRequest | RawSrb, *, version: int, scsi_status: int,
                     data_transfer_length: int, sense: bytes = b"",
                     srb_status: int | None = None) -> bytes:
     """EXECUTE_SRB's completion, ``packet_size(version)`` bytes.
@@ -541,13 +637,21 @@ def build_srb_reply(request: ScsiRequest, *, version: int, scsi_status: int,
     status = (VstorStatus.SUCCESS if code == SrbStatus.SUCCESS
               else VstorStatus.DEVICE_DOES_NOT_EXIST if code == SrbStatus.INVALID_LUN
               else VstorStatus.IO_DEVICE_ERROR)
-    reply = ScsiRequest(length=vmscsi_size(version), srb_status=srb_status,
-                        scsi_status=scsi_status, port_number=request.port_number,
-                        path_id=request.path_id, target_id=request.target_id, lun=request.lun,
-                        cdb_length=request.cdb_length, sense_info_length=len(sense),
-                        data_in=request.data_in, data_transfer_length=data_transfer_length,
-                        payload=sense.ljust(_UNION_BYTES, b"\0"))
-    return build_completion(size=packet_size(version), status=status, body=reply)
+    # One pack of the whole packet: the bytes build_completion(body=ScsiRequest(
+    # ...)) gives (the Win8 extension zero, reserved zero).
+    try:
+        if version >= VstorVersion.WIN8:
+            return _SRB_PACKET.pack(
+                VstorOperation.COMPLETE_IO, 0, status, VMSCSI_REQUEST_BYTES, srb_status,
+                scsi_status, request.port_number, request.path_id, request.target_id,
+                request.lun, request.cdb_length, len(sense), request.data_in, 0,
+                data_transfer_length, sense, 0, 0, 0, 0, 0, 0)
+        return _SRB_PACKET_PRE_WIN8.pack(
+            VstorOperation.COMPLETE_IO, 0, status, VMSCSI_REQUEST_BYTES_PRE_WIN8, srb_status,
+            scsi_status, request.port_number, request.path_id, request.target_id, request.lun,
+            request.cdb_length, len(sense), request.data_in, 0, data_transfer_length, sense)
+    except struct.error as e:
+        raise VstorError(f"vmscsi_request: {e}") from None
 
 
 def build_enumerate_bus(*, version: int) -> bytes:
