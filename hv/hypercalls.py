@@ -1122,6 +1122,7 @@ class HypercallClient:
         self.decoder = FrameDecoder()
         self.unsolicited: deque[Frame] = deque()
         self._seq = 0
+        self.calls = 0  # hypercalls this partition made
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._eof = False
@@ -1164,6 +1165,7 @@ class HypercallClient:
         then shows up in ``unsolicited``) and this returns (SUCCESS, b"")
         at once.  Raises TimeoutError if no reply comes within the timeout."""
         self._seq += 1
+        self.calls += 1
         seq = self._seq
         body = _U64.pack(encode_control(code, rep_count=rep_count)) + inp
         flags = 0 if wait else FLAG_NO_REPLY_ON_SUCCESS

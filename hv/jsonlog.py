@@ -22,6 +22,7 @@ class JsonLog:
     """Appends records to ``path`` (None: a log that drops everything)."""
 
     def __init__(self, path: str | os.PathLike[str] | None, **context: Any) -> None:
+        self.path = os.fspath(path) if path else None
         self._fd = (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                     if path else -1)
         self.context = context

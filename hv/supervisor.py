@@ -1066,6 +1066,8 @@ class Supervisor:
                 r = p.route
                 entry["traps"] = r.traps if r is not None else 0
                 entry["traps_forwarded"] = r.forwarded if r is not None else 0
+                # the root's device worker is there: until then accesses float
+                entry["attached"] = bool(r is not None and r.worker_attached)
             out.append(entry)
         return out
 

@@ -225,7 +225,7 @@ class StorageGuest:
 
     def _counters(self) -> dict[str, int]:
         return {"traps": self.client.traps if self.client is not None else 0,
-                "hypercalls": self.rt.hv._seq}
+                "hypercalls": self.rt.hv.calls}
 
     def pattern(self, path: str, mode: str, lbas: int = 64, seed: int = 7,
                 tag: str = "") -> dict[str, Any]:

@@ -330,8 +330,10 @@ class StorVsc(Vsc):
             raise DeviceError("the SCSI ring is full")
         return tid
 
-    def _wait(self, tids: set[int],
-              timeout: float = 10.0) -> dict[int, tuple[V.ScsiRequest | V.RawSrb, int]]:
+    def _wait(self, tids: set[int], timeout: float = 10.0,
+              when: dict[int, float] | None = None,
+              ) -> dict[int, tuple[V.ScsiRequest | V.RawSrb, int]]:
+        """Completions of ``tids``; ``when`` (if given) gets each one's arrival time."""
         got: dict[int, tuple[V.ScsiRequest | V.RawSrb, int]] = {}
         deadline = time.monotonic() + timeout
         size = V.packet_size(self.version)
@@ -351,6 +353,8 @@ class StorVsc(Vsc):
             if done is None:
                 raise DeviceError("an SRB completion without an SRB")
             got[tid] = (done[1], done[0])
+            if when is not None:
+                when[tid] = time.perf_counter()
         return got
 
     def _do(self, cdb: bytes, data_in: V.DataIn, nbytes: int) -> V.ScsiRequest | V.RawSrb:
@@ -394,12 +398,12 @@ class StorVsc(Vsc):
             t = time.perf_counter()
             tid = self._send_srb(cdb, V.DataIn.WRITE if write else V.DataIn.READ, block, i)
             t0[tid] = t
-        done = self._wait(set(t0))
-        now = time.perf_counter()
+        t1: dict[int, float] = {}
+        done = self._wait(set(t0), when=t1)
         for srb, _st in done.values():
             if srb.scsi_status:
                 raise OSError(f"SCSI CHECK CONDITION, sense {srb.sense[:18].hex()}")
-        return [now - t for t in t0.values()]
+        return [t1[tid] - t for tid, t in t0.items()]  # each request's own latency
 
     def on_close(self, reason: str) -> None:
         self.ready = False

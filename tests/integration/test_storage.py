@@ -43,7 +43,7 @@ def disk_ready(st: dict[str, Any], name: str, bus: str) -> bool:
     if bus == "scsi":
         return any(c["class"] == "storvsc" and c.get("device", {}).get("ready")
                    for c in p["channels"])
-    return any(d["bus"] == "ide" and d["traps"] >= 0 for d in p["disks"])
+    return any(d["bus"] == "ide" and d["attached"] for d in p["disks"])
 
 
 def run(env: Env, cluster: str, child: str, action: str, wait_event: str,
