@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .disk import DiskImageError, preadv_into, pwritev_from
+
 __all__ = [
     "CHECK_CONDITION",
     "GOOD",
@@ -54,7 +56,6 @@ __all__ = [
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class SenseKey:
@@ -144,16 +145,6 @@ def _head(views: Sequence[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """``views`` without their first ``n`` bytes (what a short transfer moved)."""
-    while views and n >= len(views[0]):
-        n -= len(views[0])
-        views = views[1:]
-    if views and n:
-        views = [views[0][n:], *views[1:]]
-    return views
-
-
 def _nbytes(views: Sequence[memoryview]) -> int:
     return sum(map(len, views))
 
@@ -204,36 +195,19 @@ class FileBackend:
         return self._size
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
-        todo = [v for v in views if len(v)]
-        left = _nbytes(todo)
+        left = _nbytes(views)
         if offset < 0 or offset + left > self._size:
             _check_span(offset, left, self._size)  # raises
-        while todo:
-            n = os.preadv(self.fd, todo if len(todo) <= _IOV_MAX else todo[:_IOV_MAX],
-                          offset)
-            if n == 0:  # the file shrank under us: never hand out stale buffer bytes
-                raise OSError(errno.EIO, f"end of file at {offset}")
-            left -= n
-            if not left:
-                return
-            offset += n
-            todo = _advance(todo, n)
+        try:
+            preadv_into(self.fd, offset, views)
+        except DiskImageError as e:  # the file shrank under us: never hand out stale bytes
+            raise OSError(errno.EIO, str(e)) from None
 
     def write(self, offset: int, views: Sequence[memoryview]) -> None:
-        todo = [v for v in views if len(v)]
-        left = _nbytes(todo)
+        left = _nbytes(views)
         if offset < 0 or offset + left > self._size:
             _check_span(offset, left, self._size)  # raises
-        while todo:
-            n = os.pwritev(self.fd, todo if len(todo) <= _IOV_MAX else todo[:_IOV_MAX],
-                           offset)
-            if n == 0:  # not for a non-empty write to a file; do not spin if it happens
-                raise OSError(errno.EIO, f"pwritev wrote nothing at {offset}")
-            left -= n
-            if not left:
-                return
-            offset += n
-            todo = _advance(todo, n)
+        pwritev_from(self.fd, offset, views)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
