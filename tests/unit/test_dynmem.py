@@ -6,12 +6,11 @@ The multi-process path is tests/integration/test_dynamic_memory.py.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
+from test_memory import deliver  # a MEMORY frame over a socketpair
 
-from hv import hypercalls as H
 from hv.hypercalls import HvStatus
 from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
 from partitions.devices import dm_protocol as D
@@ -21,18 +20,6 @@ from partitions.root.balancer import BLOCK_BYTES, ChildMemory, plan
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-def deliver(msg: Any, view: Any) -> None:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        H.send_frame(a, msg.frame())
-        b.settimeout(5)
-        (frame,) = H.recv_frames(b, H.FrameDecoder())
-        view.apply_frame(frame)
-    finally:
-        a.close()
-        b.close()
 
 
 class FakeSupervisor:

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from test_memory import deliver  # a MEMORY frame over a socketpair
 
-from hv import hypercalls as H
 from hv.memory import GuestMemory, GuestMemoryView
 from partitions.guestmem import OutOfGuestMemory, PageAllocator
 
 MiB = 1 << 20
-
-
-def deliver(msg, view) -> None:
-    """Over a socketpair, as the supervisor sends it (the fds are copies)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        H.send_frame(a, msg.frame())
-        b.settimeout(5)
-        (frame,) = H.recv_frames(b, H.FrameDecoder())
-        view.apply_frame(frame)
-    finally:
-        a.close()
-        b.close()
 
 
 @pytest.fixture
