@@ -883,24 +883,26 @@ class GrantTable(_AppliesFrames):
     def get(self, grant_id: int) -> GrantMapping | None:
         return self._grants.get(grant_id)
 
-    def ids(self) -> list[int]:
-        return list(self._grants)
-
-    def views(self, owner: int, pfns: Sequence[int]) -> list[memoryview] | None:
-        """One 4 KiB view per page of ``pfns``, each in a grant from ``owner``;
-        None if any page is not granted by ``owner`` (a device then refuses
-        the request: it may touch only what the child shared)."""
+    def locate(self, owner: int, pfn: int) -> tuple[GrantMapping, int] | None:
+        """The grant from ``owner`` holding page ``pfn`` and its index there
+        (None: ``owner`` did not grant that page)."""
         index = self._index.get(owner)
         if index is None:
             index = {}
             for g in self._grants.values():
                 if g.owner == owner:
-                    for i, pfn in enumerate(g.pfns):
-                        index[pfn] = (g, i)
+                    for i, p in enumerate(g.pfns):
+                        index[p] = (g, i)
             self._index[owner] = index
+        return index.get(pfn)
+
+    def views(self, owner: int, pfns: Sequence[int]) -> list[memoryview] | None:
+        """One 4 KiB view per page of ``pfns``, each in a grant from ``owner``;
+        None if any page is not granted by ``owner`` (a device then refuses
+        the request: it may touch only what the child shared)."""
         out = []
         for pfn in pfns:
-            loc = index.get(pfn)
+            loc = self.locate(owner, pfn)
             if loc is None:
                 return None
             out.append(loc[0].page(loc[1]))

@@ -48,39 +48,28 @@ PAGE = 4096
 
 class GrantedMemory:
     """The child's memory as the worker may touch it: only pages the child
-    granted, a range only if it is contiguous inside one grant."""
+    granted, a range only if it is one contiguous run inside one grant."""
 
     def __init__(self) -> None:
         self.grants = GrantTable()
-        self._index: dict[int, tuple[int, int]] = {}  # pfn -> (grant id, page index)
+        self.owner: int | None = None  # the child (every grant the root forwards is its)
 
     def apply_frame(self, frame: Any) -> None:
-        msg = self.grants.apply_frame(frame)
-        self._index = {}
-        for gid in self.grants.ids():
-            g = self.grants.get(gid)
-            assert g is not None
-            for i, pfn in enumerate(g.pfns):
-                self._index[pfn] = (gid, i)
-        del msg
+        self.owner = self.grants.apply_frame(frame).owner
 
     def view(self, gpa: int, length: int) -> memoryview:
         if length <= 0 or gpa < 0:
             raise GpaError(f"bad DMA range {gpa:#x}+{length}")
         first, last = gpa >> 12, (gpa + length - 1) >> 12
-        loc = self._index.get(first)
+        loc = self.grants.locate(self.owner, first) if self.owner is not None else None
         if loc is None:
             raise GpaError(f"GPA {gpa:#x} is not in memory the child granted")
-        gid, i = loc
-        g = self.grants.get(gid)
-        assert g is not None
+        g, i = loc
         n = last - first + 1
-        if i + n > g.npages or g.pfns[i + n - 1] != last or any(
-                g.pfns[i + k] != first + k for k in range(1, n)):
+        if g.pfns[i : i + n] != list(range(first, last + 1)):
             raise GpaError(f"GPA {gpa:#x}+{length} is not one granted run")
-        whole = g.contiguous()
         off = i * PAGE + (gpa & 0xFFF)
-        return whole[off : off + length]
+        return g.contiguous()[off : off + length]
 
     def close(self) -> None:
         self.grants.close()
