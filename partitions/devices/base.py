@@ -203,11 +203,13 @@ class Endpoint:
         return len(self._backlog)
 
     def _want_space(self, payload_len: int) -> None:
-        # The reader rings our doorbell once that much is free; if it already
-        # is (a race with the reader), no ring will come, so note it anyway:
-        # the next service() sees the space and calls on_writable.
+        # The reader rings our doorbell once that much is free.  If it already
+        # is (the reader freed it before pending_send_sz was published), no
+        # ring will come: ring our own doorbell, so the loop serves us again
+        # (backlog flush, on_writable).
         self._space_wanted = True
-        self.channel.request_space(packet_bytes(payload_len))
+        if self.channel.request_space(packet_bytes(payload_len)):
+            self.channel.doorbell.signal()
 
     def _flush_backlog(self) -> bool:
         """Send what is queued; True when the backlog is empty."""
