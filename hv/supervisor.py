@@ -444,13 +444,8 @@ class Supervisor:
                                                  PartitionState.STARTING):
             return
         ide = [d for d in self._disks(p) if d["bus"] == "ide"]
-        self._tell_fds(root, {"op": "intercept", "child": p.id, "name": p.name,
-                              "ports": p.route.ports, "disk": ide[0]},
-                       p.route.worker_handles())
-
-    def _tell_fds(self, p: Partition, obj: dict[str, Any], fds: list[int]) -> None:
-        if p.alive and p.link is not None:
-            self._to_partition(p, runtime_frame(obj, fds))
+        self._tell(root, {"op": "intercept", "child": p.id, "name": p.name,
+                          "ports": p.route.ports, "disk": ide[0]}, p.route.worker_handles())
 
     def _stop_intercepts(self, p: Partition) -> None:
         route, p.route = p.route, None
@@ -916,9 +911,11 @@ class Supervisor:
 
     # -- messages to partitions, tracing, relays -------------------------------------------
 
-    def _tell(self, p: Partition, obj: dict[str, Any]) -> None:
+    def _tell(self, p: Partition, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+              ) -> None:
+        """A runtime frame to a running partition (``fds`` stay ours: sending dups them)."""
         if p.alive and p.link is not None:
-            self._to_partition(p, runtime_frame(obj))
+            self._to_partition(p, runtime_frame(obj, fds))
 
     def _tell_root(self, obj: dict[str, Any]) -> None:
         self._tell(self.parts[0], obj)

@@ -23,6 +23,7 @@ host's VMBus), but its ring writes are still validated by the ring.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -418,8 +419,6 @@ class VmbusGuest:
 
 
 def _close(fd: int) -> None:
-    import os
-
     try:
         os.close(fd)
     except OSError:

@@ -25,7 +25,6 @@ by the layer above from pages the supervisor validated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from .doorbell import Doorbell
@@ -221,6 +220,3 @@ class Channel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-#: A callback a channel owner installs for packets (the device layer's hook).
-PacketHandler = Callable[[Packet], None]
