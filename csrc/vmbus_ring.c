@@ -576,6 +576,48 @@ int64_t vmbr_read(struct vmbr_ring *r, char *out, uint32_t out_cap)
     return sig < 0 ? sig : len | sig;
 }
 
+/*
+ * Validate the extended header of the packet copied to p (descriptor d):
+ * for type 9, range_cnt >= 1 ranges, each with byte_offset < 4096, a non-zero
+ * byte_count and exactly the PFNs it spans, all within offset8 * 8 bytes; for
+ * type 7, range_cnt ranges within them.  Reads only the private copy (the
+ * peer cannot change it under us).  Returns 0, or marks the ring corrupt with
+ * the value Python's vmbus.packet parsers report and returns VMBR_E_CORRUPT.
+ */
+static int64_t check_ext(struct vmbr_ring *r, const char *p, const struct vmbr_desc *d)
+{
+    uint32_t pos = VMBR_DESC_BYTES, end = (uint32_t)d->offset8 * 8u, cnt, bc, bo;
+    if (d->type == VMBR_PKT_DATA_USING_GPA_DIRECT) {
+        if (end < pos + 8)
+            return mark_corrupt(r, VMBR_BAD_GPA_HEADER, end < pos ? 0 : end - pos);
+        memcpy(&cnt, p + pos + 4, 4); /* reserved u32, range_cnt u32 */
+        if (cnt == 0)
+            return mark_corrupt(r, VMBR_BAD_GPA_HEADER, 0);
+        pos += 8;
+        for (uint32_t i = 0; i < cnt; i++) {
+            if (end - pos < 8)
+                return mark_corrupt(r, VMBR_BAD_GPA_HEADER, cnt);
+            memcpy(&bc, p + pos, 4);
+            memcpy(&bo, p + pos + 4, 4);
+            if (bo >= VMBR_PAGE_BYTES || bc == 0)
+                return mark_corrupt(r, VMBR_BAD_GPA_HEADER, bo);
+            uint64_t pages = ((uint64_t)bo + bc + VMBR_PAGE_BYTES - 1) / VMBR_PAGE_BYTES;
+            pos += 8;
+            if ((uint64_t)(end - pos) < 8 * pages)
+                return mark_corrupt(r, VMBR_BAD_GPA_HEADER, (uint32_t)pages);
+            pos += (uint32_t)(8 * pages);
+        }
+    } else if (d->type == VMBR_PKT_DATA_USING_XFER_PAGES) {
+        /* xfer_pageset_id u16, sender_owns_set u8, reserved u8, range_cnt u32 */
+        if (end < pos + 8)
+            return mark_corrupt(r, VMBR_BAD_XFER_HEADER, end < pos ? 0 : end - pos);
+        memcpy(&cnt, p + pos + 4, 4);
+        if ((uint64_t)cnt * 8 > end - pos - 8)
+            return mark_corrupt(r, VMBR_BAD_XFER_HEADER, cnt);
+    }
+    return 0;
+}
+
 int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t batch_bytes,
                    uint32_t *starts, uint32_t max_packets, uint32_t *count)
 {
@@ -586,7 +628,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
     uint32_t w;
     if (load_write_index(r, &w))
         return VMBR_E_CORRUPT;
-    uint32_t pos = 0, n = 0, ext = 0;
+    uint32_t pos = 0, n = 0;
     while (n < max_packets && pos < batch_bytes) {
         struct vmbr_desc d;
         int64_t len = next_packet(r, w, &d);
@@ -600,10 +642,12 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
         memcpy(out + pos, &d, VMBR_DESC_BYTES);
         copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + pos + VMBR_DESC_BYTES,
                  (uint32_t)len - VMBR_DESC_BYTES);
+        if ((d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+            && check_ext(r, out + pos, &d))
+            break; /* not handed out: deliver what was good; the error is sticky */
         starts[2 * n] = pos;
         starts[2 * n + 1] = pos + (uint32_t)d.offset8 * 8u;
         n++;
-        ext |= d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT;
         pos += (uint32_t)len;
         r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
         r->bytes += (uint64_t)len - (uint64_t)d.offset8 * 8u;
@@ -614,7 +658,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
     int64_t sig = vmbr_commit_read(r);
     if (r->corrupt)
         return VMBR_E_CORRUPT;
-    return sig | (ext ? 2 : 0);
+    return sig;
 }
 
 int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 11
+#define VMBR_ABI_VERSION 12
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -71,6 +71,8 @@
 #define VMBR_BAD_TOO_BIG 7        /* packet larger than the reader's copy buffer    */
 #define VMBR_BAD_EXT_HEADER 8     /* type 7/9 header inconsistent (set by Python)   */
 #define VMBR_CLOSED 9             /* not corruption: the endpoint was closed        */
+#define VMBR_BAD_GPA_HEADER 10    /* type 9 header inconsistent (vmbr_drain)        */
+#define VMBR_BAD_XFER_HEADER 11   /* type 7 header inconsistent (vmbr_drain)        */
 
 /*
  * Private state of one ring endpoint.  It lives in the owner's private memory,
@@ -224,9 +226,12 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   so starts must hold 2 * max_packets + 1 entries.  Stops before a packet
  *   that would not fit in out_cap, and after the packet that reaches
  *   batch_bytes (a soft cap: a big batch would keep the writer's space
- *   unpublished for the whole copy).  Returns 0 or 1 (signal the writer),
- *   ORed with 2 when the batch holds a type 7 or 9 packet whose extended
- *   header the caller must validate, with *count set; or a negative error.
+ *   unpublished for the whole copy).  The extended header of a type 7 or 9
+ *   packet is validated on the copy (range counts, offsets and PFN lists
+ *   within offset8 * 8); a bad one ends the batch before that packet and
+ *   makes the ring corrupt (VMBR_BAD_GPA_HEADER / VMBR_BAD_XFER_HEADER), as
+ *   any other damage does.  Returns 0 or 1 (signal the writer) with *count
+ *   set; or a negative error.
  *
  * vmbr_write_gather: vmbr_write_batch with the payloads where they are
  *   (payloads[i], lens[i] bytes): the path for large payloads, which a
@@ -248,9 +253,10 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   cannot hold the next payload; or a negative error.
  *
  * vmbr_drain_io: vmbr_drain with the io_* fields of r, as one argument.
- *   Returns count << 32 | end-of-batch, with bit 48 = signal the writer,
- *   bit 49 = validate extended headers and bit 50 = the ring broke after
- *   these packets; 0 when empty; or a negative error.
+ *   Returns count << 32 | end-of-batch, with bit 48 = signal the writer
+ *   and bit 50 = the ring broke after these packets; 0 when empty; or a
+ *   negative error.  (Bit 49 is never set: vmbr_drain validates the
+ *   extended headers of types 7 and 9 itself.)
  *
  * vmbr_spin_read_io: the latency path: poll an empty ring for up to
  *   io_spin_ns with interrupts masked (the mask stays set; the caller clears

@@ -60,7 +60,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -89,12 +89,17 @@ _REASONS = {
     lib.VMBR_BAD_FLAGS: "bad_flags",
     lib.VMBR_BAD_TOO_BIG: "packet_too_big",
     lib.VMBR_BAD_EXT_HEADER: "bad_extended_header",
+    # (the reasons vmbus.packet's parsers give: the C batch path and the
+    # Python paths name the same damage the same way)
+    lib.VMBR_BAD_GPA_HEADER: "gpa_direct_header",
+    lib.VMBR_BAD_XFER_HEADER: "xfer_pages_header",
 }
 _CLOSED = lib.VMBR_CLOSED
 
 # Hot-path bindings: a module global is cheaper to reach than lib.<name>.
 _write = lib.vmbr_write
 _write4 = lib.vmbr_write4
+_write_ext = lib.vmbr_write_ext
 _NOTHING = b""
 _drain_io = lib.vmbr_drain_io
 _spin_readable = lib.vmbr_spin_readable
@@ -309,14 +314,18 @@ class OutgoingRing(_RingEnd):
     def try_write_gpa_direct(
         self,
         payload: bytes,
-        ranges: Sequence[GpaRange],
+        ranges: Sequence[GpaRange] | bytes,
         *,
         trans_id: int = 0,
         completion_requested: bool = False,
     ) -> bool:
         """Write a GPA-direct packet (type 9): ``payload`` inline, plus ranges
-        of guest pages the reader accesses in place."""
-        ext = build_gpa_direct_header(list(ranges))
+        of guest pages the reader accesses in place.
+
+        ``ranges`` may also be the header ``build_gpa_direct_header`` made of
+        them (bytes): a sender that names the same buffers again and again
+        builds each header once (storvsc's slots)."""
+        ext = ranges if ranges.__class__ is bytes else build_gpa_direct_header(list(ranges))
         return self._write_ext(
             payload, PacketType.DATA_USING_GPA_DIRECT, trans_id, completion_requested, ext
         )
@@ -341,11 +350,14 @@ class OutgoingRing(_RingEnd):
         self, payload: Any, ptype: int, trans_id: int, completion_requested: bool, ext: bytes
     ) -> bool:
         tf = ptype | 0x10000 if completion_requested else ptype
-        buf = ffi.from_buffer(payload)
-        try:
-            rc = lib.vmbr_write_ext(self._r, tf, trans_id, ext, len(ext), buf, len(buf))
-        finally:
-            ffi.release(buf)
+        if payload.__class__ is bytes:
+            rc = _write_ext(self._r, tf, trans_id, ext, len(ext), payload, len(payload))
+        else:
+            buf = ffi.from_buffer(payload)
+            try:
+                rc = _write_ext(self._r, tf, trans_id, ext, len(ext), buf, len(buf))
+            finally:
+                ffi.release(buf)
         if rc > 0:
             if rc == 2:
                 self._signal()
@@ -550,6 +562,16 @@ class PacketBatch(Sequence[Packet]):
         for i in range(len(self)):
             yield self._packet(i)
 
+    def layout(self) -> tuple[bytes, list[int]]:
+        """(raw, starts): the batch's private bytes and, per packet i,
+        ``starts[2i]`` its descriptor's offset in ``raw``, ``starts[2i + 1]``
+        its payload's, and ``starts[-1]`` the batch's end (a packet's payload
+        ends where the next packet starts).  For a device's hot path that
+        unpacks descriptor, extended header and payload in place, without a
+        Packet per packet; the extended headers were validated when the batch
+        was read (as for ``Packet.ranges``).  Do not modify ``starts``."""
+        return self._raw, self._st
+
     @property
     def total_bytes(self) -> int:
         """Bytes of all packets in the batch (descriptors and padding included)."""
@@ -682,27 +704,12 @@ class IncomingRing(_RingEnd):
             if rc >> 48 & 1:
                 self._signal()
             if rc >> 50 & 1:
-                # The packets before the damage were copied out and are
-                # delivered first; the ring is dead, so read_index is not
+                # The packets before the damage (a bad extended header
+                # included: vmbr_drain validates those) were copied out and
+                # are delivered first; the ring is dead, so read_index is not
                 # published for them.
                 self._pending_error = self._error(lib.VMBR_E_CORRUPT)
-            if rc >> 49 & 3:  # types 7/9 inside (or damage after): check their headers
-                n = self._check_ext(raw, st, n)
-                if n == 0:  # the first packet is bad: an error, not "empty"
-                    raise self._pending_error  # type: ignore[misc]
         self._braw, self._bst, self._i, self._n = raw, st, 0, n
-        return n
-
-    def _check_ext(self, raw: bytes, st: list[int], n: int) -> int:
-        for k in range(n):
-            try:
-                check_extended_header(raw, st[2 * k])
-            except RingCorruptError as e:
-                self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
-                self._r.bad_value = e.value & 0xFFFFFFFF
-                self._pending_error = e
-                del st[2 * k + 1 :]  # st[2k], the bad packet's start, ends the batch
-                return k
         return n
 
     def _refill(self) -> int:
