@@ -110,11 +110,11 @@ def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
 
     # -- the three phases of a QD-32 batch, as the cluster runs them ------------------------
     def submit() -> int:
-        tids = []
+        tids = {}
         for i, lba in enumerate(lbas()):
             cdb = struct.pack(">BBIBHB", op, 0, lba, 0, block // 512, 0)
-            tids.append(vsc._send_srb(cdb, din, block, i))
-        state["tids"] = set(tids)
+            tids[vsc._send_srb(cdb, din, block, i)] = 0.0
+        state["tids"] = tids
         return QD
 
     def serve() -> int:
@@ -126,7 +126,7 @@ def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
         return QD
 
     def wait() -> int:
-        got = vsc._wait(state["tids"], timeout=1.0)
+        got = vsc._wait_io(state["tids"], timeout=1.0)
         assert len(got) == QD
         return QD
 
@@ -146,8 +146,8 @@ def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
         rig.hch.ack_doorbell()
     m_sub, m_srv, m_wt = statistics.median(sub), statistics.median(srv), statistics.median(wt)
     out += [("child: submit (StorVsc._send_srb + CDB pack), per SRB", m_sub),
-            ("root:  StorVsp.on_packets, per SRB", m_srv),
-            ("child: _wait (recv + decode completion), per SRB", m_wt),
+            ("root:  StorVsp.on_packets (its fast path), per SRB", m_srv),
+            ("child: _wait_io (drain, check each completion), per SRB", m_wt),
             ("  sum of the three (CPU per request, both sides)", m_sub + m_srv + m_wt)]
 
     # -- inside the child's submit ------------------------------------------------------------

@@ -849,6 +849,27 @@ class GrantMapping:
                 return memoryview(m)[off : off + PAGE_SIZE]
         raise AssertionError("unreachable")
 
+    def _run_of(self, i: int) -> int:
+        for k in range(len(self._runs) - 1, -1, -1):
+            if i >= self._runs[k][0]:
+                return k
+        raise AssertionError("unreachable")
+
+    def same_run(self, i: int, j: int) -> bool:
+        """Pages i and j of the grant lie in one mapping (one view can hold both)."""
+        return self._run_of(i) == self._run_of(j)
+
+    def pages(self, i: int, n: int) -> memoryview:
+        """One view of pages i .. i+n-1, which must lie in one mapping."""
+        if n <= 0 or i < 0 or i + n > len(self.pfns):
+            raise GpaError(f"pages {i}..{i + n - 1} of a {len(self.pfns)}-page grant")
+        k = self._run_of(i)
+        first, m = self._runs[k]
+        if self._run_of(i + n - 1) != k:
+            raise GpaError(f"pages {i}..{i + n - 1} span two mappings")
+        off = (i - first) * PAGE_SIZE
+        return memoryview(m)[off : off + n * PAGE_SIZE]
+
     def contiguous(self) -> memoryview:
         if len(self._runs) != 1:
             raise GpaError(f"grant {self.grant_id} has {len(self._runs)} runs, not 1")
@@ -860,15 +881,23 @@ class GrantMapping:
         self._runs.clear()
 
 
+#: Most cached (owner, pfn array) entries of GrantTable.views_packed.
+SPAN_CACHE_ENTRIES = 4096
+
+
 class GrantTable(_AppliesFrames):
     """The root's grants, fed with GRANT / REVOKE messages."""
 
     def __init__(self) -> None:
         self._grants: dict[int, GrantMapping] = {}
         self._index: dict[int, dict[int, tuple[GrantMapping, int]]] = {}  # owner -> pfn ->
+        # (owner, packed pfns) -> views, for views_packed: dropped with any
+        # change to the grants, so no view outlives the grant it was made from
+        self._spans: dict[tuple[int, bytes], list[memoryview]] = {}
 
     def apply(self, msg: MemoryMessage) -> None:
         self._index.pop(msg.owner, None)
+        self._spans.clear()
         if msg.op == MemoryOp.GRANT:
             if msg.grant_id in self._grants:
                 raise WireError(f"grant {msg.grant_id} already exists")
@@ -908,6 +937,41 @@ class GrantTable(_AppliesFrames):
             out.append(loc[0].page(loc[1]))
         return out
 
+    def views_packed(self, owner: int, packed: bytes) -> list[memoryview] | None:
+        """``views`` of the pages whose pfns ``packed`` holds as little-endian
+        u64s (a GPA-direct range's pfn array, as it is in the packet), with
+        consecutive pages of one mapping joined into one view: one view for a
+        contiguous buffer however many pages it spans.
+
+        Cached per (owner, packed) until the grants change: a device that
+        names the same buffers again and again (storvsc's slots) pays one dict
+        lookup.  None if any page is not granted by ``owner``.
+        """
+        key = (owner, packed)
+        got = self._spans.get(key)
+        if got is not None:
+            return got
+        out: list[memoryview] = []
+        run: tuple[GrantMapping, int, int] | None = None  # (grant, first index, pages)
+        for (pfn,) in struct.iter_unpack("<Q", packed):
+            loc = self.locate(owner, pfn)
+            if loc is None:
+                return None
+            g, i = loc
+            if run is not None and run[0] is g and run[1] + run[2] == i \
+                    and g.same_run(run[1], i):
+                run = (g, run[1], run[2] + 1)
+                continue
+            if run is not None:
+                out.append(run[0].pages(run[1], run[2]))
+            run = (g, i, 1)
+        if run is not None:
+            out.append(run[0].pages(run[1], run[2]))
+        if len(self._spans) >= SPAN_CACHE_ENTRIES:
+            self._spans.clear()  # (a peer naming ever new buffers: bounded, not grown)
+        self._spans[key] = out
+        return out
+
     def find(self, owner: int, pfns: Sequence[int], exclude: Iterable[int] = ()) -> int | None:
         """The id of a grant from ``owner`` of exactly ``pfns`` (in order),
         not in ``exclude``; None if there is none."""
@@ -922,6 +986,8 @@ class GrantTable(_AppliesFrames):
         return len(self._grants)
 
     def close(self) -> None:
+        self._spans.clear()  # (their views would keep the mappings open)
+        self._index.clear()
         for g in self._grants.values():
             g.close()
         self._grants.clear()

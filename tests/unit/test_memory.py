@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -199,8 +200,22 @@ def test_share_with_root_grants_only_own_pages(mem):
         assert bytes(view.page(7)[:4]) == b"back"
         with pytest.raises(GpaError):
             gm.contiguous()  # two runs
+        # views_packed: consecutive pages of one mapping are one view, a page
+        # of another mapping (5 -> 7 is a new run) another; foreign pages None
+        packed = struct.pack("<4Q", 3, 4, 5, 7)
+        vs = table.views_packed(CHILD1, packed)
+        assert [v.nbytes for v in vs] == [3 * PAGE_SIZE, PAGE_SIZE]
+        assert bytes(vs[0][:5]) == b"ring!" and bytes(vs[1][:4]) == b"back"
+        assert table.views_packed(CHILD1, packed) is vs  # cached
+        assert [v.nbytes for v in table.views_packed(CHILD1, struct.pack("<2Q", 5, 4))] == [
+            PAGE_SIZE, PAGE_SIZE]  # not in grant order: two views
+        assert table.views_packed(CHILD2, packed) is None
+        assert table.views_packed(CHILD1, struct.pack("<2Q", 5, 6)) is None
+        del vs
         deliver(MemoryMessage.from_frame(m.revoke(g.grant_id)), table)
         assert table.get(g.grant_id) is None
+        # a revoked grant's pages are gone from the cache at once
+        assert table.views_packed(CHILD1, packed) is None
     finally:
         table.close()
 
