@@ -819,8 +819,13 @@ void vmbr_mask_interrupts(struct vmbr_ring *r)
     if (r->corrupt)
         return;
     /* Relaxed: masking is only an optimisation.  A writer that still sees
-     * the old 0 sends one spurious signal, which the eventfd absorbs. */
-    atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 1, memory_order_relaxed);
+     * the old 0 sends one spurious signal, which the eventfd absorbs.  Stored
+     * only when it is not 1 already: a busy reader masks before every poll,
+     * and a store would take the control page's cache line from the writer
+     * (which reads the mask on every write) each time; a load leaves it
+     * shared.  (The peer may have changed it: then we store, as before.) */
+    if (atomic_load_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), memory_order_relaxed) != 1)
+        atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 1, memory_order_relaxed);
 }
 
 int64_t vmbr_unmask_interrupts(struct vmbr_ring *r)
