@@ -8,8 +8,11 @@ ones (they absorb the ponger's wake-up from the idle gap between rounds, an
 artefact of the harness).  Percentiles pool every timed round trip.
 
 Rows: Viridian with the default spin-then-block wait and with blocking only
-(spin_ns=0); the same C ring driven from C with both waits; and two blocking
-eventfds in C, the floor for any blocking hand-off between two CPUs.
+(spin_ns=0), both sides ``try_write`` + ``read_payload`` (the echo needs only
+the bytes); the spin-then-block row again with ``read`` (a Packet per message:
+~0.2 us more per side, see docs/ring.md); the same C ring driven from C with
+both waits; and two blocking eventfds in C, the floor for any blocking
+hand-off between two CPUs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used"
 
 ROWS = {
     "viridian-spin": "Viridian, spin then block (default spin)",
+    "viridian-packet": "  the same, read() -> Packet",
     "viridian-block": "Viridian, blocking only (spin_ns=0)",
     "c-ring-spin": "C ring from C, spin then block",
     "c-ring-block": "C ring from C, blocking only",
@@ -41,10 +45,11 @@ def _open(key, cfg, ring_bench):
         spin = 0 if key != "c-ring-spin" else DEFAULT_SPIN_NS
         return CPair(ring_bench, ["pingpong", mode, str(cfg.cpus[0]), str(cfg.cpus[1]),
                                   str(spin), str(cfg.ring_data)], cfg, key), spin
-    spin = None if key == "viridian-spin" else 0
+    spin = 0 if key == "viridian-block" else None
     setup = tr.viridian_pingpong_setup(cfg.ring_data)
     try:
-        pair = PyPair(key, 64, cfg, setup, ("pinger", "ponger"), {"spin_ns": spin})
+        pair = PyPair(key, 64, cfg, setup, ("pinger", "ponger"),
+                      {"spin_ns": spin, "payload_only": key != "viridian-packet"})
     except BaseException:
         setup.cleanup()
         raise

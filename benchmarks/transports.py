@@ -991,9 +991,12 @@ def viridian_pingpong_setup(ring_data: int) -> Setup:
 
 class ViridianPingEnd:
     """One end of a ping-pong: writes on one ring, reads the other.  Pings are
-    ``size`` bytes (64 B in bench_latency; bench_channels also uses 1 KiB)."""
+    ``size`` bytes (64 B in bench_latency; bench_channels also uses 1 KiB).
+    ``payload_only``: read with ``read_payload`` (bytes) instead of ``read``
+    (a Packet)."""
 
-    def __init__(self, args: Any, spin_ns: int | None, size: int = 64) -> None:
+    def __init__(self, args: Any, spin_ns: int | None, size: int = 64,
+                 payload_only: bool = False) -> None:
         from vmbus.doorbell import Doorbell
         from vmbus.ring import IncomingRing, OutgoingRing
         from vmbus.shm import SharedMemory
@@ -1006,11 +1009,12 @@ class ViridianPingEnd:
         self.inc = IncomingRing(self.in_shm.map, on_signal=self.peer.ring)
         self.spin_ns = spin_ns
         self.size = size
+        self.payload_only = payload_only
 
     def _reader(self) -> Callable[[], Any]:
-        """``IncomingRing.read``, the blocking read (its spin is one C call that
-        polls and copies one packet out)."""
-        rd, bell = self.inc.read, self.bell
+        """``IncomingRing.read`` (or ``read_payload``), the blocking read (its
+        spin is one C call that polls and copies one packet out)."""
+        rd, bell = (self.inc.read_payload if self.payload_only else self.inc.read), self.bell
         if self.spin_ns is None:  # the default spin-then-block
             return lambda: rd(bell, WAIT_S)
         spin = self.spin_ns
@@ -1025,6 +1029,7 @@ class ViridianPingEnd:
         pc = time.perf_counter_ns
         lat: list[int] = []
         app = lat.append
+        po = self.payload_only
         for _ in range(w + k):
             t0 = pc()
             if not tw(msg):
@@ -1032,7 +1037,7 @@ class ViridianPingEnd:
             p = read()
             if p is None:
                 raise Timeout("no pong")
-            m = p.payload
+            m = p if po else p.payload
             t1 = pc()
             app(t1 - t0)
         if len(m) != self.size:
@@ -1044,6 +1049,7 @@ class ViridianPingEnd:
         read = self._reader()
         size = self.size
         timeouts = 0  # waits that timed out (WAIT_S each) over the ponger's life
+        po = self.payload_only
         while True:
             p = read()
             while p is None:
@@ -1051,7 +1057,7 @@ class ViridianPingEnd:
                 if timeouts * WAIT_S > IDLE_EXIT_S:
                     return
                 p = read()
-            m = p.payload
+            m = p if po else p.payload
             if len(m) != size:
                 return  # QUIT
             if not tw(m):
@@ -1123,7 +1129,8 @@ def worker_main(role: str, key: str, size: int, cpu: int | None, conn: Any, args
             t = TRANSPORTS[key]
             ep = (t.producer if role == "producer" else t.consumer)(args, size, opts)
         elif role in ("pinger", "ponger"):
-            ep = ViridianPingEnd(args, opts.get("spin_ns"), size or 64)
+            ep = ViridianPingEnd(args, opts.get("spin_ns"), size or 64,
+                                 opts.get("payload_only", False))
         elif role == "idle":
             ep = IdleReader(args)
         else:

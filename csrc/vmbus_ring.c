@@ -745,6 +745,28 @@ int64_t vmbr_spin_read_io(struct vmbr_ring *r)
     return sig < 0 ? sig : (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
 }
 
+int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r)
+{
+    int64_t avail = spin_masked(r);
+    if (avail <= 0)
+        return avail;
+    struct vmbr_desc d;
+    int64_t len = peek_next(r, &d);
+    if (len <= 0)
+        return len;
+    if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+        return (int64_t)1 << 49;
+    if (len > r->io_cap)
+        return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
+    uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
+    copy_out(r, wrap(r->index + off, r->data_bytes), r->io_out, plen);
+    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += plen;
+    int64_t sig = vmbr_commit_read(r);
+    return sig < 0 ? sig : (int64_t)1 << 32 | plen | sig << 48;
+}
+
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
                        uint32_t dst_cap, uint32_t *payload_bytes)
 {

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 12
+#define VMBR_ABI_VERSION 13
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -168,6 +168,7 @@ int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
                         struct vmbr_pinfo *infos, uint32_t max_packets, uint32_t *count);
 int64_t vmbr_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_read_io(struct vmbr_ring *r);
+int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r);
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
 int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
 int64_t vmbr_commit_read(struct vmbr_ring *r);
@@ -266,6 +267,12 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   nothing came; or a negative error.  Types 7 and 9 are not taken here
  *   (their headers are validated on the batch path): it returns bit 49 alone
  *   and consumes nothing.
+ *
+ * vmbr_spin_read_payload_io: vmbr_spin_read_io for a reader that wants only
+ *   the payload: the packet's payload (offset8 * 8 to len8 * 8) is copied to
+ *   io_out, its descriptor is validated and dropped.  Returns
+ *   1 << 32 | payload bytes, with bit 48 = signal the writer; 0, bit 49 alone
+ *   or an error as vmbr_spin_read_io.
  *
  * vmbr_peek: validates the next packet's descriptor (copied out) and reports
  *   where its payload lies in the data area, without consuming it.  Returns 0

@@ -60,7 +60,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -103,6 +103,7 @@ _write_ext = lib.vmbr_write_ext
 # vmbr_spin_read_io results below this are one packet with nothing else to do
 # (bit 48 = signal the writer, bit 49 = a type 7/9 packet not taken)
 _ONE_PLAIN_PACKET = 1 << 48
+_spin_read_payload_io = lib.vmbr_spin_read_payload_io
 _NOTHING = b""
 _drain_io = lib.vmbr_drain_io
 _spin_readable = lib.vmbr_spin_readable
@@ -988,6 +989,51 @@ class IncomingRing(_RingEnd):
                 return p
             return self._read_rest(doorbell, timeout, spin_ns, rc)
         return self._read_rest(doorbell, timeout, spin_ns, None)
+
+    def try_read_payload(self) -> bytes | None:
+        """``try_read().payload`` without making the Packet: the next packet's
+        payload bytes, or None when the ring is empty.  For byte streams that
+        need no descriptor fields (no trans_id, no type); packets of types 7
+        and 9 are delivered as their payload too (their ranges are dropped).
+
+        Raises:
+            RingCorruptError: as ``try_read``.
+        """
+        i = self._i
+        if i >= self._n:
+            if not self._refill():
+                return None
+            i = 0
+        self._i = i + 1
+        st = self._bst
+        return self._braw[st[i + i + 1] : st[i + i + 2]]
+
+    def read_payload(
+        self, doorbell: Doorbell, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
+    ) -> bytes | None:
+        """``read(doorbell, timeout).payload`` without making the Packet: the
+        next packet's payload, waiting (spin, then block) up to ``timeout`` s;
+        None only on timeout.  The latency path copies only the payload out
+        of the ring (one C call) and makes one bytes object: ~0.2 us less per
+        packet than ``read``, which builds a Packet over a copy of the whole
+        packet.  Same trust as ``read``: the descriptor is validated first.
+        """
+        if self._i >= self._n and spin_ns == self._spin_ns and spin_ns:
+            rc = _spin_read_payload_io(self._r)
+            if 0 < rc < _ONE_PLAIN_PACKET:
+                return _unpack(self._out, rc & 0xFFFFFFFF)
+            if rc > 0 and not rc >> 49:  # taken, and the writer must be signalled
+                self._signal()
+                return _unpack(self._out, rc & 0xFFFFFFFF)
+            if rc < 0:
+                if self._pending_error is not None:
+                    raise self._pending_error
+                raise self._error(rc)
+            # nothing came within the spin (0), or a type 7/9 packet (not taken)
+            p = self._read_rest(doorbell, timeout, spin_ns, None if rc else 0)
+        else:
+            p = self._read_rest(doorbell, timeout, spin_ns, None)
+        return None if p is None else p.payload
 
     def _read_rest(
         self, doorbell: Doorbell, timeout: float, spin_ns: int, rc: int | None

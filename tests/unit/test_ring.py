@@ -647,6 +647,53 @@ def test_read_into_serves_the_readahead_first(ring: Any) -> None:
     assert inc.read_into(dst) is not None and dst == b"\x02" * 8
 
 
+# ------------------------------------------------------------ payload-only reads
+
+
+def test_payload_reads_give_what_packet_payload_gives(ring: Any) -> None:
+    _, out, inc = ring
+    ref_buf = new_ring()
+    ref_out, ref_in = OutgoingRing(ref_buf), IncomingRing(ref_buf)
+    for o in (out, ref_out):
+        assert o.try_write(b"abc", trans_id=5, completion_requested=True)
+        assert o.try_write(b"", packet_type=PacketType.COMP, trans_id=6)
+        assert o.try_write_gpa_direct(b"gpa-hdr!", (GpaRange(10, 20, (30,)),))
+        assert o.try_write(b"x" * 100)
+    want = []
+    while (p := ref_in.try_read()) is not None:
+        want.append(p.payload)
+    assert want[:2] == [b"abc" + bytes(5), b""]
+    with Doorbell() as db:
+        got = [inc.read_payload(db, 1.0), inc.try_read_payload()]
+        got += [inc.read_payload(db, 1.0), inc.read_payload(db, 1.0)]
+        assert got == want
+        assert inc.try_read_payload() is None
+        assert inc.read_payload(db, 0.01, spin_ns=0) is None  # nothing came: timeout
+
+
+def test_read_payload_serves_the_readahead_first(ring: Any) -> None:
+    _, out, inc = ring
+    for i in range(3):
+        assert out.try_write(bytes([i]) * 8)
+    assert inc.try_read() is not None  # the other two are now in the read-ahead
+    with Doorbell() as db:
+        assert [inc.read_payload(db, 1.0), inc.read_payload(db, 1.0)] == [b"\x01" * 8,
+                                                                         b"\x02" * 8]
+
+
+def test_read_payload_signals_a_waiting_writer(ring: Any) -> None:
+    buf, out, _ = ring
+    inc = IncomingRing(buf, readahead_packets=1)
+    for _ in range(3):
+        assert out.try_write(bytes(1000 - 24))
+    assert set_pending(out, 2000) == 1096  # the writer waits for 2000 bytes
+    with Doorbell() as db:
+        assert inc.read_payload(db, 1.0) == bytes(1000 - 24)  # free 2096 > 2000: crossed
+        assert inc.take_signals() == 1
+        assert inc.read_payload(db, 1.0) is not None
+        assert inc.take_signals() == 0
+
+
 def test_peek_is_zero_copy_and_release_consumes(ring: Any) -> None:
     buf, out, inc = ring
     assert inc.peek() is None
@@ -913,8 +960,19 @@ CORRUPT_CASES: list[tuple[str, bytes, int | None, str, int | None]] = [
     ),
 ]
 
+def _with_bell(fn: Callable[[IncomingRing, Doorbell], object]) -> Callable[[IncomingRing], object]:
+    def read(r: IncomingRing) -> object:
+        with Doorbell() as db:
+            return fn(r, db)
+
+    return read
+
+
 READERS: dict[str, Callable[[IncomingRing], object]] = {
     "try_read": lambda r: r.try_read(),
+    "try_read_payload": lambda r: r.try_read_payload(),
+    "read": _with_bell(lambda r, db: r.read(db, 0.0)),
+    "read_payload": _with_bell(lambda r, db: r.read_payload(db, 0.0)),
     "drain": lambda r: r.drain(),
     "read_into": lambda r: r.read_into(bytearray(4096)),
     "peek": lambda r: r.peek(),
