@@ -27,7 +27,7 @@ NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used"
 
 ROWS = {
     "viridian-spin": "Viridian, spin then block (default spin)",
-    "viridian-packet": "  the same, read() -> Packet",
+    "viridian-spin-packet": "  the same, read() -> Packet",
     "viridian-block": "Viridian, blocking only (spin_ns=0)",
     "c-ring-spin": "C ring from C, spin then block",
     "c-ring-block": "C ring from C, blocking only",
@@ -49,7 +49,7 @@ def _open(key, cfg, ring_bench):
     setup = tr.viridian_pingpong_setup(cfg.ring_data)
     try:
         pair = PyPair(key, 64, cfg, setup, ("pinger", "ponger"),
-                      {"spin_ns": spin, "payload_only": key != "viridian-packet"})
+                      {"spin_ns": spin, "payload_only": key != "viridian-spin-packet"})
     except BaseException:
         setup.cleanup()
         raise

@@ -17,8 +17,8 @@ STREAM_ROWS = [
     "viridian-packet", "viridian-batch", "c-ring", "c-ring-batch", "pyring", "iceoryx2",
     "zmq", "faster-fifo", "socketpair", "mp-pipe", "posix-mq", "mp-queue",
 ]
-LAT_ROWS = ["viridian-spin", "viridian-packet", "viridian-block", "c-ring-spin", "c-ring-block",
-            "c-eventfd"]
+LAT_ROWS = ["viridian-spin", "viridian-spin-packet", "viridian-block", "c-ring-spin",
+            "c-ring-block", "c-eventfd"]
 
 SHORT = {
     "viridian-packet": "Viridian per-packet",
