@@ -387,7 +387,12 @@ class OutgoingRing(_RingEnd):
         if len(payloads[0]) >= GATHER_MIN_BYTES:
             # Large payloads are copied into the ring from where they are
             # (a joined blob would cost one more copy of every byte).
-            if all(p.__class__ is bytes for p in payloads):
+            if len(payloads) <= 4:  # one C call: cffi refuses a non-bytes before writing
+                try:
+                    return self._write_many4(payloads, tf, trans_id)
+                except TypeError:
+                    pass  # a bytearray, memoryview ...: the pointer-array path below
+            elif all(p.__class__ is bytes for p in payloads):
                 return self._write_many4(payloads, tf, trans_id)
             bufs = [ffi.from_buffer(p) for p in payloads]
             try:
@@ -425,9 +430,10 @@ class OutgoingRing(_RingEnd):
     def _write_many4(self, payloads: Sequence[bytes], tf: int, trans_id: int) -> int:
         """``write_many`` of bytes objects, four per C call (passed as plain
         arguments: no buffer export per payload), one publication per call."""
-        if max(map(len, payloads)) > self.max_payload_bytes:
-            raise self._error(lib.VMBR_E_TOO_BIG)  # all or nothing, as the other paths
         r, n, done = self._r, len(payloads), 0
+        if n > 4 and max(map(len, payloads)) > self.max_payload_bytes:
+            # all or nothing, as the other paths (one call checks its four itself)
+            raise self._error(lib.VMBR_E_TOO_BIG)
         while done < n:
             chunk = payloads[done : done + 4]
             k = len(chunk)

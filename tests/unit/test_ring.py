@@ -1310,3 +1310,20 @@ def test_write_many_large_payloads_stop_where_the_ring_is_full(kind):
     with pytest.raises(ValueError, match="can never fit"):
         out.write_many([kind(10), kind(out.max_payload_bytes + 8)])
     assert [i.payload_bytes for i in inc.drain_into(dst)] == [5000, 5000]  # nothing else
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_write_many_of_large_payloads_any_buffer_all_or_nothing(n: int, kind: type) -> None:
+    buf = new_ring(4096 * 32)
+    out, inc = OutgoingRing(buf), IncomingRing(buf)
+    big = [kind(bytes([k]) * 5000) for k in range(n)]  # >= 4 KiB: the gather paths
+    too_big = [*big[:-1], kind(bytes(out.max_payload_bytes + 8))]
+    with pytest.raises(ValueError, match="can never fit"):
+        out.write_many(too_big)
+    assert inc.bytes_readable() == 0  # nothing written, not even the first ones
+    assert out.write_many(big) == n
+    got = []
+    while (p := inc.try_read()) is not None:
+        got.append(p.payload)
+    assert got == [bytes(b) + bytes(-len(b) % 8) for b in big]
