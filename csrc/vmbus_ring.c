@@ -728,36 +728,40 @@ static int64_t spin_masked(struct vmbr_ring *r)
     return vmbr_spin_readable(r, r->io_spin_ns);
 }
 
-int64_t vmbr_spin_read_io(struct vmbr_ring *r)
+/* The latency paths' first half: poll, then validate the next packet into
+ * *d.  Its length; or 0 (nothing came), an error, or bit 49 alone (a type 7
+ * or 9 packet: not taken here, its header is validated on the batch path). */
+static int64_t spin_next_plain(struct vmbr_ring *r, struct vmbr_desc *d)
 {
     int64_t avail = spin_masked(r);
     if (avail <= 0)
         return avail;
-    struct vmbr_desc d;
-    int64_t len = peek_next(r, &d);
+    int64_t len = peek_next(r, d);
     if (len <= 0)
         return len;
-    if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
+    if (d->type == VMBR_PKT_DATA_USING_XFER_PAGES || d->type == VMBR_PKT_DATA_USING_GPA_DIRECT)
         return (int64_t)1 << 49;
     if (len > r->io_cap)
         return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
+    return len;
+}
+
+int64_t vmbr_spin_read_io(struct vmbr_ring *r)
+{
+    struct vmbr_desc d;
+    int64_t len = spin_next_plain(r, &d);
+    if (len <= 0 || len >> 49)
+        return len;
     int64_t sig = take_one(r, &d, (uint32_t)len, r->io_out);
     return sig < 0 ? sig : (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
 }
 
 int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r)
 {
-    int64_t avail = spin_masked(r);
-    if (avail <= 0)
-        return avail;
     struct vmbr_desc d;
-    int64_t len = peek_next(r, &d);
-    if (len <= 0)
+    int64_t len = spin_next_plain(r, &d);
+    if (len <= 0 || len >> 49)
         return len;
-    if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
-        return (int64_t)1 << 49;
-    if (len > r->io_cap)
-        return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
     uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
     copy_out(r, wrap(r->index + off, r->data_bytes), r->io_out, plen);
     r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);

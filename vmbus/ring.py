@@ -1005,11 +1005,9 @@ class IncomingRing(_RingEnd):
         Raises:
             RingCorruptError: as ``try_read``.
         """
-        i = self._i
-        if i >= self._n:
-            if not self._refill():
-                return None
-            i = 0
+        if self._i >= self._n and not self._refill():
+            return None
+        i = self._i  # (0 after a refill)
         self._i = i + 1
         st = self._bst
         return self._braw[st[i + i + 1] : st[i + i + 2]]
