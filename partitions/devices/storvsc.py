@@ -98,7 +98,8 @@ class StorVsp(Vsp):
 
     def on_packets(self, pkts: Any) -> None:
         if self.ready and isinstance(pkts, PacketBatch) and self.version is not None \
-                and self.version >= V.VstorVersion.WIN8:
+                and self.version >= V.VstorVersion.WIN8 and self.disk is not None \
+                and self.disk.block_size == 512:  # (_fast counts in 512-byte blocks)
             self._fast(*pkts.layout())
             return
         for p in pkts:
@@ -461,9 +462,11 @@ class StorVsc(Vsc):
     def _wait_io(self, tids: dict[int, float], timeout: float = 10.0) -> dict[int, float]:
         """``_wait`` for submit_many: the arrival time of each of ``tids``'
         completions, read from the drained batches in place (one unpack of
-        descriptor and SRB status per completion); a completion that is not
-        GOOD is decoded in full and raised as OSError with its sense."""
+        descriptor and SRB status per completion).  The first completion that
+        is not GOOD is decoded in full and raised as OSError with its sense,
+        once all of ``tids`` are back."""
         when: dict[int, float] = {}
+        error: OSError | None = None
         deadline = time.monotonic() + timeout
         ch = self.channel
         inc, db = ch.incoming, ch.doorbell
@@ -487,14 +490,16 @@ class StorVsc(Vsc):
                     if st[j + 2] - pay < size:
                         raise DeviceError("an SRB completion without an SRB")
                     op, scsi_status = unpack(raw, pay)
-                    if op != V.VstorOperation.COMPLETE_IO or scsi_status:
+                    if (op != V.VstorOperation.COMPLETE_IO or scsi_status) and error is None:
                         done = V.decode_srb(raw[pay : st[j + 2]], size=size, completion=True)
                         if done is None:
                             raise DeviceError("an SRB completion without an SRB")
-                        raise OSError(f"SCSI CHECK CONDITION, sense {done[1].sense[:18].hex()}")
+                        error = OSError(f"SCSI CHECK CONDITION, sense {done[1].sense[:18].hex()}")
                     when[tid] = now
         finally:
             inc.unmask_interrupts()  # (a poll may have left them masked): ring us again
+        if error is not None:  # raised once every request is back: no slot is still in use
+            raise error
         return when
 
     def _wait(self, tids: set[int], timeout: float = 10.0,

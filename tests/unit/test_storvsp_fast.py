@@ -221,3 +221,35 @@ def test_storvsc_request_template_is_build_execute_srb(cdb, data_in, nbytes, slo
     want = V.build_execute_srb(cdb, data_in=data_in, data_transfer_length=nbytes,
                                version=V.VstorVersion.WIN10)
     assert sent == [want, want]
+
+
+def test_submit_many_raises_a_check_condition_only_after_every_request_is_back(rigs):
+    """A bad request before a good one: storvsc's submit_many takes every
+    completion (no slot of the pool is still in use) and then raises.  (The
+    rig's pool holds two of storvsc's 128 KiB slots.)"""
+    f, _g = rigs
+    vsc = StorVsc(f.cch, {})
+    vsc.partition = None
+    vsc.pool = memoryview(f.pool)
+    vsc.pool_pfn = POOL_PFN
+    vsc.version = V.VstorVersion.WIN10
+    vsc.ready = True
+    served = []
+
+    def serve_when_waiting(*a, **k):  # the root's turn: serve what the child sent
+        batch = f.hch.incoming.drain()
+        served.append(len(batch))
+        f.vsp.on_packets(batch)
+        return True
+
+    f.cch.incoming.wait_readable = serve_when_waiting  # type: ignore[method-assign]
+    try:
+        lbas = [BLOCKS + 8, 16]  # the first is past the end of the disk
+        with pytest.raises(OSError, match="CHECK CONDITION"):
+            vsc.submit_many(lbas, 4096, False, b"")
+        assert served == [2] and f.cch.incoming.try_read() is None  # both came back
+        assert f.vsp.counters["read_ops"] == 1 and f.vsp.counters["errors"] == 1
+        lat = vsc.submit_many([0, 8], 4096, False, b"")  # the pool is free for the next batch
+        assert len(lat) == 2 and all(t >= 0 for t in lat)
+    finally:
+        vsc.on_close("test")  # (releases its view of the pool)
