@@ -571,11 +571,19 @@ class QuietGate:
     def teardown(self, *args: object, **kwargs: object) -> None:
         self.rounds.append(self.watch.stop())
 
+    #: Rounds shorter than this many clock ticks are not judged: /proc's CPU
+    #: times move in whole ticks, so over a few ms (a latency round is 2000
+    #: round trips) "other processes" reads as 0 % or as several CPUs at random.
+    MIN_JUDGED_TICKS = 20
+
     def summary(self, last: int) -> dict[str, Any]:
-        r = self.rounds[-last:] if last else self.rounds
+        every = self.rounds[-last:] if last else self.rounds
+        tick = self.watch.tick
+        r = [x for x in every if x["wall_s"] * tick >= self.MIN_JUDGED_TICKS]
         noisy = [x for x in r if x["foreign_cpu_pct"] > 10 or x["steal_pct"] > 10]
         return {
             "rounds_watched": len(r),
+            "rounds_too_short_to_judge": len(every) - len(r),
             "noisy_rounds": len(noisy),
             "median_foreign_cpu_pct": statistics.median([x["foreign_cpu_pct"] for x in r])
             if r else None,
