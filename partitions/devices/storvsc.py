@@ -52,6 +52,7 @@ _READ16, _WRITE16 = 0x88, 0x8A
 # trans_id, reserved, range_cnt, byte_count, byte_offset) ...
 _GPA1 = struct.Struct("<HHHHQIIII")
 _PFNS_AT = _GPA1.size  # the range's pfn array follows
+_GPA1_MIN = _PFNS_AT + 8  # descriptor to payload: at least one range of one page
 # ... and the vstor_packet fields the path needs: operation, cdb_length,
 # sense_info_length, data_in, data_transfer_length, the CDB's 16 bytes.
 _SRB_IO = struct.Struct("<I16xBBBxI16s")
@@ -130,6 +131,9 @@ class StorVsp(Vsp):
             if self.closed:
                 return
             pos, pay, end = st[j], st[j + 1], st[j + 2]
+            if pay - pos < _GPA1_MIN:  # no room for a GPA header with a range: not ours
+                self._one(Packet(raw, pos))
+                continue
             ptype, _o8, _l8, flags, tid, _rs, nranges, count, offset = gpa1(raw, pos)
             if ptype != gpa or nranges != 1 or offset or end - pay < 64 \
                     or not flags & 1 or views_of is None:

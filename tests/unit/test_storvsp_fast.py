@@ -144,8 +144,8 @@ def requests(draw):
     payload[28 : 28 + len(cdb)] = cdb
     if draw(st.booleans()) and draw(st.booleans()):
         payload[0] = draw(st.sampled_from([V.VstorOperation.COMPLETE_IO, 99]))
-    if draw(st.integers(0, 9)) == 0:
-        payload = payload[: draw(st.sampled_from([48, 56]))]  # short (pre-Win8 sized)
+    if draw(st.integers(0, 9)) == 0:  # short: pre-Win8 sized, or not a vstor_packet at all
+        payload = payload[: draw(st.sampled_from([0, 8, 24, 48, 56]))]
     kind = draw(st.sampled_from(["range"] * 6 + ["inband", "two", "foreign"]))
     if kind == "inband":
         return bytes(payload), None, draw(st.booleans())
@@ -253,3 +253,17 @@ def test_submit_many_raises_a_check_condition_only_after_every_request_is_back(r
         assert len(lat) == 2 and all(t >= 0 for t in lat)
     finally:
         vsc.on_close("test")  # (releases its view of the pool)
+
+
+@pytest.mark.parametrize("payload", [b"", bytes(8), bytes(24)])
+def test_a_short_packet_last_in_a_batch_gets_the_general_paths_answer(payload):
+    """(The lean path unpacks a GPA header's 32 bytes only where there is one.)"""
+    packets = [(payload, None, 5, True)]
+    f, g = Rig(_IMAGE, _POOL), Rig(_IMAGE, _POOL)
+    try:
+        got = f.serve(packets, fast=True)
+        assert got == g.serve(packets, fast=False)
+        assert got[1] is None and len(got[0]) == 1  # an error status, nothing raised
+    finally:
+        f.close()
+        g.close()
