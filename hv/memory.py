@@ -881,8 +881,11 @@ class GrantMapping:
         self._runs.clear()
 
 
-#: Most cached (owner, pfn array) entries of GrantTable.views_packed.
+#: Most cached (owner, pfn array) entries of GrantTable.views_packed, and the
+#: largest pfn array cached (32 pages, a 128 KiB buffer): at most 4096 entries
+#: of at most 32 views each, whatever a peer names.
 SPAN_CACHE_ENTRIES = 4096
+SPAN_CACHE_KEY_BYTES = 8 * 32
 
 
 class GrantTable(_AppliesFrames):
@@ -943,9 +946,10 @@ class GrantTable(_AppliesFrames):
         consecutive pages of one mapping joined into one view: one view for a
         contiguous buffer however many pages it spans.
 
-        Cached per (owner, packed) until the grants change: a device that
-        names the same buffers again and again (storvsc's slots) pays one dict
-        lookup.  None if any page is not granted by ``owner``.
+        Cached per (owner, packed) until the grants change, for buffers of up
+        to 32 pages: a device that names the same buffers again and again
+        (storvsc's slots) pays one dict lookup.  None if any page is not
+        granted by ``owner``.
         """
         key = (owner, packed)
         got = self._spans.get(key)
@@ -967,9 +971,10 @@ class GrantTable(_AppliesFrames):
             run = (g, i, 1)
         if run is not None:
             out.append(run[0].pages(run[1], run[2]))
-        if len(self._spans) >= SPAN_CACHE_ENTRIES:
-            self._spans.clear()  # (a peer naming ever new buffers: bounded, not grown)
-        self._spans[key] = out
+        if len(packed) <= SPAN_CACHE_KEY_BYTES:  # (a big buffer is not kept: bounded memory)
+            if len(self._spans) >= SPAN_CACHE_ENTRIES:
+                self._spans.clear()  # (a peer naming ever new buffers: bounded, not grown)
+            self._spans[key] = out
         return out
 
     def find(self, owner: int, pfns: Sequence[int], exclude: Iterable[int] = ()) -> int | None:

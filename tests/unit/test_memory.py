@@ -207,6 +207,8 @@ def test_share_with_root_grants_only_own_pages(mem):
         assert [v.nbytes for v in vs] == [3 * PAGE_SIZE, PAGE_SIZE]
         assert bytes(vs[0][:5]) == b"ring!" and bytes(vs[1][:4]) == b"back"
         assert table.views_packed(CHILD1, packed) is vs  # cached
+        big = struct.pack("<33Q", *([3] * 33))  # more than 32 pages: made each time
+        assert table.views_packed(CHILD1, big) is not table.views_packed(CHILD1, big)
         assert [v.nbytes for v in table.views_packed(CHILD1, struct.pack("<2Q", 5, 4))] == [
             PAGE_SIZE, PAGE_SIZE]  # not in grant order: two views
         assert table.views_packed(CHILD2, packed) is None
