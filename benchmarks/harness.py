@@ -574,7 +574,8 @@ class QuietGate:
     #: Rounds shorter than this many clock ticks are not judged: /proc's CPU
     #: times move in whole ticks, so over a few ms (a latency round is 2000
     #: round trips) "other processes" reads as 0 % or as several CPUs at random.
-    MIN_JUDGED_TICKS = 20
+    #: A streaming round (~100 ms, 10 ticks) is judged.
+    MIN_JUDGED_TICKS = 5
 
     def summary(self, last: int) -> dict[str, Any]:
         every = self.rounds[-last:] if last else self.rounds
