@@ -374,7 +374,8 @@ def memory_table(st: dict[str, Any], history: MemoryHistory, now: float) -> Any:
                   fmt_iec(vis) if pid and vis else "-", fmt_iec(dem) if pid and dem else "-",
                   f"{fmt_count(_int(d.get('hot_adds')))}/{fmt_count(_int(d.get('balloons')))}"
                   if d else "-",
-                  Text(history.sparkline(name, _int(m.get("maximum_bytes")), now),
+                  Text(history.sparkline(clean(p.get("name", "?")), _int(m.get("maximum_bytes")),
+                                         now),
                        style="green" if m.get("dynamic") is True else "dim"))
     return t
 
@@ -637,7 +638,8 @@ class LogTail:
                 obj = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(obj, dict) and obj.get("event") in self.events:
+            if isinstance(obj, dict) and isinstance(obj.get("event"), str) \
+                    and obj["event"] in self.events:
                 out.append(obj)
         return out
 
@@ -808,7 +810,8 @@ def trace_line(partition: str, ev: dict[str, Any]) -> str:
         ts = datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f") if t else "?"
     except (OverflowError, OSError, ValueError):
         ts = "?"
-    arrow = {"out": ">", "in": "<"}.get(ev.get("dir"), "-")  # type: ignore[arg-type]
+    d = ev.get("dir")  # (a partition's value: anything, even unhashable)
+    arrow = {"out": ">", "in": "<"}.get(d, "-") if isinstance(d, str) else "-"
     peer = ev.get("peer", ev.get("child", "?"))
     head = f"{ts} {clean(partition, 16):<6} {arrow} {clean(peer, 16):<6}"
     what = clean(ev.get("what", "?"), 40)

@@ -192,6 +192,7 @@ def test_log_tail_reads_new_matching_records(tmp_path: Path) -> None:
         f.write('mo", "pid": 3}\n')
         f.write('"disk bench" but not JSON\n')
         f.write('["disk bench"]\n')  # JSON, not an object
+        f.write('{"event": ["disk bench"]}\n')  # an event that is no string (unhashable)
         f.write('{"event": "disk bench", "pad": "' + "x" * (LogTail.MAX_LINE + 10) + '"}\n')
         f.write(json.dumps({"event": "disk workload failed", "pid": 3}) + "\n")
     assert tail.read() == [{"event": "disk bench", "tag": "demo", "pid": 3},

@@ -64,6 +64,14 @@ def test_hostile_values_do_not_break_the_table() -> None:
     assert len(h.sparkline("b", 0, 1.0)) == HISTORY_CELLS
 
 
+def test_a_long_name_keeps_its_sparkline() -> None:
+    name = "child-with-a-long-name-0123456"  # (names may have up to 32 characters)
+    h = MemoryHistory(t0=0.0, cells=5)
+    h.update({"partitions": [part(name, 512 * MiB)]}, 1.0)
+    text = render(memory_table({"partitions": [part(name, 512 * MiB)]}, h, 1.0))
+    assert any(c in text for c in SPARK)
+
+
 def test_demo_render_and_memory_summary() -> None:
     d = Demo(None, None, DemoOptions(3, 1024, 8), [],  # type: ignore[arg-type]
              Console(width=80, file=io.StringIO()))
