@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hv._atomic import SharedWords
+from hv.synic import sealed_memfd
 
 __all__ = [
     "IDE_PORTS",
@@ -100,8 +101,9 @@ class Slot:
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
-            fd = os.memfd_create("viridian-intercept", os.MFD_CLOEXEC)
-            os.ftruncate(fd, PAGE)
+            # sealed: the child holds this fd and must not truncate it under the
+            # supervisor's mapping (a SIGBUS there would take the supervisor down)
+            fd = sealed_memfd(PAGE, "viridian-intercept")
         elif os.fstat(fd).st_size < PAGE:
             os.close(fd)
             raise ValueError("an intercept page must be 4096 bytes")

@@ -74,6 +74,9 @@ STABLE_AFTER_S = 10.0
 _WATCH_BUFFER_MAX = 4 << 20
 MAX_REPORTED_CHANNELS = 256  # channels kept from one partition's report
 MAX_TRACE_EVENTS = 1000  # trace events forwarded from one frame
+# the root's per-disk counters (op "disks"): only int values of these keys are kept
+_DISK_COUNTERS = ("read_ops", "write_ops", "read_bytes", "write_bytes", "flushes", "errors")
+_DISK_STAT_KEYS = frozenset(("index", *_DISK_COUNTERS))
 DM_REQUEST_TIMEOUT_S = 15.0  # a memory request the root does not answer in time fails
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -440,9 +443,8 @@ class Supervisor:
     def _offer_worker(self, p: Partition) -> None:
         """Give the root what it needs to run ``p``'s device worker."""
         root = self.parts[0]
-        if p.route is None or root.state not in (PartitionState.RUNNING,
-                                                 PartitionState.STARTING):
-            return
+        if p.route is None or root.state != PartitionState.RUNNING:
+            return  # (a starting root gets every child's offer with its hello)
         ide = [d for d in self._disks(p) if d["bus"] == "ide"]
         self._tell(root, {"op": "intercept", "child": p.id, "name": p.name,
                           "ports": p.route.ports, "disk": ide[0]}, p.route.worker_handles())
@@ -587,16 +589,21 @@ class Supervisor:
                                     "dropped": obj.get("dropped", 0)})
         elif op in ("intercept.attached", "intercept.detached") and p.cfg.role == "root":
             child = obj.get("child")
-            if isinstance(child, int) and 0 < child < len(self.parts) \
-                    and self.parts[child].route is not None:
-                self.parts[child].route.worker_attached = op == "intercept.attached"
+            route = self.parts[child].route if isinstance(child, int) \
+                and not isinstance(child, bool) and 0 < child < len(self.parts) else None
+            if route is not None and op == "intercept.attached":
+                route.worker_attached = True
+            elif route is not None:  # a pending access must not wait for a worker gone
+                route.worker_gone()
         elif op == "disks" and p.cfg.role == "root":
             stats = obj.get("disks")
             if isinstance(stats, dict):
                 for c in self.parts[1:]:
                     v = stats.get(c.name)
-                    if isinstance(v, list):
-                        c.disk_stats = [d for d in v if isinstance(d, dict)][:8]
+                    if isinstance(v, list):  # checked once here, used as they are
+                        c.disk_stats = [{k: x for k, x in d.items()
+                                         if k in _DISK_STAT_KEYS and type(x) is int}
+                                        for d in v[:8] if isinstance(d, dict)]
         elif op == "dm.result" and p.cfg.role == "root":
             self._dm_result(obj)
         elif op == "dm.status" and p.cfg.role == "root":
@@ -1057,8 +1064,7 @@ class Supervisor:
             st = next((x for x in p.disk_stats if x.get("index") == i), {})
             entry: dict[str, Any] = {
                 "bus": d["bus"], "path": d["path"], "size_bytes": d["size"],
-                **{k: int(st.get(k, 0)) for k in ("read_ops", "write_ops", "read_bytes",
-                                                    "write_bytes", "flushes", "errors")}}
+                **{k: st.get(k, 0) for k in _DISK_COUNTERS}}
             if d["bus"] == "ide":
                 r = p.route
                 entry["traps"] = r.traps if r is not None else 0

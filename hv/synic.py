@@ -156,7 +156,9 @@ class _Queued:
     port: Hashable
 
 
-def _sealed_memfd(nbytes: int, name: str) -> int:
+def sealed_memfd(nbytes: int, name: str) -> int:
+    """A memfd of ``nbytes`` that nobody can shrink or grow: a partition holding
+    it cannot truncate it under the supervisor's mapping (SIGBUS)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, nbytes)
@@ -181,7 +183,7 @@ class SynicHost:
         self, partition_id: int = 0, *, label: str = "", atomics: str | None = None
     ) -> None:
         self.partition_id = partition_id
-        self._fd = _sealed_memfd(SYNIC_BYTES, f"viridian-synic-{label or partition_id}")
+        self._fd = sealed_memfd(SYNIC_BYTES, f"viridian-synic-{label or partition_id}")
         try:
             self._map = mmap.mmap(self._fd, SYNIC_BYTES, mmap.MAP_SHARED)
             self._words = SharedWords(self._map, atomics)

@@ -134,3 +134,14 @@ def test_a_bad_request_is_answered_as_no_device():
         assert route.child.w.load(4) == seq  # answered at once
     assert route.forwarded == 0 and route.unclaimed == 3
     route.close()
+
+
+def test_the_childs_page_cannot_be_truncated_under_the_supervisor():
+    route = InterceptRoute(ports=[(0x1F0, 8)])
+    try:
+        fd = route.child_handles()[0]  # the slot page the child gets
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # (sealed: a SIGBUS in the supervisor otherwise)
+        assert os.fstat(fd).st_size == 4096
+    finally:
+        route.close()

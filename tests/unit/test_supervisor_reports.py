@@ -1,0 +1,44 @@
+"""What the root reports to the supervisor about its device workers and disks,
+hostile values included: checked once on arrival, never an error later."""
+
+from __future__ import annotations
+
+import pytest
+
+from hv.config import default_config
+from hv.intercept import IDE_PORTS, InterceptRoute
+from hv.rundir import RunDir
+from hv.supervisor import Supervisor
+
+
+@pytest.fixture
+def sup(tmp_path):
+    s = Supervisor("unit", default_config(), RunDir("unit", tmp_path))
+    yield s
+    for p in s.parts:
+        if p.route is not None:
+            p.route.close()
+    s._sel.close()
+
+
+def test_disk_counters_keep_only_integers(sup):
+    root, child = sup.parts[0], sup.parts[1]
+    sup._on_partition_message(root, {"op": "disks", "disks": {child.name: [
+        {"index": 0, "read_ops": "x", "write_ops": 5, "read_bytes": 1e999, "errors": True,
+         "flushes": [1]}, "not a dict"]}})
+    (d,) = sup._disk_status(child)
+    assert (d["read_ops"], d["write_ops"], d["read_bytes"], d["errors"], d["flushes"]) == \
+        (0, 5, 0, 0, 0)
+
+
+def test_a_detached_worker_answers_what_is_pending(sup, monkeypatch):
+    root = sup.parts[0]
+    child = next(p for p in sup.parts[1:] if any(d.bus == "ide" for d in p.cfg.disks))
+    child.route = InterceptRoute(ports=list(IDE_PORTS))
+    sup._on_partition_message(root, {"op": "intercept.attached", "child": child.id})
+    assert child.route.worker_attached
+    gone = []
+    monkeypatch.setattr(child.route, "worker_gone", lambda: gone.append(1))
+    sup._on_partition_message(root, {"op": "intercept.detached", "child": True})  # a bool: no
+    sup._on_partition_message(root, {"op": "intercept.detached", "child": child.id})
+    assert gone == [1]
