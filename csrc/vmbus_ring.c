@@ -541,14 +541,21 @@ int64_t vmbr_commit_read(struct vmbr_ring *r)
  * Copy the packet at r->index (validated into *d, len bytes) to out, step
  * over it and publish.  Returns 0 or 1 (signal the writer), or an error.
  */
+/* Step the private read index over one packet of len bytes (payload_bytes of
+ * payload) and count it; nothing is published yet. */
+static inline void step_over(struct vmbr_ring *r, uint32_t len, uint32_t payload_bytes)
+{
+    r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
+    r->packets++;
+    r->bytes += payload_bytes;
+}
+
 static int64_t take_one(struct vmbr_ring *r, const struct vmbr_desc *d, uint32_t len, char *out)
 {
     memcpy(out, d, VMBR_DESC_BYTES); /* the validated copy, not a re-read */
     copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + VMBR_DESC_BYTES,
              len - VMBR_DESC_BYTES);
-    r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += (uint64_t)len - (uint64_t)d->offset8 * 8u;
+    step_over(r, len, len - (uint32_t)d->offset8 * 8u);
     return vmbr_commit_read(r);
 }
 
@@ -589,7 +596,7 @@ static int64_t check_ext(struct vmbr_ring *r, const char *p, const struct vmbr_d
     uint32_t pos = VMBR_DESC_BYTES, end = (uint32_t)d->offset8 * 8u, cnt, bc, bo;
     if (d->type == VMBR_PKT_DATA_USING_GPA_DIRECT) {
         if (end < pos + 8)
-            return mark_corrupt(r, VMBR_BAD_GPA_HEADER, end < pos ? 0 : end - pos);
+            return mark_corrupt(r, VMBR_BAD_GPA_HEADER, end - pos); /* (offset8 >= 2) */
         memcpy(&cnt, p + pos + 4, 4); /* reserved u32, range_cnt u32 */
         if (cnt == 0)
             return mark_corrupt(r, VMBR_BAD_GPA_HEADER, 0);
@@ -610,7 +617,7 @@ static int64_t check_ext(struct vmbr_ring *r, const char *p, const struct vmbr_d
     } else if (d->type == VMBR_PKT_DATA_USING_XFER_PAGES) {
         /* xfer_pageset_id u16, sender_owns_set u8, reserved u8, range_cnt u32 */
         if (end < pos + 8)
-            return mark_corrupt(r, VMBR_BAD_XFER_HEADER, end < pos ? 0 : end - pos);
+            return mark_corrupt(r, VMBR_BAD_XFER_HEADER, end - pos);
         memcpy(&cnt, p + pos + 4, 4);
         if ((uint64_t)cnt * 8 > end - pos - 8)
             return mark_corrupt(r, VMBR_BAD_XFER_HEADER, cnt);
@@ -642,8 +649,7 @@ int64_t vmbr_drain(struct vmbr_ring *r, char *out, uint32_t out_cap, uint32_t ba
         memcpy(out + pos, &d, VMBR_DESC_BYTES);
         copy_out(r, wrap(r->index + VMBR_DESC_BYTES, r->data_bytes), out + pos + VMBR_DESC_BYTES,
                  (uint32_t)len - VMBR_DESC_BYTES);
-        if ((d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT)
-            && check_ext(r, out + pos, &d))
+        if (check_ext(r, out + pos, &d)) /* (types 7 and 9; 0 for the others) */
             break; /* not handed out: deliver what was good; the error is sticky */
         starts[2 * n] = pos;
         starts[2 * n + 1] = pos + (uint32_t)d.offset8 * 8u;
@@ -764,9 +770,7 @@ int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r)
         return len;
     uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
     copy_out(r, wrap(r->index + off, r->data_bytes), r->io_out, plen);
-    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += plen;
+    step_over(r, (uint32_t)len, plen);
     int64_t sig = vmbr_commit_read(r);
     return sig < 0 ? sig : (int64_t)1 << 32 | plen | sig << 48;
 }
@@ -788,9 +792,7 @@ int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *d
                  off - VMBR_DESC_BYTES);
     copy_out(r, wrap(r->index + off, r->data_bytes), dst, plen);
     *payload_bytes = plen;
-    r->index = wrap(r->index + (uint32_t)len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += plen;
+    step_over(r, (uint32_t)len, plen);
     int64_t sig = vmbr_commit_read(r);
     if (sig < 0)
         return sig;
@@ -826,9 +828,7 @@ int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit)
         return VMBR_E_INVAL;
     uint32_t len = r->peeked;
     r->peeked = 0;
-    r->index = wrap(r->index + len + VMBR_TRAILER_BYTES, r->data_bytes);
-    r->packets++;
-    r->bytes += r->peeked_payload;
+    step_over(r, len, r->peeked_payload);
     return commit ? vmbr_commit_read(r) : 0;
 }
 

@@ -69,7 +69,7 @@
 #define VMBR_BAD_TYPE 5           /* packet type outside {6, 7, 9, 11}              */
 #define VMBR_BAD_FLAGS 6          /* a flag bit other than COMPLETION_REQUESTED     */
 #define VMBR_BAD_TOO_BIG 7        /* packet larger than the reader's copy buffer    */
-#define VMBR_BAD_EXT_HEADER 8     /* type 7/9 header inconsistent (set by Python)   */
+#define VMBR_BAD_EXT_HEADER 8     /* unused since ABI 12 (now 10 and 11)            */
 #define VMBR_CLOSED 9             /* not corruption: the endpoint was closed        */
 #define VMBR_BAD_GPA_HEADER 10    /* type 9 header inconsistent (vmbr_drain)        */
 #define VMBR_BAD_XFER_HEADER 11   /* type 7 header inconsistent (vmbr_drain)        */

@@ -29,11 +29,10 @@ from typing import Any
 
 from .doorbell import Doorbell
 from .packet import Packet, PacketType
-from .ring import DEFAULT_SPIN_NS, IncomingRing, OutgoingRing, init_ring, packet_bytes
+from .ring import DEFAULT_SPIN_NS, PAGE_BYTES, IncomingRing, OutgoingRing, init_ring
 
 __all__ = ["PAGE_BYTES", "Channel", "init_channel_buffer", "split_channel_buffer"]
 
-PAGE_BYTES = 4096
 
 
 def split_channel_buffer(buffer: Any, downstream_page_offset: int) -> tuple[memoryview, memoryview]:
@@ -142,14 +141,9 @@ class Channel:
         Returns False on timeout.  Use only where nothing else must be served
         meanwhile (a workload thread, a benchmark); event loops use
         ``try_send`` and ``request_space``."""
-        if self.try_send(payload, trans_id=trans_id, completion_requested=completion_requested,
-                         packet_type=packet_type):
-            return True
-        need = packet_bytes(len(payload))
-        if not self.outgoing.wait_writable(need, self.doorbell, timeout):
-            return False
-        return self.try_send(payload, trans_id=trans_id,
-                             completion_requested=completion_requested, packet_type=packet_type)
+        return self.outgoing.write(payload, self.doorbell, timeout, trans_id=trans_id,
+                                   completion_requested=completion_requested,
+                                   packet_type=packet_type)
 
     def request_space(self, need_bytes: int) -> bool:
         """Ask to be woken when ``need_bytes`` of ring space are free (publish

@@ -88,7 +88,6 @@ _REASONS = {
     lib.VMBR_BAD_TYPE: "bad_packet_type",
     lib.VMBR_BAD_FLAGS: "bad_flags",
     lib.VMBR_BAD_TOO_BIG: "packet_too_big",
-    lib.VMBR_BAD_EXT_HEADER: "bad_extended_header",
     # (the reasons vmbus.packet's parsers give: the C batch path and the
     # Python paths name the same damage the same way)
     lib.VMBR_BAD_GPA_HEADER: "gpa_direct_header",
@@ -279,6 +278,10 @@ class OutgoingRing(_RingEnd):
 
     _outgoing = True
 
+    def __init__(self, buffer: Any, *, on_signal: Callable[[], None] | None = None) -> None:
+        super().__init__(buffer, on_signal=on_signal)
+        self._written = ffi.new("uint32_t *")  # write_many's count, made once
+
     def try_write(
         self,
         payload: bytes,
@@ -382,7 +385,7 @@ class OutgoingRing(_RingEnd):
         one index publication; return how many were written."""
         if not payloads:
             return 0
-        written = ffi.new("uint32_t *")
+        written = self._written
         tf = packet_type | 0x10000 if completion_requested else packet_type
         if len(payloads[0]) >= GATHER_MIN_BYTES:
             # Large payloads are copied into the ring from where they are
@@ -489,10 +492,7 @@ class OutgoingRing(_RingEnd):
                 return True
         deadline = _monotonic() + timeout
         while True:
-            rc = lib.vmbr_set_pending(r, need_bytes)
-            if rc < 0:
-                raise self._error(rc)
-            if rc > need_bytes:
+            if self.request_space(need_bytes):
                 return True  # the next write clears pending_send_sz
             remaining = deadline - _monotonic()
             if remaining <= 0:
@@ -869,8 +869,11 @@ class IncomingRing(_RingEnd):
         ext = _unpack(self._hdr, max(16, off8 * 8))  # 7/9 with no header: corrupt
         try:
             check_extended_header(ext)
-        except RingCorruptError:
-            self._r.corrupt = lib.VMBR_BAD_EXT_HEADER
+        except RingCorruptError as e:
+            # sticky, under the reason vmbr_drain gives the same damage
+            self._r.corrupt = (lib.VMBR_BAD_GPA_HEADER if e.reason == "gpa_direct_header"
+                               else lib.VMBR_BAD_XFER_HEADER)
+            self._r.bad_value = e.value & 0xFFFFFFFF
             raise
         return Packet(ext).ranges
 
@@ -1029,12 +1032,9 @@ class IncomingRing(_RingEnd):
             if rc > 0 and not rc >> 49:  # taken, and the writer must be signalled
                 self._signal()
                 return _unpack(self._out, rc & 0xFFFFFFFF)
-            if rc < 0:
-                if self._pending_error is not None:
-                    raise self._pending_error
-                raise self._error(rc)
-            # nothing came within the spin (0), or a type 7/9 packet (not taken)
-            p = self._read_rest(doorbell, timeout, spin_ns, None if rc else 0)
+            # an error, nothing within the spin (0), or a type 7/9 packet (not taken):
+            # _read_rest reads it as it reads vmbr_spin_read_io's answer
+            p = self._read_rest(doorbell, timeout, spin_ns, rc)
         else:
             p = self._read_rest(doorbell, timeout, spin_ns, None)
         return None if p is None else p.payload
@@ -1071,10 +1071,12 @@ class IncomingRing(_RingEnd):
         if p is not None:
             return p
         deadline = _monotonic() + timeout
-        while self.wait_readable(doorbell, max(0.0, deadline - _monotonic()), spin_ns=spin_ns):
+        spin = 0 if rc == 0 else spin_ns  # (a poll of spin_ns just found nothing: block)
+        while self.wait_readable(doorbell, max(0.0, deadline - _monotonic()), spin_ns=spin):
             p = self.try_read()
             if p is not None:
                 return p
+            spin = spin_ns
         return None
 
     def __iter__(self) -> Iterator[Packet]:

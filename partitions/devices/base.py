@@ -105,7 +105,6 @@ class Endpoint:
         self._backlog: deque[tuple[bytes, int, int, PacketType]] = deque()
         self.tracer: Callable[[str, Packet | tuple[int, int, int, int]], None] | None = None
         self.closed = False
-        self.close_reason: str | None = None
         self.last_activity = 0
         self._space_wanted = False  # a send found the ring full: on_writable is owed
 
@@ -134,13 +133,6 @@ class Endpoint:
     def stats(self) -> dict[str, Any]:
         """Device counters added to the channel's status (override to add)."""
         return {}
-
-    def tick(self) -> None:
-        """Called by the loop while ``wants_tick`` is true (workloads)."""
-
-    @property
-    def wants_tick(self) -> bool:
-        return False
 
     # -- sending ---------------------------------------------------------------
     def send(self, payload: bytes, *, trans_id: int = 0, completion_requested: bool = False,
@@ -307,7 +299,6 @@ class Endpoint:
         if self.closed:
             return
         self.closed = True
-        self.close_reason = reason
         self._backlog.clear()
         self._waiting.clear()
         try:
