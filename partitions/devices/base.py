@@ -80,6 +80,8 @@ BACKLOG_LIMIT = 4096
 SERVICE_SPIN_NS = 20_000
 
 
+_COMP = PacketType.COMP
+
 class DeviceError(ValueError):
     """A peer sent something this device cannot accept (closes the channel)."""
 
@@ -172,18 +174,29 @@ class Endpoint:
         """Send ``payload`` with completion requested and a fresh trans_id;
         ``on_done`` gets the completion packet.  Returns the trans_id, or
         None when the ring is full (``queue=True``: queue it instead)."""
-        tid = self._next_tid
-        self._next_tid = tid + 1 if tid < 0xFFFFFFFFFFFFFFFF else 1
+        tid = self.new_trans_id()
         sender = self.post if queue else self.send
         if not sender(payload, trans_id=tid, completion_requested=True):
             return None
         self._waiting[tid] = on_done
         return tid
 
+    def new_trans_id(self) -> int:
+        """A fresh trans_id for a request of ours (u64, never 0)."""
+        tid = self._next_tid
+        self._next_tid = tid + 1 if tid < 0xFFFFFFFFFFFFFFFF else 1
+        return tid
+
     def complete(self, trans_id: int, payload: bytes = b"") -> bool:
         """Answer a request: a completion packet (type 0xB) with its trans_id
         (queued behind a full ring)."""
-        return self.post(payload, trans_id=trans_id, packet_type=PacketType.COMP)
+        # The per-request path of every VSP: straight to the ring while nothing
+        # is queued or traced; ``post`` (the same, with its bookkeeping) otherwise.
+        if not self._backlog and self.tracer is None and not self.closed \
+                and self.channel.outgoing.try_write(payload, packet_type=_COMP,
+                                                    trans_id=trans_id):
+            return True
+        return self.post(payload, trans_id=trans_id, packet_type=_COMP)
 
     @property
     def in_flight(self) -> int:

@@ -177,8 +177,7 @@ class EchoVsc(Vsc):
     # -- a blocking helper (tests, benchmarks) ------------------------------------
     def echo(self, payload: bytes, timeout: float = 5.0) -> bytes:
         """Send one request and wait for its echo, serving nothing else."""
-        tid = self._next_tid
-        self._next_tid += 1
+        tid = self.new_trans_id()
         if not self.channel.send(payload, timeout, trans_id=tid, completion_requested=True):
             raise TimeoutError("echo: no ring space")
         deadline = time.monotonic() + timeout

@@ -121,12 +121,10 @@ class StorVsp(Vsp):
         fd, block_count = self.image.fd, disk.block_count
         grants = self.partition.grants if self.partition is not None else None
         views_of = grants.views_packed if grants is not None else None
-        out = self.channel.outgoing
         replies = self._replies
         counters = self.counters
         preadv, pwritev = os.preadv, os.pwritev
         gpa1, srb_io, gpa = _GPA1.unpack_from, _SRB_IO.unpack_from, PacketType.DATA_USING_GPA_DIRECT
-        comp = PacketType.COMP
         for j in range(0, len(st) - 1, 2):
             if self.closed:
                 return
@@ -182,8 +180,7 @@ class StorVsp(Vsp):
             reply = replies.get(key)
             if reply is None:
                 reply = self._reply_for(raw[pay:end], n, key)
-            if self._backlog or not out.try_write(reply, packet_type=comp, trans_id=tid):
-                self.complete(tid, reply)
+            self.complete(tid, reply)
         if self._published is not counters:
             self._publish()
 
