@@ -211,7 +211,7 @@ class VmbusServer:
     def _initiate_contact(self, msg: P.InitiateContact) -> None:
         if self.version is not None:
             # A new contact resets the bus (QEMU does this too: firmware -> OS).
-            self._reset("re-initiated contact")
+            self.reset("re-initiated contact")
         v = msg.vmbus_version_requested
         if v not in SUPPORTED_VERSIONS:
             self.n.send(P.VersionResponse(version_supported=0))
@@ -362,16 +362,13 @@ class VmbusServer:
         del self.channels[ch.relid]
 
     def _unload(self, _msg: P.Unload) -> None:
-        self._reset("unload")
+        self.reset("unload")
         self.n.send(P.UnloadResponse())
 
     def reset(self, reason: str) -> None:
-        """The child went away (exited, restarted): close everything, keep
-        the offers for its next contact.  Sends nothing."""
-        self._reset(reason)
-
-    def _reset(self, reason: str) -> None:
-        """Every channel closed, every GPADL gone; offers stand for the next contact."""
+        """Every channel closed, every GPADL gone; offers stand for the next
+        contact.  Sends nothing.  (The child went away, unloaded, or contacted
+        us again.)"""
         for relid, ch in list(self.channels.items()):
             if ch.state in (ChannelState.OPENING, ChannelState.OPEN):
                 self.n.close_channel(ch, reason)
