@@ -215,10 +215,16 @@ class PartitionRuntime:
 
     def _on_dm(self, obj: dict[str, Any], fr: Frame) -> None:
         if self.role == "root" and self.vmbus is not None:
-            if obj.get("op") == "dm":
-                self.vmbus.memory.on_request(obj)
-            else:
-                self.vmbus.memory.on_settings(obj)
+            try:
+                if obj.get("op") == "dm":
+                    self.vmbus.memory.on_request(obj)
+                else:
+                    self.vmbus.memory.on_settings(obj)
+            except (ConnectionError, TimeoutError):
+                raise  # the supervisor link failed: main's business
+            except Exception as e:  # a bug a child's state hit: never the root's exit
+                self.log("dynamic memory request failed", level="error",
+                         op=obj.get("op"), error=f"{type(e).__name__}: {e}"[:300])
 
     def _on_intercept_link(self, obj: dict[str, Any], fr: Frame) -> None:
         """The emulated disk's intercept link: the child's end (it traps

@@ -38,6 +38,7 @@ STATUS_EVERY_S = 1.0  # the guest's pressure report period (Linux: about 1 s)
 OP_TIMEOUT_S = 5.0  # a hot-add / balloon the guest does not answer in time fails
 MAX_PENDING_RANGES = 4096  # balloon response ranges gathered for one request
 GIVE_UP_TICKS = 40  # the bursts workload waits this many periods for memory
+NOT_READING = "the child does not read its dynamic memory channel"
 
 Done = Callable[[dict[str, Any]], None]
 
@@ -80,8 +81,10 @@ class DmVsp(Vsp):
             self._on_message(msg, tid)
 
     def _send(self, msg: D.DmMessage, tid: int) -> None:
+        """An answer to the child's own message (a failure closes its channel:
+        we are handling its packets)."""
         if not self.post(msg.encode(tid)):
-            raise DeviceError("the child does not read its dynamic memory channel")
+            raise DeviceError(NOT_READING)
 
     def _on_message(self, msg: D.DmMessage, tid: int) -> None:
         if isinstance(msg, D.VersionRequest):
@@ -139,6 +142,12 @@ class DmVsp(Vsp):
         if self.op is not None:
             done({"ok": False, "error": f"a {self.op['kind']} is already in progress"})
             return None
+        if self.backlog:
+            # The child does not read what we sent: refuse here.  An operation
+            # may start inside another child's packet handling (the balancer)
+            # or a supervisor request; nothing of this child's may raise there.
+            done({"ok": False, "error": NOT_READING})
+            return None
         self._tid = self._tid + 1 & 0xFFFFFFFF or 1
         op = {"kind": kind, "tid": self._tid, "done": done, "t0": time.monotonic(), **extra}
         self.op = op
@@ -156,6 +165,15 @@ class DmVsp(Vsp):
         if op is None or op["kind"] != kind or op["tid"] != tid:
             raise DeviceError(f"an unexpected {kind} response (trans_id {tid})")
         return op
+
+    def _request(self, msg: D.DmMessage, op: dict[str, Any]) -> bool:
+        """Send a request of operation ``op``: False (never an exception)
+        when the child's ring and backlog are full."""
+        return self.post(msg.encode(op["tid"]))
+
+    def fail(self, error: str) -> None:
+        """End the outstanding operation, if any, as failed."""
+        self._finish(False, error=error)
 
     def _finish(self, ok: bool, **result: Any) -> None:
         op, self.op = self.op, None
@@ -181,7 +199,10 @@ class DmVsp(Vsp):
             self._finish(False, error=self._why(st, "hot-add", nbytes))
             return
         op.update(start=start, count=count)
-        self._send(D.HotAddRequest(D.PageRange(start, count)), op["tid"])
+        if not self._request(D.HotAddRequest(D.PageRange(start, count)), op):
+            # the child never heard of the range: the host takes it back
+            self.partition.hv.memory_balloon(self.child, [(start, count)])
+            self._finish(False, error=NOT_READING)
 
     def _hot_add_done(self, msg: D.HotAddResponse, tid: int) -> None:
         op = self._current("hot-add", tid)
@@ -205,7 +226,8 @@ class DmVsp(Vsp):
         op = self._start("balloon", done, want=pages, ranges=[])
         if op is None:
             return
-        self._send(D.BalloonRequest(pages), op["tid"])
+        if not self._request(D.BalloonRequest(pages), op):
+            self._finish(False, error=NOT_READING)
 
     def _balloon_part(self, msg: D.BalloonResponse, tid: int) -> None:
         op = self._current("balloon", tid)
@@ -254,7 +276,9 @@ class DmVsp(Vsp):
         chunks = [ranges[i : i + 510] for i in range(0, len(ranges), 510)]
         for i, chunk in enumerate(chunks):
             rr = tuple(D.PageRange(p, n) for p, n in chunk)
-            self._send(D.UnballoonRequest(rr, more_pages=i < len(chunks) - 1), op["tid"])
+            if not self._request(D.UnballoonRequest(rr, more_pages=i < len(chunks) - 1), op):
+                self._finish(False, error=NOT_READING)
+                return
 
     def _why(self, st: int, what: str, nbytes: int) -> str:
         reason = {

@@ -99,15 +99,40 @@ class MemoryManager:
         if not kids:
             return
         for a in plan(kids, self.host_available()):
-            v = vsps[a.child]
             self.actions += 1
-            done = self._balancer_done(a.child, a.op, a.bytes)
-            if a.op == "hot-add":
-                v.hot_add(a.bytes, done)
-            elif a.op == "balloon":
-                v.balloon(a.bytes, done)
+            self._act(vsps[a.child], a.op, a.bytes, self._balancer_done(a.child, a.op, a.bytes))
+
+    def _act(self, v: DmVsp, op: str, nbytes: int, done: Any) -> None:
+        """Start ``op`` on child ``v``.  This may run inside another child's
+        packet handling (its pressure report ran the balancer) or a request
+        from the supervisor: whatever goes wrong is ``v``'s result, never an
+        exception there."""
+        answered = False
+
+        def once(r: dict[str, Any]) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                done(r)
+
+        try:
+            if op == "hot-add":
+                v.hot_add(nbytes, once)
+            elif op == "balloon":
+                v.balloon(nbytes, once)
+            elif op == "unballoon":
+                v.unballoon(nbytes, once)
             else:
-                v.unballoon(a.bytes, done)
+                once({"ok": False, "error": f"unknown action {op!r}"})
+        except (ConnectionError, TimeoutError):
+            raise  # the supervisor link failed: the runtime's business
+        except Exception as e:
+            self.rt.log("dynamic memory operation failed", level="error",
+                        child=self._name(v.child), action=op,
+                        error=f"{type(e).__name__}: {e}"[:300])
+            if v.op is not None and v.op["done"] is once:
+                v.fail(f"{op} failed: {type(e).__name__}")
+            once({"ok": False, "error": f"{op} failed: {type(e).__name__}"})
 
     def _balancer_done(self, name: str, op: str, nbytes: int) -> Any:
         def done(r: dict[str, Any]) -> None:
@@ -134,14 +159,10 @@ class MemoryManager:
             answer({"ok": False, "error": f"the dynamic memory channel of {self._name(child)} "
                     "is not open"})
             return
-        if action == "hot-add":
-            v.hot_add(nbytes, answer)
-        elif action == "balloon":
-            v.balloon(nbytes, answer)
-        elif action == "unballoon":
-            v.unballoon(nbytes, answer)
-        else:
+        if action not in ("hot-add", "balloon", "unballoon"):
             answer({"ok": False, "error": f"unknown action {action!r}"})
+            return
+        self._act(v, str(action), nbytes, answer)
 
     def on_settings(self, obj: dict[str, Any]) -> None:
         child = obj.get("child")

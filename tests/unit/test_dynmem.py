@@ -263,3 +263,106 @@ def test_balancer_respects_maximum_host_memory_and_weight():
     acts = plan([low, high], 256 * MiB + BLOCK_BYTES)  # room for one block
     assert [(a.child, a.op) for a in acts] == [("high", "hot-add")]
     assert plan([child(visible=256, committed=250, busy=True)], 8 << 30) == []
+
+
+# --- a hostile child cannot reach the root or another child ---------------------------------
+
+
+def _stop_reading(rig: Rig) -> None:
+    """The child stops reading its DM channel: the root's ring and backlog fill."""
+    while rig.vsp.post(D.InfoMessage.max_page_count(1).encode(0)):
+        pass
+    assert rig.vsp.backlog
+
+
+def test_a_child_that_does_not_read_its_channel_gets_refused_not_an_exception(rig):
+    _stop_reading(rig)
+    results: list[dict] = []
+    rig.vsp.hot_add(128 * MiB, results.append)
+    rig.vsp.balloon(2 * MiB, results.append)
+    rig.vsp.unballoon(2 * MiB, results.append)
+    assert [r["ok"] for r in results] == [False, False, False]
+    assert all("does not read its dynamic memory channel" in r["error"] for r in results)
+    assert rig.mem.assigned_bytes == 64 * MiB and not rig.vsp.busy
+
+
+class FakeRootRuntime(FakePartition):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[tuple[str, dict]] = []
+
+    def log(self, event: str, **kw: Any) -> None:
+        self.logs.append((event, kw))
+
+    def report_soon(self) -> None:
+        pass
+
+
+def _manager(rig: Rig, **settings: Any) -> Any:
+    """The root's MemoryManager over one child (id 1) whose DM VSP is ``rig.vsp``."""
+    from types import SimpleNamespace
+
+    from partitions.root.memory import MemoryManager
+
+    rt = FakeRootRuntime()
+    rt.hv = rig.sup
+    hc = SimpleNamespace(device=SimpleNamespace(name="dynmem"), vsp=rig.vsp)
+    host = SimpleNamespace(rt=rt, buses={1: SimpleNamespace(name="child1", channels={1: hc})})
+    mem = {"startup": 64 * MiB, "minimum": 32 * MiB, "maximum": 512 * MiB, "dynamic": True,
+           **settings}
+    mm = MemoryManager(host, [{"id": 1, "name": "child1", "memory": mem}])  # type: ignore[arg-type]
+    mm.host_available = lambda: 64 << 30
+    rig.vsp.partition = SimpleNamespace(hv=rig.sup, call_later=rt.call_later,
+                                        vmbus=SimpleNamespace(memory=mm, dm_status=mm.on_status))
+    return mm
+
+
+def test_the_balancer_and_requests_never_raise_for_a_child_that_does_not_read(rig):
+    mm = _manager(rig)
+    rig.vsp.committed_pages = (400 * MiB) // PAGE  # wants a hot-add
+    rig.vsp.reports = 1
+    _stop_reading(rig)
+    mm.balance()  # (runs inside another child's packet handling: must not raise)
+    mm.on_request({"op": "dm", "req": 7, "child": 1, "action": "balloon", "bytes": 2 * MiB})
+    sent = [m for m in mm.rt.sent if m.get("op") == "dm.result"]
+    assert sent and not sent[0]["ok"] and sent[0]["req"] == 7
+    assert "does not read" in sent[0]["error"]
+    assert any(e == "balancer hot-add" and not kw["ok"] for e, kw in mm.rt.logs)
+    assert rig.mem.assigned_bytes == 64 * MiB and not rig.vsp.busy
+
+
+def test_an_operation_that_fails_unexpectedly_is_a_result_not_an_exception(rig):
+    mm = _manager(rig)
+
+    def broken(child: int, nbytes: int):
+        raise RuntimeError("a bug")
+
+    rig.sup.memory_hot_add = broken
+    mm.on_request({"op": "dm", "req": 8, "child": 1, "action": "hot-add", "bytes": 128 * MiB})
+    [res] = [m for m in mm.rt.sent if m.get("op") == "dm.result"]
+    assert not res["ok"] and "RuntimeError" in res["error"]
+    assert not rig.vsp.busy  # the next operation may start
+
+
+def test_a_failing_dm_request_is_logged_and_the_root_goes_on():
+    import socket
+    from types import SimpleNamespace
+
+    from partitions.runtime import PartitionRuntime
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    logs: list[tuple[str, dict]] = []
+    rt = PartitionRuntime(a, lambda event, **kw: logs.append((event, kw)), "root", "root")
+    try:
+        def broken(obj: dict) -> None:
+            raise ValueError("from a child's DM VSP")
+
+        rt.vmbus = SimpleNamespace(memory=SimpleNamespace(on_request=broken, on_settings=broken))
+        rt._on_dm({"op": "dm", "child": 1}, None)  # type: ignore[arg-type]
+        rt._on_dm({"op": "dm.settings", "child": 1}, None)  # type: ignore[arg-type]
+        assert [e for e, _ in logs] == ["dynamic memory request failed"] * 2
+    finally:
+        rt.sel.close()
+        rt.grants.close()
+        a.close()
+        b.close()
