@@ -677,7 +677,6 @@ class HypercallRouter:
         self.doorbell_pairs = 0
         self._reply_fds: list[int] = []
         self.host_available = _host_available  # bytes the host can still give (injectable)
-        self.memory_errors: list[str] = []  # why the last memory call failed (for the log)
 
     # -- configuration --
 
@@ -917,16 +916,12 @@ class HypercallRouter:
             return HvStatus.INVALID_PARAMETER, 0, 0
         avail = self.host_available()
         if nbytes > avail - HOST_RESERVE_BYTES:
-            self.memory_errors.append(f"not enough host memory: {nbytes} bytes asked, "
-                                      f"{max(0, avail - HOST_RESERVE_BYTES)} can be given")
             return HvStatus.INSUFFICIENT_MEMORY, 0, 0
         try:
             msg = target.memory.hot_add(nbytes, align_bytes=HOT_ADD_ALIGN_BYTES)
-        except MemoryLimitError as e:
-            self.memory_errors.append(str(e))
+        except MemoryLimitError:
             return HvStatus.OPERATION_DENIED, 0, 0
-        except (GuestMemoryError, OSError) as e:
-            self.memory_errors.append(str(e))
+        except (GuestMemoryError, OSError):
             return HvStatus.INSUFFICIENT_MEMORY, 0, 0
         seg = msg.segments[0]
         self.outbox.append((child, msg.frame()))
@@ -949,11 +944,9 @@ class HypercallRouter:
             return HvStatus.INVALID_PARAMETER, 0
         try:
             msg = target.memory.balloon(ranges)
-        except MemoryLimitError as e:
-            self.memory_errors.append(str(e))
+        except MemoryLimitError:
             return HvStatus.OPERATION_DENIED, 0
-        except GuestMemoryError as e:
-            self.memory_errors.append(str(e))
+        except GuestMemoryError:
             return HvStatus.ACCESS_DENIED, 0
         self.outbox.append((child, msg.frame()))
         return HvStatus.SUCCESS, sum(n for _, n in ranges)
@@ -976,8 +969,7 @@ class HypercallRouter:
             return HvStatus.SUCCESS, []
         try:
             msg = mem.unballoon(ranges)
-        except GuestMemoryError as e:
-            self.memory_errors.append(str(e))
+        except GuestMemoryError:
             return HvStatus.OPERATION_DENIED, []
         self.outbox.append((child, msg.frame()))
         return HvStatus.SUCCESS, ranges

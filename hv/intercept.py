@@ -96,6 +96,14 @@ def _clear(fd: int) -> None:
         pass
 
 
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Slot:
     """One link's slot over a memfd page (``fd`` is adopted: closed by ``close``)."""
 
@@ -194,11 +202,7 @@ class InterceptClient:
 
     def close(self) -> None:
         self.slot.close()
-        for fd in (self.exit_fd, self.resume_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_fds(self.exit_fd, self.resume_fd)
 
 
 class InterceptServer:
@@ -244,11 +248,7 @@ class InterceptServer:
 
     def close(self) -> None:
         self.slot.close()
-        for fd in (self.request_fd, self.done_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_fds(self.request_fd, self.done_fd)
 
 
 @dataclass
@@ -279,6 +279,7 @@ class InterceptRoute:
     _size: int = 1
 
     def __post_init__(self) -> None:
+        self._claimed = frozenset(p for first, n in self.ports for p in range(first, first + n))
         self._child_seq = self.child.w.load(REQ)
         self._worker_seq = self.worker.w.load(REQ)
 
@@ -288,8 +289,6 @@ class InterceptRoute:
     def worker_handles(self) -> list[int]:
         return [self.worker.fd, self.worker_request_fd, self.worker_done_fd]
 
-    def _claims(self, port: int) -> bool:
-        return any(first <= port < first + n for first, n in self.ports)
 
     def on_exit(self) -> None:
         """The child trapped: answer at once or forward to the worker."""
@@ -301,8 +300,8 @@ class InterceptRoute:
         op, port, size, value = w.load(OP), w.load(PORT), w.load(SIZE), w.load(VALUE)
         self._child_seq = seq
         self.traps += 1
-        if op not in (IN, OUT) or size not in _MASK or port > 0xFFFF \
-                or not self._claims(port) or not self.worker_attached:
+        if op not in (IN, OUT) or size not in _MASK or port not in self._claimed \
+                or not self.worker_attached:
             self.unclaimed += 1
             self._answer(seq, _MASK.get(size, 0xFFFFFFFF) if op == IN else 0, STATUS_NO_DEVICE)
             return
@@ -348,9 +347,5 @@ class InterceptRoute:
     def close(self) -> None:
         self.child.close()
         self.worker.close()
-        for fd in (self.child_exit_fd, self.child_resume_fd, self.worker_request_fd,
-                   self.worker_done_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_fds(self.child_exit_fd, self.child_resume_fd, self.worker_request_fd,
+                   self.worker_done_fd)

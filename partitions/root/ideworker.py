@@ -43,7 +43,6 @@ from ..storage.disk import open_image
 __all__ = ["GrantedMemory", "main"]
 
 STATS_EVERY_S = 0.25
-PAGE = 4096
 
 
 class GrantedMemory:
@@ -65,11 +64,9 @@ class GrantedMemory:
         if loc is None:
             raise GpaError(f"GPA {gpa:#x} is not in memory the child granted")
         g, i = loc
-        n = last - first + 1
-        if g.pfns[i : i + n] != list(range(first, last + 1)):
-            raise GpaError(f"GPA {gpa:#x}+{length} is not one granted run")
-        off = i * PAGE + (gpa & 0xFFF)
-        return g.contiguous()[off : off + length]
+        # pages i.. of one mapping hold consecutive pfns; past the grant or across
+        # two mappings GrantMapping.pages refuses (GpaError)
+        return g.pages(i, last - first + 1)[gpa & 0xFFF :][:length]
 
     def close(self) -> None:
         self.grants.close()

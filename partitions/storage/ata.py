@@ -273,16 +273,6 @@ class IdeController:
         self._lba = 0  # sector in _buf
         self._dma: tuple[bool, int, int] | None = None  # (to_memory, lba, count) awaiting START
 
-    def debug_info(self) -> dict[str, object]:
-        return {
-            "status": self.status, "error": self.error, "count": self.count,
-            "lba": self.lba_high << 16 | self.lba_mid << 8 | self.lba_low,
-            "device": self.device, "nien": self.nien, "intrq": self.intrq,
-            "bm_cmd": self.bm_cmd, "bm_status": self.bm_status, "prd_addr": self.prd_addr,
-            "dma_pending": self._dma is not None, "last_dma_error": self.last_dma_error,
-            "stats": self.stats.as_dict(),
-        }
-
     # --- port access ----------------------------------------------------------------------
 
     def io_read(self, port: int, size: int) -> int:
