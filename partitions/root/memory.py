@@ -12,7 +12,8 @@ Layer: partitions (root).  ``MemoryManager`` belongs to the root's
   (``viridian memory add``: hot-add / balloon of a given size) and answers
   them with ``dm.result``;
 * reports each child's demand to the supervisor (``dm.status``), which shows
-  it in ``viridian status`` and ``viridian memory``.
+  it in ``viridian status`` and ``viridian memory``: the latest values, at
+  most once per ``STATUS_EVERY_S`` (however many reports a child sends).
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from hv.memory import PAGE_SIZE
 
+from ..runtime import REPORT_EVERY_S
 from .balancer import ChildMemory, plan
 
 if TYPE_CHECKING:
     from partitions.devices.dynmem import DmVsp
     from partitions.vmbus_host import VmbusHost
 
-__all__ = ["BALANCE_EVERY_S", "MemoryManager"]
+__all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "MemoryManager"]
 
 BALANCE_EVERY_S = 0.5
+STATUS_EVERY_S = REPORT_EVERY_S  # dm.status frames to the supervisor, at most this often
 _SETTINGS = ("startup", "minimum", "maximum", "buffer", "weight", "dynamic")
 
 
@@ -50,6 +53,7 @@ class MemoryManager:
             if isinstance(c.get("id"), int) and isinstance(mem, dict):
                 self.settings[c["id"]] = {k: mem[k] for k in _SETTINGS if k in mem}
         self._last_balance = 0.0
+        self._status_due: dict[int, DmVsp] = {}  # child -> its VSP, to report
         self.actions = 0
         self.host_available = _host_available
 
@@ -69,14 +73,23 @@ class MemoryManager:
 
     # -- pressure reports and the balancer -----------------------------------------------------
     def on_status(self, vsp: DmVsp) -> None:
-        self.rt.send({"op": "dm.status", "child": vsp.child,
-                      "committed_bytes": vsp.committed_pages * PAGE_SIZE,
-                      "available_bytes": vsp.avail_pages * PAGE_SIZE,
-                      "ballooned_bytes": vsp.ballooned_pages * PAGE_SIZE})
+        # a child may send thousands of reports a second: one frame per
+        # child per STATUS_EVERY_S, with its latest values
+        if not self._status_due:
+            self.rt.call_later(STATUS_EVERY_S, self._send_status)
+        self._status_due[vsp.child] = vsp
         now = time.monotonic()
         if now - self._last_balance >= BALANCE_EVERY_S:
             self._last_balance = now
             self.balance()
+
+    def _send_status(self) -> None:
+        due, self._status_due = self._status_due, {}
+        for vsp in due.values():
+            self.rt.send({"op": "dm.status", "child": vsp.child,
+                          "committed_bytes": vsp.committed_pages * PAGE_SIZE,
+                          "available_bytes": vsp.avail_pages * PAGE_SIZE,
+                          "ballooned_bytes": vsp.ballooned_pages * PAGE_SIZE})
 
     def balance(self) -> None:
         kids: list[ChildMemory] = []

@@ -366,3 +366,21 @@ def test_a_failing_dm_request_is_logged_and_the_root_goes_on():
         rt.grants.close()
         a.close()
         b.close()
+
+
+def test_pressure_reports_reach_the_supervisor_coalesced(rig):
+    from partitions.root.memory import STATUS_EVERY_S
+
+    mm = _manager(rig, dynamic=False)
+    rt = mm.rt
+    rt.timers.clear()
+    for i in range(1000):  # a child flooding STATUS_REPORTs within one service call
+        rig.vsp.committed_pages = i
+        mm.on_status(rig.vsp)
+    assert not [m for m in rt.sent if m.get("op") == "dm.status"]
+    assert [d for d, _ in rt.timers] == [STATUS_EVERY_S]
+    rt.timers.pop()[1]()
+    [st] = [m for m in rt.sent if m.get("op") == "dm.status"]
+    assert st["child"] == 1 and st["committed_bytes"] == 999 * PAGE  # the latest values
+    mm.on_status(rig.vsp)  # the next interval: one more
+    assert len(rt.timers) == 1
