@@ -87,6 +87,9 @@ class DmVsp(Vsp):
             raise DeviceError(NOT_READING)
 
     def _on_message(self, msg: D.DmMessage, tid: int) -> None:
+        if self.ready and isinstance(msg, (D.VersionRequest, D.CapabilitiesReport)):
+            # once per channel: each answer is packets and a log line
+            raise DeviceError(f"{msg.TYPE.name} after dynamic memory was negotiated")
         if isinstance(msg, D.VersionRequest):
             ok = msg.version in _VERSIONS
             if ok:

@@ -384,3 +384,17 @@ def test_pressure_reports_reach_the_supervisor_coalesced(rig):
     assert st["child"] == 1 and st["committed_bytes"] == 999 * PAGE  # the latest values
     mm.on_status(rig.vsp)  # the next interval: one more
     assert len(rt.timers) == 1
+
+
+@pytest.mark.parametrize("again", [D.VersionRequest(D.DmVersion.WIN10), D.CapabilitiesReport()])
+def test_negotiating_again_once_ready_closes_the_channel(again):
+    from partitions.devices.base import DeviceError
+
+    r = Rig()
+    try:
+        assert r.vsp.ready
+        r.pair.child.try_send(again.encode(99))
+        with pytest.raises(DeviceError, match="after dynamic memory was negotiated"):
+            r.vsp.service()
+    finally:
+        r.close()
