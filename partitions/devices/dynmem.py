@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hv.hypercalls import HvStatus
+from hv.hypercalls import MAX_MEMORY_RANGES, HvStatus
 from hv.memory import PAGE_SIZE
 from vmbus.packet import Packet, PacketType
 
@@ -160,6 +160,10 @@ class DmVsp(Vsp):
 
     def _timeout(self, op: dict[str, Any]) -> None:
         if self.op is op:
+            if op["kind"] == "hot-add" and "start" in op:
+                # the supervisor mapped the range into the child: it is the
+                # child's (it may be using it) whether or not it answers
+                self.hot_added_pages += op["count"]
             self._finish(False, error=f"the guest did not answer the {op['kind']} within "
                          f"{OP_TIMEOUT_S:g} s")
 
@@ -247,15 +251,17 @@ class DmVsp(Vsp):
         if not ranges:
             self._finish(False, pages=0, error="the guest refused: it gave no pages back")
             return
-        st = HvStatus.SUCCESS
-        for i in range(0, len(ranges), 510):
-            st, _n = self.partition.hv.memory_balloon(self.child, ranges[i : i + 510])
+        st, taken = HvStatus.SUCCESS, 0
+        for i in range(0, len(ranges), MAX_MEMORY_RANGES):
+            chunk = ranges[i : i + MAX_MEMORY_RANGES]
+            st, _n = self.partition.hv.memory_balloon(self.child, chunk)
             if st != HvStatus.SUCCESS:
                 break
+            taken += sum(n for _, n in chunk)  # each call is all or nothing
+        self.ballooned_pages += taken
         if st != HvStatus.SUCCESS:
-            self._finish(False, pages=0, error=self._why(st, "balloon", got * PAGE_SIZE))
+            self._finish(False, pages=taken, error=self._why(st, "balloon", got * PAGE_SIZE))
             return
-        self.ballooned_pages += got
         if got < op["want"]:
             self._finish(True, pages=got, partial=True,
                          note=f"the guest gave {_mib(got)} of {_mib(op['want'])}")

@@ -398,3 +398,35 @@ def test_negotiating_again_once_ready_closes_the_channel(again):
             r.vsp.service()
     finally:
         r.close()
+
+
+def test_a_balloon_that_fails_halfway_counts_what_the_host_took(rig):
+    calls = []
+    real = rig.sup.memory_balloon
+
+    def second_call_fails(child: int, ranges):
+        calls.append(len(ranges))
+        return real(child, ranges) if len(calls) == 1 else (HvStatus.ACCESS_DENIED, 0)
+
+    rig.sup.memory_balloon = second_call_fails
+    results: list[dict] = []
+    rig.vsp.balloon(600 * PAGE, results.append)
+    # the guest names 600 single pages: more than one supervisor call's worth
+    pages = [D.PageRange(2 + 2 * i, 1) for i in range(600)]
+    tid = rig.vsp.op["tid"]
+    rig.pair.child.try_send(D.BalloonResponse(tuple(pages[:500]), more_pages=True).encode(tid))
+    rig.pair.child.try_send(D.BalloonResponse(tuple(pages[500:])).encode(tid))
+    rig.vsp.service()
+    assert calls == [510, 90]
+    assert not results[0]["ok"] and results[0]["pages"] == 510
+    assert rig.vsp.ballooned_pages == 510 == rig.mem.ballooned_bytes // PAGE
+
+
+def test_a_hot_add_the_guest_never_answers_still_counts_the_mapped_range(rig):
+    results: list[dict] = []
+    rig.vsp.hot_add(128 * MiB, results.append)
+    assert rig.mem.assigned_bytes == 192 * MiB  # the supervisor mapped it
+    _delay, fire = rig.root_rt.timers[-1]
+    fire()  # the guest did not answer in time
+    assert not results[0]["ok"] and "did not answer" in results[0]["error"]
+    assert rig.vsp.hot_added_pages * PAGE == 128 * MiB  # the root agrees with the supervisor
