@@ -46,7 +46,9 @@ class PageAllocator:
             if first == 0:
                 first, count = 1, count - 1
             if count > 0:
-                self._release(first, count)
+                # pages of it may be ballooned already (its BALLOON frame came
+                # before this sync): those stay with the balloon
+                self._release_unballooned(first, count)
 
     @property
     def free_pages(self) -> int:
@@ -83,16 +85,7 @@ class PageAllocator:
         n = self._used.pop(pfn, None)
         if n is None:
             raise ValueError(f"page {pfn:#x} was not allocated")
-        if not self._ballooned or not any(p in self._ballooned for p in range(pfn, pfn + n)):
-            self._release(pfn, n)
-            return
-        run = None  # pages the host took meanwhile stay with the balloon
-        for p in range(pfn, pfn + n + 1):
-            if p < pfn + n and p not in self._ballooned:
-                run = p if run is None else run
-            elif run is not None:
-                self._release(run, p - run)
-                run = None
+        self._release_unballooned(pfn, n)  # pages the host took meanwhile stay ballooned
 
     @property
     def ballooned_pages(self) -> int:
@@ -172,6 +165,20 @@ class PageAllocator:
         if lo + n < first + count:
             rest.append((lo + n, first + count - lo - n))
         self._free[i:i] = rest
+
+    def _release_unballooned(self, first: int, count: int) -> None:
+        """Free pages [first, first+count) except the ballooned ones."""
+        if not self._ballooned or not any(p in self._ballooned
+                                          for p in range(first, first + count)):
+            self._release(first, count)
+            return
+        run = None
+        for p in range(first, first + count + 1):
+            if p < first + count and p not in self._ballooned:
+                run = p if run is None else run
+            elif run is not None:
+                self._release(run, p - run)
+                run = None
 
     def _release(self, first: int, count: int) -> None:
         i = bisect.bisect_left(self._free, (first, 0))

@@ -107,3 +107,17 @@ def test_withdraw_takes_free_pages_out_and_counts_used_ones(mem):
         a.alloc(250)
     a.free(p)  # pages 1..4 come back; 5..10 stay with the balloon
     assert a.free_pages == 255 - 20 and a.used_pages == 0
+
+
+def test_a_range_ballooned_before_it_is_synced_keeps_its_ballooned_pages(mem):
+    m, view = mem
+    a = PageAllocator(view)
+    deliver(m.hot_add(1 * MiB), view)  # pages 256..511, not yet seen by the allocator
+    a.withdraw(300, 10)  # its BALLOON frame arrives before the next sync
+    a.sync()
+    assert a.ballooned_pages == 10 and a.free_pages == 255 + 256 - 10
+    assert a.total_pages == 511
+    got = [a.alloc(1) for _ in range(a.free_pages)]  # every free page, one by one
+    assert not set(got) & set(range(300, 310))  # never a ballooned one
+    with pytest.raises(OutOfGuestMemory):
+        a.alloc(1)
