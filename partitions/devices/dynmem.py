@@ -465,13 +465,12 @@ class DmVsc(Vsc):
             raise ValueError("bursts needs 1 <= step_mb <= peak_mb and 0.05 <= period_s <= 60")
         self.burst = {"peak": (peak << 20) // PAGE_SIZE, "step": (step << 20) // PAGE_SIZE,
                       "period": period, "phase": "grow", "hold": 0}
-        self._tick()
+        self._tick(self.burst)
         return f"bursts to {peak} MiB in {step} MiB steps every {period:g} s"
 
-    def _tick(self) -> None:
-        b = self.burst
-        if b is None or self.closed:
-            return
+    def _tick(self, b: dict[str, Any]) -> None:
+        if self.burst is not b or self.closed:
+            return  # stopped, or replaced by a later bursts call (with its own loop)
         held = sum(n for _, n in self.workload_pages)
         if b["phase"] == "grow":
             want = min(b["step"], b["peak"] - held)
@@ -499,7 +498,7 @@ class DmVsc(Vsc):
             if b["hold"] <= 0:
                 b["phase"], b["hold"] = "grow", 0
         self._report_now()
-        self.partition.call_later(b["period"], self._tick)
+        self.partition.call_later(b["period"], lambda: self._tick(b))
 
     def _grab(self, pages: int) -> int:
         got, chunk = 0, 512  # 2 MiB runs

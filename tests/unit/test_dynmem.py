@@ -430,3 +430,21 @@ def test_a_hot_add_the_guest_never_answers_still_counts_the_mapped_range(rig):
     fire()  # the guest did not answer in time
     assert not results[0]["ok"] and "did not answer" in results[0]["error"]
     assert rig.vsp.hot_added_pages * PAGE == 128 * MiB  # the root agrees with the supervisor
+
+
+@pytest.mark.parametrize("stop_first", [False, True])
+def test_starting_bursts_again_leaves_one_tick_loop(rig, stop_first):
+    timers = rig.child_rt.timers
+    args = {"peak_mb": 8, "step_mb": 2, "period_s": 0.5}
+    rig.vsc.workload("bursts", args)
+    if stop_first:
+        rig.vsc.workload("stop", {})
+    rig.vsc.workload("bursts", args)  # within one period
+    for _ in range(3):  # three periods: each pending tick fires
+        pending = [fn for d, fn in timers if d == 0.5]
+        timers[:] = [(d, fn) for d, fn in timers if d != 0.5]
+        for fn in pending:
+            fn()
+        assert len([d for d, _ in timers if d == 0.5]) == 1  # one loop
+    assert sum(n for _, n in rig.vsc.workload_pages) == 8 * MiB // PAGE  # the peak
+    rig.vsc.workload("stop", {})
