@@ -841,13 +841,7 @@ class GrantMapping:
         return len(self.pfns)
 
     def page(self, i: int) -> memoryview:
-        if not 0 <= i < len(self.pfns):
-            raise GpaError(f"page {i} of a {len(self.pfns)}-page grant")
-        for first, m in reversed(self._runs):
-            if i >= first:
-                off = (i - first) * PAGE_SIZE
-                return memoryview(m)[off : off + PAGE_SIZE]
-        raise AssertionError("unreachable")
+        return self.pages(i, 1)
 
     def _run_of(self, i: int) -> int:
         for k in range(len(self._runs) - 1, -1, -1):

@@ -102,6 +102,7 @@ class StorageGuest:
         self.dma_pages = 1 + DMA_DATA_BYTES // PAGE_SIZE
         self.dma_grant = 0
         self.dma_data: memoryview = memoryview(b"")
+        self.prd: memoryview = memoryview(b"")  # the page holding the driver's PRD table
         self.dma_data_gpa = 0
 
     # -- the IDE path ------------------------------------------------------------------------
@@ -114,19 +115,14 @@ class StorageGuest:
             from ..guestmem import PageAllocator
 
             alloc = PageAllocator(self.rt.memory)
-        self._alloc = alloc
         self.dma_pfn = alloc.alloc(self.dma_pages)
-        prd = alloc.view_of(self.dma_pfn, 1)
+        self.prd = prd = alloc.view_of(self.dma_pfn, 1)
         self.dma_data = alloc.view_of(self.dma_pfn + 1, self.dma_pages - 1)
         self.dma_data_gpa = (self.dma_pfn + 1) * PAGE_SIZE
         self.ide = IdeDriver(self.client, DmaBuffer(self.dma_pfn * PAGE_SIZE, prd))
         self.share_dma()
         self.rt.log("IDE disk attached", dma_pfn=self.dma_pfn, pages=self.dma_pages)
         return True
-
-    def ide_prd_view(self) -> memoryview:
-        """The page holding the driver's PRD table (granted with the data pages)."""
-        return self._alloc.view_of(self.dma_pfn, 1)
 
     def share_dma(self) -> None:
         """(Re)share the DMA pages with the root: its device worker may reach

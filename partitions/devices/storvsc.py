@@ -45,7 +45,7 @@ SLOT_BYTES = 128 * 1024  # the largest I/O one request carries
 SLOTS = 32  # requests in flight at once (queue depth)
 _ACCEPTED = (V.VstorVersion.WIN10, V.VstorVersion.WIN8_1, V.VstorVersion.WIN8)
 _READ10, _WRITE10, _SYNC10, _READCAP16 = 0x28, 0x2A, 0x35, 0x9E
-_READ16, _WRITE16 = 0x88, 0x8A
+_READ16, _WRITE16, _SYNC16 = 0x88, 0x8A, 0x91
 
 # The I/O fast path (StorVsp._fast): a GPA-direct packet's descriptor, its
 # GPA header and its one range in one unpack (type, offset8, len8, flags,
@@ -206,18 +206,12 @@ class StorVsp(Vsp):
                               f"{p.packet_type:#x}")
         payload = p.payload
         size = V.VSTOR_PACKET_BYTES if len(payload) >= V.VSTOR_PACKET_BYTES else self._size()
-        if self.ready:
-            # The I/O path: an EXECUTE_SRB in one unpack, no dataclasses.  Anything
-            # else (or anything malformed) takes the general path below.
-            try:
-                srb = V.decode_srb(payload, size=size)
-            except (V.VstorError, ValueError):
-                srb = None
-            if srb is not None:
-                self._srb(p, srb[1])
-                return
         try:
-            pkt = V.decode_packet(payload, size=size)
+            # After the handshake the I/O path: an EXECUTE_SRB in one unpack, no
+            # dataclasses.  decode_srb refuses exactly what decode_packet refuses
+            # (tests/unit/test_vstor_fastpath.py): anything else is decoded once.
+            srb = V.decode_srb(payload, size=size) if self.ready else None
+            pkt = V.decode_packet(payload, size=size) if srb is None else None
         except (V.VstorError, ValueError) as e:
             # A malformed request (a CDB longer than its field allows, a short
             # packet ...): an error status for it, nothing more.
@@ -230,12 +224,13 @@ class StorVsp(Vsp):
                     size=V.reply_size(len(payload), self.version),
                     status=V.VstorStatus.INVALID_PARAMETER))
             return
-        op = pkt.operation
-        if op == V.VstorOperation.EXECUTE_SRB:
-            if not self.ready or not isinstance(pkt.body, V.ScsiRequest):
-                raise DeviceError("EXECUTE_SRB before the handshake ended")
-            self._srb(p, pkt.body)
+        if srb is not None:
+            self._srb(p, srb[1])
             return
+        assert pkt is not None
+        op = pkt.operation
+        if op == V.VstorOperation.EXECUTE_SRB:  # (once ready, decode_srb took it)
+            raise DeviceError("EXECUTE_SRB before the handshake ended")
         size = V.reply_size(len(payload), self.version)
         if op == V.VstorOperation.BEGIN_INITIALIZATION:
             self.complete(p.trans_id, V.build_completion(size=size))
@@ -310,13 +305,13 @@ class StorVsp(Vsp):
         opcode = req.payload[0] if req.cdb_length else 0
         if res.scsi_status:
             st["errors"] += 1
-        elif opcode in (0x28, 0x88):
+        elif opcode in (_READ10, _READ16):
             st["read_ops"] += 1
             st["read_bytes"] += res.data_transferred
-        elif opcode in (0x2A, 0x8A):
+        elif opcode in (_WRITE10, _WRITE16):
             st["write_ops"] += 1
             st["write_bytes"] += res.data_transferred
-        elif opcode in (0x35, 0x91):
+        elif opcode in (_SYNC10, _SYNC16):
             st["flushes"] += 1
         self.complete(p.trans_id, V.build_srb_reply(
             req, version=self.version, scsi_status=res.scsi_status,
@@ -503,10 +498,9 @@ class StorVsc(Vsc):
             raise error
         return when
 
-    def _wait(self, tids: set[int], timeout: float = 10.0,
-              ) -> dict[int, tuple[V.ScsiRequest | V.RawSrb, int]]:
+    def _wait(self, tids: set[int], timeout: float = 10.0) -> dict[int, V.RawSrb]:
         """Completions of ``tids``, decoded."""
-        got: dict[int, tuple[V.ScsiRequest | V.RawSrb, int]] = {}
+        got: dict[int, V.RawSrb] = {}
         deadline = time.monotonic() + timeout
         size = V.packet_size(self.version)
         recv = self.channel.recv
@@ -524,12 +518,12 @@ class StorVsc(Vsc):
             done = V.decode_srb(pkt.payload, size=size, completion=True)
             if done is None:
                 raise DeviceError("an SRB completion without an SRB")
-            got[tid] = (done[1], done[0])
+            got[tid] = done[1]
         return got
 
     def _do(self, cdb: bytes, data_in: V.DataIn, nbytes: int) -> V.ScsiRequest | V.RawSrb:
         tid = self._send_srb(cdb, data_in, nbytes, 0)
-        srb, _status = self._wait({tid})[tid]
+        srb = self._wait({tid})[tid]
         if srb.scsi_status:
             raise OSError(f"SCSI CHECK CONDITION, sense {srb.sense[:18].hex()}")
         return srb
@@ -543,18 +537,18 @@ class StorVsc(Vsc):
 
     def read(self, lba: int, count: int) -> bytes:
         n = count * 512
-        self._do(struct.pack(">BBIBHB", _READ10, 0, lba, 0, count, 0), V.DataIn.READ, n)
+        self._do(_CDB10_OUT.pack(_READ10, 0, lba, 0, count, 0), V.DataIn.READ, n)
         assert self.pool is not None
         return bytes(self.pool[:n])
 
     def write(self, lba: int, data: bytes) -> None:
         assert self.pool is not None
         self.pool[: len(data)] = data
-        self._do(struct.pack(">BBIBHB", _WRITE10, 0, lba, 0, len(data) // 512, 0),
+        self._do(_CDB10_OUT.pack(_WRITE10, 0, lba, 0, len(data) // 512, 0),
                  V.DataIn.WRITE, len(data))
 
     def flush(self) -> None:
-        self._do(struct.pack(">BBIBHB", _SYNC10, 0, 0, 0, 0, 0), V.DataIn.UNKNOWN, 0)
+        self._do(_CDB10_OUT.pack(_SYNC10, 0, 0, 0, 0, 0), V.DataIn.UNKNOWN, 0)
 
     def submit_many(self, lbas: list[int], block: int, write: bool, data: bytes) -> list[float]:
         """Up to SLOTS requests in flight at once; per-request latencies (s)."""

@@ -81,7 +81,6 @@ class StorageHost:
         except OSError as e:
             self.rt.log("cannot start the IDE worker", level="error", child=name, error=str(e))
             ours.close()
-            theirs.close()
             return False
         finally:
             theirs.close()
@@ -107,6 +106,8 @@ class StorageHost:
                 obj = json.loads(data)
             except ValueError:
                 continue
+            if not isinstance(obj, dict):
+                continue  # (the worker serves a child's I/O: take nothing on trust)
             if obj.get("op") == "ready" and not w.ready:
                 w.ready = True
                 self.rt.send({"op": "intercept.attached", "child": w.child})

@@ -264,12 +264,7 @@ class ScsiRequest:
         if len(self.payload) != _UNION_BYTES:
             raise VstorError(f"the cdb/sense union is {_UNION_BYTES} bytes, not "
                              f"{len(self.payload)}")
-        if not 0 <= self.cdb_length <= CDB_MAX_BYTES:
-            raise VstorError(f"cdb_length {self.cdb_length} > {CDB_MAX_BYTES}")
-        if not 0 <= self.sense_info_length <= SENSE_BUFFER_BYTES:
-            raise VstorError(f"sense_info_length {self.sense_info_length} > {SENSE_BUFFER_BYTES}")
-        if self.data_in not in (DataIn.WRITE, DataIn.READ, DataIn.UNKNOWN):
-            raise VstorError(f"data_in {self.data_in} (0 write, 1 read, 2 none)")
+        _check_srb_fields(self.cdb_length, self.sense_info_length, self.data_in)
 
     @property
     def cdb(self) -> bytes:
@@ -298,7 +293,7 @@ class ScsiRequest:
         need = VMSCSI_REQUEST_BYTES if win8 else VMSCSI_REQUEST_BYTES_PRE_WIN8
         if len(b) < need:
             raise VstorError(f"a vmscsi_request is {need} bytes, got {len(b)}")
-        ext = _SRB_WIN8.unpack_from(b, _SRB.size) if win8 else (0,) * 6
+        ext = _SRB_WIN8.unpack_from(b, _SRB.size) if win8 else _NO_WIN8
         return cls(*_SRB.unpack_from(b), *ext)
 
 
@@ -495,6 +490,16 @@ def decode_packet(data: bytes | bytearray | memoryview, *, size: int,
 _DATA_IN_VALUES = frozenset((DataIn.WRITE, DataIn.READ, DataIn.UNKNOWN))
 
 
+def _check_srb_fields(cdb_length: int, sense_info_length: int, data_in: int) -> None:
+    """The vmscsi_request fields a receiver acts on (ScsiRequest and decode_srb)."""
+    if not 0 <= cdb_length <= CDB_MAX_BYTES:
+        raise VstorError(f"cdb_length {cdb_length} > {CDB_MAX_BYTES}")
+    if not 0 <= sense_info_length <= SENSE_BUFFER_BYTES:
+        raise VstorError(f"sense_info_length {sense_info_length} > {SENSE_BUFFER_BYTES}")
+    if data_in not in _DATA_IN_VALUES:
+        raise VstorError(f"data_in {data_in} (0 write, 1 read, 2 none)")
+
+
 def decode_srb(data: bytes | bytearray | memoryview, *, size: int,
                completion: bool = False) -> tuple[int, RawSrb] | None:
     """``decode_packet`` for the I/O path: (status, SRB) of an EXECUTE_SRB
@@ -519,12 +524,7 @@ def decode_srb(data: bytes | bytearray | memoryview, *, size: int,
     if f[0] != (VstorOperation.COMPLETE_IO if completion else VstorOperation.EXECUTE_SRB):
         return None
     srb = RawSrb._make(f[3:])
-    if srb.cdb_length > CDB_MAX_BYTES:
-        raise VstorError(f"cdb_length {srb.cdb_length} > {CDB_MAX_BYTES}")
-    if srb.sense_info_length > SENSE_BUFFER_BYTES:
-        raise VstorError(f"sense_info_length {srb.sense_info_length} > {SENSE_BUFFER_BYTES}")
-    if srb.data_in not in _DATA_IN_VALUES:
-        raise VstorError(f"data_in {srb.data_in} (0 write, 1 read, 2 none)")
+    _check_srb_fields(srb.cdb_length, srb.sense_info_length, srb.data_in)
     return f[2], srb
 
 

@@ -31,7 +31,7 @@ def _ide(guest: StorageGuest, log: Any) -> None:
             log("rogue disk", attempt=name, outcome="error", status=e.status, error=e.error,
                 bm_status=e.bm_status)
     # a PRD table in granted memory that points the data outside it
-    prd = guest.ide_prd_view()
+    prd = guest.prd
     PRD_ENTRY.pack_into(prd, 0, 0x7FFF0000, 4096, PRD_EOT)
     try:
         drv.run_dma(0, 8, guest.dma_pfn * 4096, to_memory=True)
