@@ -282,7 +282,8 @@ class DmVsp(Vsp):
             return
         op["pages"] = sum(n for _, n in ranges)
         self.ballooned_pages = max(0, self.ballooned_pages - op["pages"])
-        chunks = [ranges[i : i + 510] for i in range(0, len(ranges), 510)]
+        step = D.MAX_RANGES_PER_MESSAGE  # (the supervisor gives at most MAX_MEMORY_RANGES)
+        chunks = [ranges[i : i + step] for i in range(0, len(ranges), step)]
         for i, chunk in enumerate(chunks):
             rr = tuple(D.PageRange(p, n) for p, n in chunk)
             if not self._request(D.UnballoonRequest(rr, more_pages=i < len(chunks) - 1), op):

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hv.hypercalls import HOST_RESERVE_BYTES, HOT_ADD_ALIGN_BYTES
+
 __all__ = ["ADD_SLACK", "BLOCK_BYTES", "Action", "ChildMemory", "plan"]
 
 MiB = 1 << 20
-BLOCK_BYTES = 128 * MiB  # hot-add unit (spec §7.3: 128 MiB memory blocks)
+BLOCK_BYTES = HOT_ADD_ALIGN_BYTES  # hot-add unit (spec §7.3: 128 MiB memory blocks)
 ADD_SLACK = 16 * MiB  # below target by less than this: leave it
 REMOVE_SLACK = 64 * MiB  # above target by less than this: leave it
 MAX_BALLOON_STEP = 256 * MiB
-HOST_RESERVE = 256 * MiB  # never hand out the host's last bytes
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Action:
 def plan(children: list[ChildMemory], host_available: int) -> list[Action]:
     """The next actions, at most one per child."""
     actions: list[Action] = []
-    budget = max(0, host_available - HOST_RESERVE)
+    budget = max(0, host_available - HOST_RESERVE_BYTES)  # never the host's last bytes
     # first what comes back: ballooning frees host memory for the others
     for c in children:
         if c.busy:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from hv.hypercalls import _host_available
 from hv.memory import PAGE_SIZE
 
 from ..runtime import REPORT_EVERY_S
@@ -35,12 +36,6 @@ __all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "MemoryManager"]
 BALANCE_EVERY_S = 0.5
 STATUS_EVERY_S = REPORT_EVERY_S  # dm.status frames to the supervisor, at most this often
 _SETTINGS = ("startup", "minimum", "maximum", "buffer", "weight", "dynamic")
-
-
-def _host_available() -> int:
-    from hv.hypercalls import _host_available as avail
-
-    return avail()
 
 
 class MemoryManager:
