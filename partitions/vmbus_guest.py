@@ -82,7 +82,6 @@ class VmbusGuest:
         self.channels: dict[int, GuestChannel] = {}
         self.doorbells: dict[int, list[int]] = {}  # relid -> [to_root, to_child] fds
         self.tracing = False
-        self.connected_version: int | None = None
         self.errors = 0
         self.on_channel_open: list[Any] = []  # callbacks(GuestChannel): tests, benchmarks
 
@@ -130,7 +129,6 @@ class VmbusGuest:
             for relid in list(self.channels):
                 self._release(relid, "the root went down", tell_root=False)
             self.client = VmbusClient(self)
-            self.connected_version = None
         elif obj.get("state") == "up":
             self.connect()
         self.rt.report_soon()
@@ -176,7 +174,6 @@ class VmbusGuest:
 
     # -- ClientNotifier ----------------------------------------------------------
     def connected(self, version: int) -> None:
-        self.connected_version = version
         self.rt.log("VMBus connected", version=f"{version >> 16}.{version & 0xFFFF}")
 
     def connect_failed(self) -> None:

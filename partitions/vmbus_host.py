@@ -72,7 +72,6 @@ class HostChannel:
     device: DeviceClass
     channel: Channel
     vsp: Vsp
-    opened: float = field(default_factory=time.monotonic)
     spurious: int = 0  # wake-ups with nothing to read in this window
     window_start: float = field(default_factory=time.monotonic)
     window_packets: int = 0  # vsp.last_activity when the window started
@@ -93,11 +92,10 @@ class ChildBus:
         self.offers: dict[int, tuple[DeviceClass, dict[str, Any]]] = {}
         self.channels: dict[int, HostChannel] = {}
         self.gpadl_grants: dict[int, int] = {}  # gpadl handle -> grant id
-        self.waiting: dict[int, tuple[ServerGpadl, float]] = {}  # gpadl -> (g, deadline)
+        self.waiting: dict[int, ServerGpadl] = {}  # gpadl -> one whose grant has not come
         self.outq: deque[bytes] = deque()
         self.resetting = False  # the bus reset after a queue overflow is pending
         self.errors = 0
-        self.closed_by_error = 0
         for i, entry in enumerate(devices):
             try:
                 dname, cfg = device_spec(entry)
@@ -175,7 +173,7 @@ class ChildBus:
         if not self._match(g):
             self.rt.pump_link()  # the grant frame may be waiting on the link
             if not self._match(g):
-                self.waiting[g.gpadl] = (g, time.monotonic() + GRANT_WAIT_S)
+                self.waiting[g.gpadl] = g
                 self.rt.call_later(GRANT_WAIT_S, lambda: self._give_up(g.gpadl))
 
     def _live_gpadls(self) -> list[tuple[int, ServerGpadl]]:
@@ -194,7 +192,7 @@ class ChildBus:
         return True
 
     def grant_arrived(self) -> None:
-        for g, _deadline in list(self.waiting.values()):
+        for g in list(self.waiting.values()):
             self._match(g)
 
     def _give_up(self, gpadl: int) -> None:
@@ -294,7 +292,6 @@ class ChildBus:
         """The child broke channel ``hc``: close and rescind it, one log line."""
         if self.channels.get(hc.relid) is not hc:
             return
-        self.closed_by_error += 1
         self.rt.log("channel closed", level=level, child=self.name, relid=hc.relid,
                     device=hc.device.name, reason=reason[:300])
         try:
@@ -318,8 +315,7 @@ class ChildBus:
 
     def child_down(self) -> None:
         self.outq.clear()
-        for g, _ in list(self.waiting.values()):
-            self.waiting.pop(g.gpadl, None)
+        self.waiting.clear()
         self.server.reset("the child exited")
         self.gpadl_grants.clear()
 

@@ -57,12 +57,10 @@ class DmVsp(Vsp):
         super().__init__(*a, **k)
         self.partition: Any = None  # PartitionRuntime, set by the root's VMBus host
         self.version: int | None = None
-        self.caps: D.CapabilitiesReport | None = None
         self.ready = False
         self.committed_pages = 0
         self.avail_pages = 0
         self.reports = 0
-        self.last_report = 0.0
         self.op: dict[str, Any] | None = None  # the outstanding operation
         self.ballooned_pages = 0
         self.hot_added_pages = 0
@@ -98,7 +96,6 @@ class DmVsp(Vsp):
         elif isinstance(msg, D.CapabilitiesReport):
             if self.version is None:
                 raise DeviceError("CAPABILITIES_REPORT before a version was agreed")
-            self.caps = msg
             self.ready = True
             self._send(D.CapabilitiesResponse(True), tid)
             maximum = self._settings().get("maximum")
@@ -113,7 +110,6 @@ class DmVsp(Vsp):
             self.committed_pages = msg.num_committed
             self.avail_pages = msg.num_avail
             self.reports += 1
-            self.last_report = time.monotonic()
             bus = getattr(self.partition, "vmbus", None)
             if bus is not None and hasattr(bus, "dm_status"):
                 bus.dm_status(self)
@@ -123,8 +119,7 @@ class DmVsp(Vsp):
             self._balloon_part(msg, tid)
         elif isinstance(msg, D.UnballoonResponse):
             op = self._current("unballoon", tid)
-            if op is not None:
-                self._finish(True, pages=op["pages"])
+            self._finish(True, pages=op["pages"])
         else:
             raise DeviceError(f"{msg.TYPE.name} is not a message a guest sends")
 
@@ -167,7 +162,7 @@ class DmVsp(Vsp):
             self._finish(False, error=f"the guest did not answer the {op['kind']} within "
                          f"{OP_TIMEOUT_S:g} s")
 
-    def _current(self, kind: str, tid: int) -> dict[str, Any] | None:
+    def _current(self, kind: str, tid: int) -> dict[str, Any]:
         op = self.op
         if op is None or op["kind"] != kind or op["tid"] != tid:
             raise DeviceError(f"an unexpected {kind} response (trans_id {tid})")
@@ -213,7 +208,6 @@ class DmVsp(Vsp):
 
     def _hot_add_done(self, msg: D.HotAddResponse, tid: int) -> None:
         op = self._current("hot-add", tid)
-        assert op is not None
         start, count = op["start"], op["count"]
         took = min(msg.page_count, count) if msg.result == 1 else 0
         if took < count:
@@ -238,7 +232,6 @@ class DmVsp(Vsp):
 
     def _balloon_part(self, msg: D.BalloonResponse, tid: int) -> None:
         op = self._current("balloon", tid)
-        assert op is not None
         op["ranges"].extend((r.start, r.count) for r in msg.ranges if r.count)
         if len(op["ranges"]) > MAX_PENDING_RANGES:
             raise DeviceError("balloon response with too many ranges")
@@ -325,7 +318,6 @@ class DmVsc(Vsc):
         self.hot_adds = 0
         self.hot_added_pages = 0
         self.balloons = 0
-        self.ballooned_pages = 0
         self.last_hot_add_ms: float | None = None
         self.workload_pages: list[tuple[int, int]] = []  # runs the bursts workload holds
         self.burst: dict[str, Any] | None = None
@@ -333,7 +325,6 @@ class DmVsc(Vsc):
         self.max_pages: int | None = None  # from DM_INFO: the most this guest may have
         self.verified_pages = 0  # workload pages checked when freed
         self.corrupt_pages = 0  # ... whose data had changed (must stay 0)
-        self._report_timer = False
 
     @property
     def alloc(self) -> Any:
@@ -375,7 +366,6 @@ class DmVsc(Vsc):
             for r in msg.ranges:
                 try:
                     self.alloc.give_back(r.start, r.count)
-                    self.ballooned_pages -= r.count
                 except ValueError as e:
                     self.log("unballoon of pages we did not balloon", level="warning", error=str(e))
             if not msg.more_pages:
@@ -398,11 +388,9 @@ class DmVsc(Vsc):
                               num_committed=a.used_pages + self.unmet_pages)
 
     def _report(self) -> None:
-        self._report_timer = False
         if self.closed or self.state != "ready":
             return
         self._send(self.status())
-        self._report_timer = True
         self.partition.call_later(STATUS_EVERY_S, self._report)
 
     def _report_now(self) -> None:
@@ -441,7 +429,6 @@ class DmVsc(Vsc):
         runs = self.alloc.take_highest(pages)
         got = sum(n for _, n in runs)
         self.balloons += 1
-        self.ballooned_pages += got
         chunks = [runs[i : i + D.MAX_RANGES_PER_MESSAGE]
                   for i in range(0, len(runs), D.MAX_RANGES_PER_MESSAGE)] or [[]]
         for i, chunk in enumerate(chunks):
@@ -551,7 +538,7 @@ class DmVsc(Vsc):
         a = self.alloc if self.partition is not None else None
         return {"state": self.state, "max_pages": self.max_pages, "hot_adds": self.hot_adds,
                 "hot_added_pages": self.hot_added_pages, "balloons": self.balloons,
-                "ballooned_pages": self.ballooned_pages,
+                "ballooned_pages": a.ballooned_pages if a else 0,  # in the balloon now
                 "committed_pages": a.used_pages if a else None,
                 "free_pages": a.free_pages if a else None,
                 "workload_pages": sum(n for _, n in self.workload_pages),
