@@ -54,10 +54,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from . import transports as tr
+from .bench_cluster import IDLE_TARGET_PERCENT, _assert_clean, _cpu_percent, _kill_and_sweep
 from .channel_hook import ENV_CPUS, ENV_SOCK
 from .harness import (
     BenchConfig,
@@ -238,7 +238,6 @@ class ChannelCluster:
     # -- the end -------------------------------------------------------------------
     def close(self) -> str:
         """Stop everything; returns what was left behind ('' when nothing)."""
-        from hv.rundir import RunDir, cluster_processes
 
         for c in list(self.conns.values()):
             self.byes.append(c.close())
@@ -250,38 +249,15 @@ class ChannelCluster:
                 r = self.cli("down", check=False)
                 if r.returncode:
                     problems = f"down failed: {r.stdout}{r.stderr}"
-                rd = RunDir(self.name, self.base)
-                deadline = time.monotonic() + 5
-                while True:
-                    alive = [p for p in self.pids if _alive(p)]
-                    left = rd.leftovers()
-                    if not alive and not left:
-                        break
-                    if time.monotonic() > deadline:
-                        problems += f" left behind: pids {alive}; {left.describe()}"
-                        break
-                    time.sleep(0.02)
+                try:
+                    _assert_clean(self.base, self.name, list(self.pids))
+                except AssertionError as e:
+                    problems += f" {e}"
         finally:
             if self.started:  # whatever happened: nothing of this cluster survives
-                procs = cluster_processes(self.name)
-                for p in procs:
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
-                psutil.wait_procs(procs, timeout=5)
-                from hv.rundir import RunDir
-
-                rd = RunDir(self.name, self.base)
-                if rd.supervisor() is None:
-                    rd.sweep()
+                _kill_and_sweep(self.name, self.base)
             shutil.rmtree(self.base, ignore_errors=True)
         return problems.strip()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -540,7 +516,6 @@ def test_channel_stream(benchmark, cluster, bench_cfg, bench_store, size):
 # Idle after traffic
 
 
-IDLE_TARGET_PERCENT = 2.0  # issue 3's idle-cluster target, for the whole cluster
 
 
 @NOT_USED_OK
@@ -556,16 +531,7 @@ def test_channel_idle_after_traffic(benchmark, cluster, bench_cfg, bench_store):
     result: dict[str, float] = {}
 
     def measure() -> None:
-        before = {p.pid: p.cpu_times() for p in procs}
-        t = time.perf_counter()
-        time.sleep(window)  # the measured idle interval itself
-        dt = time.perf_counter() - t
-        used = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                a, b = before[p.pid], p.cpu_times()
-                used += (b.user + b.system) - (a.user + a.system)
-        result["cpu_percent"] = 100.0 * used / dt
+        result["cpu_percent"] = _cpu_percent(procs, window)
 
     benchmark.group = "channel idle"
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0, iterations=1)

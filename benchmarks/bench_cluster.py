@@ -20,6 +20,7 @@ the targets are reported, not asserted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -57,7 +58,6 @@ class _Cli:
 
 @pytest.fixture
 def cli() -> Iterator[_Cli]:
-    from hv.rundir import RunDir, cluster_processes
 
     base = Path(tempfile.mkdtemp(prefix="virb-"))
     c = _Cli(base)
@@ -67,16 +67,7 @@ def cli() -> Iterator[_Cli]:
         for d in base.iterdir():
             if d.is_dir():
                 c("down", "--name", d.name, check=False)
-                procs = cluster_processes(d.name)
-                for p in procs:
-                    try:
-                        p.kill()
-                    except psutil.Error:
-                        pass
-                psutil.wait_procs(procs, timeout=5)
-                rd = RunDir(d.name, base)
-                if rd.supervisor() is None:
-                    rd.sweep()
+                _kill_and_sweep(d.name, base)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -94,10 +85,44 @@ def _cfg(pytestconfig: pytest.Config) -> BenchConfig:
     return BenchConfig.from_env(bool(pytestconfig.getoption("benchmark_disable", False)))
 
 
-def _assert_clean(cli: _Cli, name: str, pids: list[int]) -> None:
+def _kill_and_sweep(name: str, base: Path) -> None:
+    """Whatever happened: nothing of cluster ``name`` survives (its processes
+    killed, its run directory swept once no supervisor holds it)."""
+    from hv.rundir import RunDir, cluster_processes
+
+    procs = cluster_processes(name)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=5)
+    rd = RunDir(name, base)
+    if rd.supervisor() is None:
+        rd.sweep()
+
+
+def _cpu_percent(procs: list[psutil.Process], window: float) -> float:
+    """CPU the processes used over ``window`` seconds (slept through: the
+    measured idle interval itself), in % of one CPU."""
+    before = {}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            before[p.pid] = p.cpu_times()
+    t = time.perf_counter()
+    time.sleep(window)  # the measured idle interval itself, not a synchronisation
+    dt = time.perf_counter() - t
+    used = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error, KeyError):
+            a, b = before[p.pid], p.cpu_times()
+            used += (b.user + b.system) - (a.user + a.system)
+    return 100.0 * used / dt
+
+
+def _assert_clean(base: Path, name: str, pids: list[int]) -> None:
+    """Within 5 s: none of ``pids`` alive and nothing of cluster ``name`` left."""
     from hv.rundir import RunDir
 
-    rd = RunDir(name, cli.base)
+    rd = RunDir(name, base)
     deadline = time.monotonic() + 5
     while True:
         alive = []
@@ -143,7 +168,7 @@ def test_cluster_startup(benchmark, cli, tmp_path, pytestconfig, children):
     print(f"\ncluster start-up, {children} children: {', '.join(f'{x:.2f}' for x in reported)}"
           f" s (as `up` reports them; ~{wall:.2f} s per up+down)")
     down()  # idempotent; --benchmark-disable runs the target once and skips teardown
-    _assert_clean(cli, name, [])
+    _assert_clean(cli.base, name, [])
     if children == 32 and not cfg.quick:
         assert slowest < STARTUP_TARGET_S, f"32 children took {slowest:.2f} s"
 
@@ -167,15 +192,7 @@ def test_cluster_idle_cpu(benchmark, cli, tmp_path, pytestconfig, children):
     result: dict[str, float] = {}
 
     def measure() -> None:
-        before = {p.pid: p.cpu_times() for p in procs}
-        t = time.perf_counter()
-        time.sleep(window)  # the measured idle interval itself, not a synchronisation
-        dt = time.perf_counter() - t
-        used = 0.0
-        for p in procs:
-            a, b = before[p.pid], p.cpu_times()
-            used += (b.user + b.system) - (a.user + a.system)
-        result["cpu_percent"] = 100.0 * used / dt
+        result["cpu_percent"] = _cpu_percent(procs, window)
 
     benchmark.group = "idle cluster"
     benchmark.pedantic(measure, rounds=1)
@@ -187,4 +204,4 @@ def test_cluster_idle_cpu(benchmark, cli, tmp_path, pytestconfig, children):
     if not cfg.quick:
         assert result["cpu_percent"] < IDLE_TARGET_PERCENT
     cli("down", "--name", name)
-    _assert_clean(cli, name, pids)
+    _assert_clean(cli.base, name, pids)

@@ -103,7 +103,7 @@ def test_hot_add_latency(benchmark, cli, tmp_path, pytestconfig, size):  # noqa:
     print(f"\nhot-add {label}: request -> usable in the child p50 {p50:.3f} ms, "
           f"p99 {p99:.3f} ms over {rounds} ops (control round trip: see the timing table)")
     cli("down", "--name", name)
-    _assert_clean(cli, name, pids)
+    _assert_clean(cli.base, name, pids)
     if size == 128 * MiB and not cfg.quick:
         assert p50 <= TARGET_128M_MS, f"128 MiB hot-add p50 {p50:.3f} ms > {TARGET_128M_MS} ms"
 
@@ -136,4 +136,4 @@ def test_balloon_latency(benchmark, cli, tmp_path, pytestconfig):  # noqa: F811
                                  "dm_ms": dm_ms})
     print(f"\nballoon 128 MiB: p50 {p50:.3f} ms, p99 {p99:.3f} ms over {rounds} ops")
     cli("down", "--name", name)
-    _assert_clean(cli, name, pids)
+    _assert_clean(cli.base, name, pids)

@@ -141,7 +141,6 @@ class _Peer:
     def __init__(self, rt: Any, gc: Any, sock: socket.socket) -> None:
         self.rt, self.gc, self.sock = rt, gc, sock
         self.rfile = sock.makefile("rb")
-        self.sent_packets = 0
 
     def send(self, obj: dict[str, Any]) -> None:
         self.sock.sendall(json.dumps(obj).encode() + b"\n")
@@ -217,6 +216,5 @@ class _Peer:
         if not out.wait_writable(out.data_bytes - 8, bell, WAIT_S):
             raise TimeoutError("the root did not read the ring empty")
         t2 = time.perf_counter()
-        self.sent_packets += n
         return {"n": n, "rid": rid, "write_s": t1 - t0, "drain_s": t2 - t1,
                 "secs": t2 - t0, "doorbell_waits": bell.waits - waits0}

@@ -392,9 +392,14 @@ STORAGE_NAMES = {("ide-pio", 1): "emulated IDE, PIO", ("ide-dma", 1): "emulated 
                  ("scsi", 1): "storvsc", ("scsi", 32): "storvsc", ("host", 1): "host direct"}
 
 
+def storage_row_key(path: str, qd: int, op: str, block: int) -> str:
+    """A storage row's key in the results (test_storage_paths writes them)."""
+    return f"{path}/qd{qd}/{op}/{block}"
+
+
 def _storage_row(st: dict[str, Any], path: str, qd: int, op: str,
                  block: int) -> dict[str, Any] | None:
-    return (st.get("rows") or {}).get(f"{path}/qd{qd}/{op}/{block}")
+    return (st.get("rows") or {}).get(storage_row_key(path, qd, op, block))
 
 
 def _rate(r: dict[str, Any] | None) -> float | None:
@@ -444,7 +449,6 @@ def storage_lines(st: dict[str, Any]) -> list[str]:
             f"{'p99 us':>9} | {'traps':>6} {'sup msg':>7} {'ctx sw':>7} {'CPU us':>7} | "
             f"{'x PIO':>6} {'x DMA':>6} {'% host':>6}")
     lines += [head, "  " + "-" * (len(head) - 2)]
-    from .harness import size_label
 
     for op in ("read", "write"):
         for block in (512, 4096, 65536):

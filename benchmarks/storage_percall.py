@@ -85,7 +85,6 @@ class Rig:
 
 
 def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
-    from partitions.devices import storvsc as S
     from partitions.storage import vstor as V
     from vmbus.packet import GpaRange
 
@@ -341,7 +340,6 @@ def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    del S
     return out
 
 

@@ -92,7 +92,7 @@ import psutil
 import pytest
 
 from . import report
-from .bench_cluster import _assert_clean, _cfg, _Cli
+from .bench_cluster import _assert_clean, _cfg, _Cli, _kill_and_sweep
 from .harness import CpuWatch, size_label
 
 MiB = 1 << 20
@@ -101,7 +101,7 @@ CHILD = "child1"
 SEED = 1
 BLOCKS = (512, 4096, 65536)
 #: (path, queue depth) in table order
-PATHS = (("ide-pio", 1), ("ide-dma", 1), ("scsi", 1), ("scsi", 32), ("host", 1))
+PATHS = report.STORAGE_PATHS
 OPS = ("read", "write")
 
 # ops per round (full mode), per round in quick mode, rounds (full mode)
@@ -122,17 +122,10 @@ _QUICK = {
 ROUNDS_FULL = 3  # PIO: 1
 QUIET_WINDOW_S = 0.03
 QUIET_BUDGET_S = 0.5  # per round, full mode: at most this long waiting for a quiet machine
-TARGET_X_PIO = 10.0
-TARGET_X_DMA = 2.0
-TARGET_QD32_OF_HOST = 0.25
 
 
 def _key(path: str, qd: int) -> str:
     return path if path in ("ide-pio", "ide-dma", "host") else f"{path}/{qd}"
-
-
-def row_key(path: str, qd: int, op: str, block: int) -> str:
-    return f"{path}/qd{qd}/{op}/{block}"
 
 
 # ----------------------------------------------------------------------------
@@ -438,7 +431,6 @@ class StorageCluster:
             time.sleep(0.05)
 
     def close(self) -> str:
-        from hv.rundir import RunDir, cluster_processes
 
         problems = ""
         try:
@@ -447,17 +439,10 @@ class StorageCluster:
                     self.client.__exit__(None, None, None)
             self.cli("down", "--name", self.name, check=False)
             try:
-                _assert_clean(self.cli, self.name, list(self.pids.values()))
+                _assert_clean(self.cli.base, self.name, list(self.pids.values()))
             except AssertionError as e:
                 problems = str(e)
-            procs = cluster_processes(self.name)
-            for p in procs:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            psutil.wait_procs(procs, timeout=5)
-            rd = RunDir(self.name, self.cli.base)
-            if rd.supervisor() is None:
-                rd.sweep()
+            _kill_and_sweep(self.name, self.cli.base)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self.tmp.exists():
@@ -556,7 +541,7 @@ def test_storage_path(benchmark, storage, path, qd, op, block):
     benchmark.pedantic(one, rounds=rounds, warmup_rounds=0, iterations=1)
     row = _summarise(path, qd, block, op, runs)
     benchmark.extra_info.update(row)
-    storage.rows[row_key(path, qd, op, block)] = row
+    storage.rows[report.storage_row_key(path, qd, op, block)] = row
     print(f"\n{path} QD{qd} {op} {size_label(block)}: {row['ops_per_s']:.0f} ops/s, "
           f"p50 {row['p50_us']:.1f} us, p99 {row['p99_us']:.1f} us, "
           f"{row['traps']:.0f} traps/op, {row['supervisor_messages']:.2f} supervisor msgs/op, "
@@ -570,8 +555,9 @@ def test_storage_path(benchmark, storage, path, qd, op, block):
 @pytest.mark.multiprocess
 def test_storage_report(storage, bench_store):
     """The table with ratios and the targets (asserted in full mode)."""
-    missing = [row_key(p, q, o, b) for o in OPS for b in BLOCKS for p, q in PATHS
-               if row_key(p, q, o, b) not in storage.rows]
+    key = report.storage_row_key
+    missing = [key(p, q, o, b) for o in OPS for b in BLOCKS for p, q in PATHS
+               if key(p, q, o, b) not in storage.rows]
     problem = storage.check_counters()
     st = bench_store["storage"]
     st["counters_check"] = problem or "ok"

@@ -1342,6 +1342,3 @@ class Demo:
     def mismatches(self) -> int:
         return sum(_int(_device(r.last).get("mismatches")) for r in self.streams.values())
 
-    def echoes(self) -> int:
-        return sum(_int(_device(r.last).get("echoes")) for r in self.streams.values())
-

@@ -252,10 +252,6 @@ def events_until(c: ControlClient, pred: Callable[[dict[str, Any]], bool],
             return seen
 
 
-# -- tests ------------------------------------------------------------------------------------
-
-
-
 def _log_records(env: Env, name: str, partition: str) -> list[dict[str, Any]]:
     import json
 
