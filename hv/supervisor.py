@@ -1106,7 +1106,7 @@ class Supervisor:
         """Hot-add to or balloon a running child through its Dynamic Memory
         channel: the root's DM VSP runs the protocol, the supervisor maps or
         takes back the pages; the answer comes when the guest has answered."""
-        from hv.hypercalls import HOST_RESERVE_BYTES, _host_available
+        from hv.hypercalls import HOST_RESERVE_BYTES
         from hv.memory import format_bytes
 
         if "name" not in req:
@@ -1132,7 +1132,8 @@ class Supervisor:
                 raise ControlError(
                     f"cannot add {format_bytes(nbytes)} to {p.name}: above its maximum of "
                     f"{format_bytes(mem.maximum_bytes)} (assigned {format_bytes(a)})", "invalid")
-            avail = _host_available() - HOST_RESERVE_BYTES
+            # (the router's own measure, so the reason given here is the one it applies)
+            avail = self.services.router.host_available() - HOST_RESERVE_BYTES
             if nbytes > avail:
                 raise ControlError(
                     f"cannot add {format_bytes(nbytes)} to {p.name}: not enough host memory "

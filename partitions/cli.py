@@ -376,12 +376,13 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
     if outcome == "stopped":
         click.echo("viridian demo: the cluster was stopped before the demo ended", err=True)
         sys.exit(EXIT_FAILED)
-    if show.corrupt_pages():
-        click.echo(f"viridian demo: {show.corrupt_pages()} memory pages came back changed "
+    corrupt, mismatches = show.corrupt_pages(), show.mismatches()
+    if corrupt:
+        click.echo(f"viridian demo: {corrupt} memory pages came back changed "
                    "across hot-adds and balloons", err=True)
         sys.exit(EXIT_FAILED)
-    if show.mismatches():
-        click.echo(f"viridian demo: {show.mismatches()} echoes came back different from what "
+    if mismatches:
+        click.echo(f"viridian demo: {mismatches} echoes came back different from what "
                    "was sent", err=True)
         sys.exit(EXIT_FAILED)
     out.line("next: [bold]viridian up -d[/] keeps a cluster running · [bold]viridian trace "
@@ -464,7 +465,7 @@ def trace(partition_name: str, cluster: str, count: int | None, as_json: bool) -
 
     from hv.control import ControlError
 
-    from .launcher import CliError, connect
+    from .launcher import CliError, cli_error, connect
     from .liveview import clean, trace_line
 
     rd = _rundir(cluster)
@@ -474,10 +475,12 @@ def trace(partition_name: str, cluster: str, count: int | None, as_json: bool) -
         _fail("trace", e)
     try:
         ans = client.request("trace", name=partition_name)
-    except (ControlError, TimeoutError) as e:
+    except ControlError as e:
         client.close()
-        code = EXIT_NOT_FOUND if getattr(e, "code", "") == "not_found" else EXIT_FAILED
-        _fail("trace", CliError(str(e), code))
+        _fail("trace", cli_error(e))
+    except TimeoutError as e:
+        client.close()
+        _fail("trace", CliError(str(e), EXIT_FAILED))
     pname = clean(ans.get("name", partition_name), 32)
     click.echo(f"viridian trace: tracing {pname} ({clean(ans.get('state', '?'))}) in cluster "
                f"{cluster}; Ctrl+C stops", err=True)
@@ -786,18 +789,14 @@ def _print_memory(p: dict) -> None:  # type: ignore[type-arg]
 
 def _memory_change(cmd: str, op: str, partition_name: str, nbytes: int, cluster: str) -> None:
     """memory.add / memory.balloon: one operation through the child's DM channel."""
-    from hv.control import ControlError
-
-    from .launcher import CliError, Reporter, _fmt_bytes, connect
+    from .launcher import CliError, Reporter, _fmt_bytes, request
 
     t0 = time.monotonic()
     try:
-        with connect(_rundir(cluster), timeout=MEMORY_TIMEOUT_S) as c:
-            ans = c.request(op, name=partition_name, bytes=nbytes)
+        ans = request(_rundir(cluster), op, timeout=MEMORY_TIMEOUT_S, name=partition_name,
+                      bytes=nbytes)
     except CliError as e:
         _fail(cmd, e)
-    except ControlError as e:
-        _fail(cmd, CliError(str(e), EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILED))
     except TimeoutError:
         _fail(cmd, CliError(f"no answer from the supervisor within {MEMORY_TIMEOUT_S:g} s"))
     except OSError as e:

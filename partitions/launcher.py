@@ -106,14 +106,19 @@ def connect(rd: RunDir, timeout: float = 5.0) -> ControlClient:
         raise _cluster_missing(rd) from None
 
 
-def request(rd: RunDir, op: str, **args: Any) -> dict[str, Any]:
+def cli_error(e: ControlError) -> CliError:
+    """A supervisor's refusal as the CLI reports it: exit 3 for a cluster or
+    partition that is not there, 1 otherwise."""
+    return CliError(str(e), EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILED)
+
+
+def request(rd: RunDir, op: str, *, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
     """One control request; maps protocol errors to CLI errors and exit codes."""
-    with connect(rd) as c:
+    with connect(rd, timeout) as c:
         try:
             return c.request(op, **args)
         except ControlError as e:
-            raise CliError(str(e), EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILED
-                           ) from None
+            raise cli_error(e) from None
 
 
 def describe_cleanup(found: Leftovers) -> str:
@@ -421,8 +426,7 @@ def wait_partition(rd: RunDir, op: str, name: str, timeout: float = 20.0
             try:
                 ans = c.request(f"partition.{op}", name=name)
             except ControlError as e:
-                raise CliError(str(e), EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILED
-                               ) from None
+                raise cli_error(e) from None
         target = {"start": ("running",), "restart": ("running",), "stop": ("stopped",),
                   "kill": ("stopped",)}[op]
         pname = ans["name"]
