@@ -15,6 +15,7 @@ from .ring import OutgoingRing as OutgoingRing
 from .ring import PacketBatch as PacketBatch
 from .ring import PacketView as PacketView
 from .ring import ReadInfo as ReadInfo
+from .ring import ReadInfoBatch as ReadInfoBatch
 from .ring import init_ring as init_ring
 from .ring import packet_bytes as packet_bytes
 
@@ -28,6 +29,7 @@ __all__ = [
     "PacketType",
     "PacketView",
     "ReadInfo",
+    "ReadInfoBatch",
     "RingCorruptError",
     "TransferPageRange",
     "VmbusError",

@@ -55,6 +55,7 @@ __all__ = [
     "PacketBatch",
     "PacketView",
     "ReadInfo",
+    "ReadInfoBatch",
     "RingCorruptError",
     "init_ring",
     "packet_bytes",
@@ -108,6 +109,7 @@ _drain_io = lib.vmbr_drain_io
 _spin_readable = lib.vmbr_spin_readable
 _spin_read_io = lib.vmbr_spin_read_io
 _read_into = lib.vmbr_read_into
+_drain_into = lib.vmbr_drain_into
 _unmask = lib.vmbr_unmask_interrupts
 _unpack = ffi.unpack
 _new = object.__new__
@@ -383,20 +385,38 @@ class OutgoingRing(_RingEnd):
     ) -> int:
         """Write as many of ``payloads`` as fit, in order, with one C call and
         one index publication; return how many were written."""
-        if not payloads:
+        n = len(payloads)
+        if not n:
             return 0
-        written = self._written
         tf = packet_type | 0x10000 if completion_requested else packet_type
         if len(payloads[0]) >= GATHER_MIN_BYTES:
             # Large payloads are copied into the ring from where they are
             # (a joined blob would cost one more copy of every byte).
-            if len(payloads) <= 4:  # one C call: cffi refuses a non-bytes before writing
+            if n <= 4:
+                # One C call, inline (this runs once per few large packets).
+                # cffi refuses a non-bytes argument before anything is written.
+                if n == 3:
+                    a, b, c = payloads
+                    d = _NOTHING
+                elif n == 4:
+                    a, b, c, d = payloads
+                else:
+                    a, b, c, d = (*payloads, _NOTHING, _NOTHING, _NOTHING)[:4]
                 try:
-                    return self._write_many4(payloads, tf, trans_id)
+                    rc = _write4(
+                        self._r, tf, trans_id, n, a, len(a), b, len(b), c, len(c), d, len(d)
+                    )
                 except TypeError:
                     pass  # a bytearray, memoryview ...: the pointer-array path below
+                else:
+                    if rc < 0:
+                        raise self._error(rc)
+                    if rc & 0xFF == 2:
+                        self._signal()
+                    return rc >> 8
             elif all(p.__class__ is bytes for p in payloads):
                 return self._write_many4(payloads, tf, trans_id)
+            written = self._written
             bufs = [ffi.from_buffer(p) for p in payloads]
             try:
                 lens = array("I", map(len, bufs))
@@ -413,6 +433,7 @@ class OutgoingRing(_RingEnd):
                 for b in bufs:
                     ffi.release(b)
         else:
+            written = self._written
             blob = b"".join(payloads)
             lens = array("I", map(len, payloads))
             rc = lib.vmbr_write_batch(
@@ -531,6 +552,76 @@ class ReadInfo(NamedTuple):
     trans_id: int
     payload_bytes: int
     ranges: tuple[GpaRange, ...] | tuple[TransferPageRange, ...] | None
+
+
+class ReadInfoBatch(Sequence[ReadInfo]):
+    """What ``IncomingRing.drain_into`` read: one ``ReadInfo`` per packet, in
+    order, packet i's payload at ``payload_offsets()[i]`` in the caller's
+    buffer.  The ``ReadInfo`` objects are made on access: a bulk drain of many
+    large payloads then costs one small object per call, not one per packet.
+    Compares equal to a list of the same ``ReadInfo`` values.
+    """
+
+    __slots__ = ("_one", "_raw")
+
+    def __init__(self, raw: bytes = b"", one: ReadInfo | None = None) -> None:
+        self._raw = raw  # struct vmbr_pinfo x n (type, flags, payload bytes, trans_id)
+        self._one = one  # or a single ReadInfo (one from the validating path)
+
+    def __len__(self) -> int:
+        return 1 if self._one is not None else len(self._raw) >> 4
+
+    def _info(self, i: int) -> ReadInfo:
+        if self._one is not None:
+            return self._one
+        t, f, nbytes, tid = _PINFO.unpack_from(self._raw, i << 4)
+        return _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
+
+    def __getitem__(self, i: Any) -> Any:
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._info(j) for j in range(*i.indices(n))]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("packet index out of range")
+        return self._info(i)
+
+    def __iter__(self) -> Iterator[ReadInfo]:
+        for i in range(len(self)):
+            yield self._info(i)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (ReadInfoBatch, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ReadInfoBatch({list(self)!r})"
+
+    def payload_sizes(self) -> list[int]:
+        """Each packet's payload bytes, in order."""
+        if self._one is not None:
+            return [self._one.payload_bytes]
+        return [x[2] for x in _PINFO.iter_unpack(self._raw)]
+
+    def payload_offsets(self) -> list[int]:
+        """Where each packet's payload starts in the caller's buffer."""
+        out, pos = [], 0
+        for nbytes in self.payload_sizes():
+            out.append(pos)
+            pos += nbytes
+        return out
+
+    @property
+    def payload_bytes(self) -> int:
+        """The payload bytes of all packets together (the buffer bytes used)."""
+        return sum(self.payload_sizes())
+
+
+_NO_INFOS = ReadInfoBatch()
 
 
 class PacketBatch(Sequence[Packet]):
@@ -691,6 +782,7 @@ class IncomingRing(_RingEnd):
         self._hdr = ffi.new("char[]", 4096)
         self._hdr_mv = ffi.buffer(self._hdr)
         self._pinfos = ffi.new("struct vmbr_pinfo[]", self._maxpk)
+        self._pinfo_bytes = ffi.cast("char *", self._pinfos)  # (ffi.unpack: one bytes)
         self._count = ffi.new("uint32_t *")
         self._pay_len = ffi.new("uint32_t *")
         self._vview = ffi.new("struct vmbr_view *")
@@ -823,47 +915,50 @@ class IncomingRing(_RingEnd):
             ranges = self._read_into_ext(off8)
         return _tuple_new(ReadInfo, (_PTYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
 
-    def drain_into(self, buffer: Any, max_packets: int = 256) -> list[ReadInfo]:
+    def drain_into(self, buffer: Any, max_packets: int = 256) -> ReadInfoBatch:
         """The bulk form of ``read_into``: the payloads of up to ``max_packets``
         packets copied back to back into ``buffer`` (packet i's payload at the
-        sum of the earlier ``payload_bytes``), with one C call and one index
-        publication.  Stops before a payload that would not fit.  An empty
-        list when the ring is empty.
+        sum of the earlier ``payload_bytes``: ``payload_offsets()``), with one
+        C call.  Stops before a payload that would not fit.  Empty when the
+        ring is empty.  read_index is published every ``readahead_bytes``
+        during the call, so a long drain frees the writer's space as it goes.
 
         Raises:
             ValueError: ``buffer`` cannot hold even the next payload.
         """
         if self._i < self._n or self._pending_error is not None:
             info = self.read_into(buffer)  # keep order: the read-ahead first
-            return [info] if info is not None else []
+            return ReadInfoBatch(one=info) if info is not None else _NO_INFOS
         if buffer.__class__ is not bytearray:
             with memoryview(buffer) as mv:
                 if mv.readonly:
                     raise TypeError("drain_into needs a writable buffer")
         dst = ffi.from_buffer(buffer)
         count = self._count
+        mx = self._maxpk
         try:
-            rc = lib.vmbr_drain_into(
-                self._r, dst, len(dst), self._pinfos, min(max_packets, self._maxpk), count
+            rc = _drain_into(
+                self._r, dst, len(dst), self._pinfos, max_packets if max_packets < mx else mx,
+                count,
             )
         finally:
             ffi.release(dst)
         n = count[0]
         if n == 0:
             if rc == 0:
-                return []
+                return _NO_INFOS
             if rc == 2:  # a type 7/9 packet: its ranges need the validating path
                 info = self.read_into(buffer)
-                return [info] if info is not None else []
+                return ReadInfoBatch(one=info) if info is not None else _NO_INFOS
             if rc == lib.VMBR_E_INVAL:
                 raise ValueError("buffer too small for the next packet's payload")
             raise self._error(rc)
         if rc == 1:
             self._signal()
-        return [
-            _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
-            for t, f, nbytes, tid in _PINFO.iter_unpack(ffi.buffer(self._pinfos, 16 * n))
-        ]
+        b = _new(ReadInfoBatch)  # (no __init__: this is per call)
+        b._raw = _unpack(self._pinfo_bytes, n << 4)
+        b._one = None
+        return b
 
     def _read_into_ext(self, off8: int) -> Any:
         ext = _unpack(self._hdr, max(16, off8 * 8))  # 7/9 with no header: corrupt

@@ -42,6 +42,7 @@ from vmbus.ring import (
     PacketBatch,
     PacketView,
     ReadInfo,
+    ReadInfoBatch,
     init_ring,
     packet_bytes,
 )
@@ -1327,3 +1328,59 @@ def test_write_many_of_large_payloads_any_buffer_all_or_nothing(n: int, kind: ty
     while (p := inc.try_read()) is not None:
         got.append(p.payload)
     assert got == [bytes(b) + bytes(-len(b) % 8) for b in big]
+
+
+def test_drain_into_returns_a_lazy_batch_that_behaves_like_the_list_it_stands_for():
+    buf = new_ring(4096 * 16)
+    out, inc = OutgoingRing(buf), IncomingRing(buf)
+    sizes = [5000, 4096, 6000]
+    assert out.write_many([bytes([k + 1]) * n for k, n in enumerate(sizes)]) == 3
+    assert out.try_write(b"12345678", trans_id=7, completion_requested=True)
+    dst = bytearray(1 << 16)
+    infos = inc.drain_into(dst)
+    assert isinstance(infos, ReadInfoBatch) and len(infos) == 4
+    expect = [ReadInfo(PacketType.DATA_INBAND, 0, 0, n, None) for n in sizes]
+    expect.append(ReadInfo(PacketType.DATA_INBAND, 1, 7, 8, None))
+    assert infos == expect and list(infos) == expect and infos != expect[:3]
+    assert infos[-1] == expect[3] and infos[1:3] == expect[1:3]
+    with pytest.raises(IndexError):
+        infos[4]
+    assert infos.payload_sizes() == [5000, 4096, 6000, 8]
+    assert infos.payload_offsets() == [0, 5000, 9096, 15096]
+    assert infos.payload_bytes == 15104
+    for off, info, k in zip(infos.payload_offsets()[:3], infos[:3], range(3), strict=True):
+        assert dst[off : off + info.payload_bytes] == bytes([k + 1]) * info.payload_bytes
+    assert dst[15096:15104] == b"12345678"
+    assert "ReadInfoBatch([ReadInfo(" in repr(infos)
+    # the batch owns its copy of the descriptors: the next drain does not change it
+    assert out.try_write(b"abcdefgh", trans_id=99)
+    assert [i.trans_id for i in inc.drain_into(dst)] == [99]
+    assert infos == expect
+    empty = inc.drain_into(dst)
+    assert not empty and empty == [] and empty.payload_bytes == 0
+
+
+def test_a_spinning_wait_lets_the_other_threads_of_the_process_run(ring):
+    """The module keeps the GIL across its short calls but drops it while it
+    polls: here the main thread must run during a 0.3 s spin on an empty ring."""
+    _, _, inc = ring
+    bell = Doorbell()
+    try:
+        result: list[bool] = []
+        t = threading.Thread(
+            target=lambda: result.append(inc.wait_readable(bell, 0.3, spin_ns=300_000_000))
+        )
+        last = time.monotonic()  # (before start: the spin may begin inside it)
+        deadline = last + 10
+        t.start()
+        longest_stall = 0.0
+        while t.is_alive() and last < deadline:
+            now = time.monotonic()
+            longest_stall = max(longest_stall, now - last)
+            last = now
+        t.join(10)
+        assert result == [False]  # nothing came: the wait timed out
+        # With the GIL held, the main thread would stand still for the whole spin.
+        assert longest_stall < 0.15
+    finally:
+        bell.close()
