@@ -21,9 +21,10 @@ from .harness import (
     check_n,
     open_stream_pair,
     size_label,
+    stream_k,
     stream_opts,
 )
-from .transports import TRANSPORTS, batch_k
+from .transports import TRANSPORTS
 
 # A failure before the measurement would add a second, misleading error.
 NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
@@ -43,7 +44,7 @@ def _api(key: str, size: int, opts: dict) -> str:
         return {"write": "vmbr_write", "batch": "vmbr_write_batch(k)"}[w] + " / " + {
             "read": "vmbr_read", "drain": "vmbr_drain(256)"}[r]
     if key == "viridian-packet":
-        out = "read_into(preallocated bytearray)" if opts["read_into"] else "try_read().payload"
+        out = "read_into(preallocated bytearray)" if opts["read_into"] else "try_read_payload()"
         return f"try_write / {out}"
     return TRANSPORTS[key].api
 
@@ -61,7 +62,7 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
     if key in C_ROWS and ring_bench is None:
         pytest.skip("gcc could not build benchmarks/c/ring_bench.c")
 
-    k = batch_k(size, cfg.ring_data) if key in ("viridian-batch", "c-ring-batch") else 1
+    k = stream_k(key, size, cfg)
     opts = stream_opts(key, size, cfg)
     benchmark.group = f"stream {size_label(size)}"
     with open_stream_pair(key, size, cfg, ring_bench, bench_store["notes"]) as pair:

@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     disabled = bool(config.getoption("benchmark_disable", False))
     config.stash[_CFG] = BenchConfig.from_env(benchmark_disabled=disabled)
     config.stash[_STORE] = {"stream": {}, "latency": {}, "idle": None, "channels": {},
-                            "storage": {}, "notes": []}
+                            "storage": {}, "paired": {}, "notes": []}
     config.stash[_START] = {"time": time.time(), "dirs": _watched_dirs(),
                             "load": os.getloadavg()}
     # Columns that matter for rounds of one op each: medians, not means
@@ -201,7 +201,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     cfg = config.stash.get(_CFG, None)
     if store is None or cfg is None:
         return
-    if not (store["stream"] or store["latency"] or store["idle"]
+    if not (store["stream"] or store["latency"] or store["idle"] or store["paired"]
             or store["channels"].keys() - {"leftovers"}
             or (store.get("storage") or {}).get("rows")):
         return

@@ -400,10 +400,16 @@ C_ROWS = {
 }
 
 
+def stream_k(key: str, size: int, cfg: BenchConfig) -> int:
+    """Messages per call of a batch row (1 for the per-message rows)."""
+    return tr.batch_k(size, cfg.ring_data) if key in ("viridian-batch", "c-ring-batch") else 1
+
+
 def stream_opts(key: str, size: int, cfg: BenchConfig) -> dict[str, Any]:
     return {
         "batch_k": tr.batch_k(size, cfg.ring_data),
         "read_into": key in ("viridian-packet", "viridian-batch") and size >= READ_INTO_MIN,
+        "packet_objects": key == "viridian-packet-obj",
     }
 
 

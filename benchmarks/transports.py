@@ -217,13 +217,15 @@ class ViridianPacketProducer(_ViridianEnd, Producer):
 
 
 class ViridianPacketConsumer(_ViridianEnd, Consumer):
-    """``try_read`` one packet per call and take its ``payload`` (a new bytes);
-    with ``read_into`` (used for 64 KiB) the payload is copied straight into a
+    """One packet per call: ``try_read_payload`` (the payload as a new bytes);
+    with ``packet_objects``, ``try_read`` and the Packet's ``payload``; with
+    ``read_into`` (used for 64 KiB) the payload is copied straight into a
     preallocated bytearray instead."""
 
     def __init__(self, args: Any, size: int, opts: dict[str, Any]) -> None:
         self._attach(args, outgoing=False)
         self.buf = bytearray(size) if opts.get("read_into") else None
+        self.packets = bool(opts.get("packet_objects"))
 
     def run(self, n: int) -> int:
         ring, bell = self.ring, self.data_bell
@@ -236,15 +238,24 @@ class ViridianPacketConsumer(_ViridianEnd, Consumer):
                     if not wr(bell, WAIT_S):
                         raise Timeout("no data in the ring")
             return marker_of(buf)
-        tr = ring.try_read
         m = b""
+        if self.packets:
+            tr = ring.try_read
+            for _ in repeat(None, n):
+                p = tr()
+                while p is None:
+                    if not wr(bell, WAIT_S):
+                        raise Timeout("no data in the ring")
+                    p = tr()
+                m = p.payload
+            return marker_of(m)
+        trp = ring.try_read_payload
         for _ in repeat(None, n):
-            p = tr()
-            while p is None:
+            m = trp()
+            while m is None:
                 if not wr(bell, WAIT_S):
                     raise Timeout("no data in the ring")
-                p = tr()
-            m = p.payload
+                m = trp()
         return marker_of(m)
 
     def run_check(self, n: int) -> list[bytes]:
@@ -346,17 +357,18 @@ class ViridianBatchConsumer(_ViridianEnd, Consumer):
         ring, bell, buf = self.ring, self.data_bell, self.buf
         di, wr = ring.drain_into, ring.wait_readable
         got = 0
-        infos: list[Any] = []
+        infos: Any = ()
         while got < n:
             infos = di(buf)
-            if not infos:
+            k = len(infos)
+            if not k:
                 if not wr(bell, WAIT_S):
                     raise Timeout("no data in the ring")
                 continue
-            got += len(infos)
+            got += k
         if got != n or not infos:
             raise RuntimeError(f"drained {got} packets, expected {n}")
-        last = sum(i.payload_bytes for i in infos[:-1])
+        last = infos.payload_offsets()[-1]
         return marker_of(buf[last : last + infos[-1].payload_bytes])
 
     def run_check(self, n: int) -> list[bytes]:
@@ -368,10 +380,8 @@ class ViridianBatchConsumer(_ViridianEnd, Consumer):
                     if not self.ring.wait_readable(self.data_bell, WAIT_S):
                         raise Timeout("no data in the ring")
                     continue
-                pos = 0
-                for i in infos:
-                    out.append(bytes(self.buf[pos : pos + i.payload_bytes]))
-                    pos += i.payload_bytes
+                for off, i in zip(infos.payload_offsets(), infos, strict=True):
+                    out.append(bytes(self.buf[off : off + i.payload_bytes]))
             return out
         out = []
         while len(out) < n:
@@ -917,8 +927,13 @@ TRANSPORTS: dict[str, Transport] = {
         Transport(
             "viridian-packet", "Viridian ring, per packet", _viridian_setup,
             ViridianPacketProducer, ViridianPacketConsumer,
-            "try_write / try_read().payload (read_into a preallocated buffer at 64 KiB)",
+            "try_write / try_read_payload() (read_into a preallocated buffer at 64 KiB)",
             ring_bytes=True,
+        ),
+        Transport(
+            "viridian-packet-obj", "Viridian ring, per packet, Packet objects", _viridian_setup,
+            ViridianPacketProducer, ViridianPacketConsumer,
+            "try_write / try_read() -> Packet, .payload", ring_bytes=True,
         ),
         Transport(
             "viridian-batch", "Viridian ring, batch", _viridian_setup,
