@@ -25,8 +25,9 @@ def _cdef() -> str:
 # fifth of a 64-byte write.  The ring's calls are bounded copies and checks
 # that never block (the longest, a 1 MiB drain, takes ~20 us; Python's own
 # switch interval is 5 ms), so this module keeps the GIL, except in the calls
-# that poll the ring for up to spin_ns: another thread of the process may be
-# the peer, or simply have work, while we wait.  Only this glue (cffi's
+# that poll the ring for up to spin_ns (another thread of the process may be
+# the peer, or simply have work, while we wait) and in the unmask, whose
+# membarrier(2) can take ~11 us here.  Only this glue (cffi's
 # generated wrappers) touches the Python API; csrc/ stays free of it.
 GLUE = """
 #include "vmbus_ring.h"
@@ -43,6 +44,7 @@ GLUE = """
                     if (_held) PyEval_RestoreThread(_ts); \\
                     _rc; })
 #define vmbr_spin_readable(r, ns) VIRIDIAN_NOGIL((vmbr_spin_readable)(r, ns))
+#define vmbr_unmask_interrupts(r) VIRIDIAN_NOGIL((vmbr_unmask_interrupts)(r))
 #define vmbr_spin_writable(r, need, ns) VIRIDIAN_NOGIL((vmbr_spin_writable)(r, need, ns))
 #define vmbr_spin_read_io(r) VIRIDIAN_NOGIL((vmbr_spin_read_io)(r))
 #define vmbr_spin_read_payload_io(r) VIRIDIAN_NOGIL((vmbr_spin_read_payload_io)(r))

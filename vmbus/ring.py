@@ -61,7 +61,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -243,6 +243,9 @@ class _RingEnd:
             "signals_suppressed": r.signals_suppressed,
             "full": r.full,
             "corrupt": self.corrupt,
+            # membarrier(2) GLOBAL_EXPEDITED in use (the reader's promise /
+            # the writer's registration; docs/ring.md), else fences only
+            "heavy_barrier": bool(r.heavy & 1),
         }
 
     # -- lifetime ------------------------------------------------------------

@@ -11,6 +11,9 @@ Modes:
   stream SEED TOTAL    read TOTAL body bytes from A, then send as many on B
   idle-reader          say "ready", block in wait_readable on A, report the packet
   blocked-writer SIZE  fill A, say "full", then block in write() of a SIZE payload
+  jitter-writer N SEED  write N 64-byte packets (trans_id = seq) to A with random
+                       busy gaps of 0-60 us, so that the reader keeps giving up
+                       its spin and going to sleep just as a packet comes
 
 The stream (both directions use it) is a sequence of packets whose sizes and
 contents derive from SEED: a 16-byte header {seq u64, body u32, pool offset
@@ -233,6 +236,18 @@ def main(argv: list[str]) -> int:
                 t0 = time.monotonic()
                 ok = out.write(b"\xbb" * size, bell, 20.0, trans_id=n)
                 say(ok=ok, waits=bell.waits, elapsed=time.monotonic() - t0)
+        elif mode == "jitter-writer":
+            n, rng = int(args[0]), random.Random(int(args[1]))
+            with OutgoingRing(ring_a.map, on_signal=parent_bell.ring) as out:
+                say(ready=True)
+                clock = time.perf_counter_ns
+                for seq in range(n):
+                    until = clock() + rng.randrange(60_000)
+                    while clock() < until:  # a gap of work, not a wait for anyone
+                        pass
+                    if not out.write(bytes(64), bell, WAIT_S, trans_id=seq):
+                        raise SystemExit("no space for 10 s: the reader stopped")
+                say(sent=n, signals=out.debug_info()["signals"])
         else:
             raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -187,3 +187,56 @@ def test_writer_blocked_on_a_full_ring_wakes_once_the_reader_frees_space() -> No
         assert u32(ring_a.map, 12) == 0  # its write withdrew pending_send_sz
     assert [q.trans_id for q in rest] == list(range(reads, full["full"] + 1))
     assert rest[-1].payload == b"\xbb" * size + bytes(-size % 8)
+
+
+@pytest.mark.parametrize("promise", [True, False], ids=["membarrier", "fences"])
+def test_a_reader_that_keeps_going_to_sleep_as_packets_come_is_always_woken(
+    promise: bool,
+) -> None:
+    """The wake-up race, many times over: the reader spins 10 us, then unmasks
+    and sleeps; the writer's gaps (0-60 us) put its writes around that moment.
+    A lost wake-up (a writer that read a stale mask) would leave a packet in
+    the ring and the reader asleep until its timeout, which is counted.
+
+    With ``fences`` the reader behaves as on a kernel without membarrier(2):
+    it withdraws the promise an earlier reader left in the control page, and
+    the writer must then fence on every write."""
+    if promise and not OutgoingRing(_fresh_ring()).debug_info()["heavy_barrier"]:
+        pytest.skip("this kernel offers no membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)")
+
+    class Bell:  # the doorbell, counting sleeps that ended without a ring
+        def __init__(self, bell: Doorbell) -> None:
+            self.bell, self.timeouts = bell, []
+
+        def wait(self, timeout: float) -> bool:
+            rung = self.bell.wait(timeout)
+            if not rung:
+                self.timeouts.append(seq)
+            return rung
+
+    n = 20_000
+    with peer("jitter-writer", n, 7) as (p, ring_a, _b, parent_bell, child_bell):
+        assert p.line(30) == {"ready": True}
+        bell = Bell(parent_bell)
+        if not promise:
+            ring_a.map[0x80:0x84] = (1).to_bytes(4, "little")  # an earlier reader's
+        with IncomingRing(ring_a.map, on_signal=child_bell.ring) as inc:
+            if not promise:
+                inc._r.heavy = 0  # fault injection: no membarrier here
+            for seq in range(n):
+                q = inc.read(bell, 1.0, spin_ns=10_000)  # type: ignore[arg-type]
+                assert q is not None and q.trans_id == seq
+                assert not bell.timeouts, f"lost wake-ups, first at packet {bell.timeouts[0]}"
+            slept = parent_bell.waits
+        report = p.line(30)
+        p.finish(30)
+        assert u32(ring_a.map, 0x80) == int(promise)  # the promise as the reader left it
+    assert report["sent"] == n
+    # the race was exercised: the reader slept (and was signalled) many times
+    assert slept > n // 10 and report["signals"] > n // 10
+
+
+def _fresh_ring() -> bytearray:
+    buf = bytearray(8192)
+    init_ring(buf)
+    return buf
