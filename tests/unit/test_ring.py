@@ -1403,3 +1403,25 @@ def test_a_spinning_wait_lets_the_other_threads_of_the_process_run(ring):
         assert longest_stall < 0.15
     finally:
         bell.close()
+
+
+@pytest.mark.parametrize("payload_only", [False, True])
+def test_a_latency_read_whose_writer_is_a_thread_of_the_same_process_gets_its_packet(
+    ring, payload_only
+):
+    """read() and read_payload() keep the GIL while they spin (bounded by the
+    spin): a writer thread of this process runs once the spin gives up and the
+    read blocks, and its packet wakes the read."""
+    buf, _, inc = ring
+    bell = Doorbell()
+    try:
+        out = OutgoingRing(buf, on_signal=bell.ring)
+        t = threading.Thread(target=lambda: out.try_write(b"from a thread"))
+        t.start()
+        read = inc.read_payload if payload_only else inc.read
+        got = read(bell, 10.0)
+        t.join(10)
+        assert got is not None
+        assert (got if payload_only else got.payload)[:13] == b"from a thread"
+    finally:
+        bell.close()
