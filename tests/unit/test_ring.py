@@ -1425,3 +1425,29 @@ def test_a_latency_read_whose_writer_is_a_thread_of_the_same_process_gets_its_pa
         assert (got if payload_only else got.payload)[:13] == b"from a thread"
     finally:
         bell.close()
+
+
+def test_payload_reads_and_packet_reads_mix_within_one_read_ahead_batch(ring):
+    """try_read_payload slices the read-ahead copy directly; the batch's bytes
+    for Packets, views and batches are made only when one of those asks."""
+    _, out, inc = ring
+    for k in range(6):
+        assert out.try_write(bytes([k]) * 16, trans_id=k)
+    assert inc.try_read_payload() == bytes([0]) * 16  # one C call drained all six
+    assert inc.buffered_packets == 5
+    p = inc.try_read()
+    assert p is not None and (p.trans_id, p.payload) == (1, bytes([1]) * 16)
+    assert inc.try_read_payload() == bytes([2]) * 16
+    view = inc.peek()
+    assert view is not None and b"".join(view.segments) == bytes([3]) * 16
+    view.release()
+    (q,) = inc.drain(1)
+    assert (q.trans_id, q.payload) == (4, bytes([4]) * 16)
+    assert inc.try_read_payload() == bytes([5]) * 16
+    assert inc.try_read_payload() is None
+    # a new batch after the old one was read through payloads only
+    assert out.try_write(b"n" * 8, trans_id=9)
+    assert inc.try_read_payload() == b"n" * 8
+    assert out.try_write(b"m" * 8, trans_id=10)
+    p = inc.try_read()
+    assert p is not None and (p.trans_id, p.payload) == (10, b"m" * 8)
