@@ -29,7 +29,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ._ring_cffi import ffi, lib
 from .doorbell import Doorbell
@@ -557,7 +557,33 @@ class ReadInfo(NamedTuple):
     ranges: tuple[GpaRange, ...] | tuple[TransferPageRange, ...] | None
 
 
-class ReadInfoBatch(Sequence[ReadInfo]):
+_T = TypeVar("_T")
+
+
+class _Batch(Sequence[_T]):
+    """A batch whose items are made on access by ``_item(i)``."""
+
+    __slots__ = ()
+
+    def _item(self, i: int) -> _T:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(n))]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("packet index out of range")
+        return self._item(i)
+
+    def __iter__(self) -> Iterator[_T]:
+        for i in range(len(self)):
+            yield self._item(i)
+
+
+class ReadInfoBatch(_Batch[ReadInfo]):
     """What ``IncomingRing.drain_into`` read: one ``ReadInfo`` per packet, in
     order, packet i's payload at ``payload_offsets()[i]`` in the caller's
     buffer.  The ``ReadInfo`` objects are made on access: a bulk drain of many
@@ -574,25 +600,11 @@ class ReadInfoBatch(Sequence[ReadInfo]):
     def __len__(self) -> int:
         return 1 if self._one is not None else len(self._raw) >> 4
 
-    def _info(self, i: int) -> ReadInfo:
+    def _item(self, i: int) -> ReadInfo:
         if self._one is not None:
             return self._one
         t, f, nbytes, tid = _PINFO.unpack_from(self._raw, i << 4)
         return _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
-
-    def __getitem__(self, i: Any) -> Any:
-        n = len(self)
-        if isinstance(i, slice):
-            return [self._info(j) for j in range(*i.indices(n))]
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("packet index out of range")
-        return self._info(i)
-
-    def __iter__(self) -> Iterator[ReadInfo]:
-        for i in range(len(self)):
-            yield self._info(i)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (ReadInfoBatch, list, tuple)):
@@ -627,7 +639,7 @@ class ReadInfoBatch(Sequence[ReadInfo]):
 _NO_INFOS = ReadInfoBatch()
 
 
-class PacketBatch(Sequence[Packet]):
+class PacketBatch(_Batch[Packet]):
     """Packets drained with one C call: a private copy of them, back to back.
 
     ``starts`` holds, per packet i, its start (2i), its payload's start
@@ -643,7 +655,7 @@ class PacketBatch(Sequence[Packet]):
     def __len__(self) -> int:
         return len(self._st) >> 1
 
-    def _packet(self, i: int) -> Packet:
+    def _item(self, i: int) -> Packet:
         st, raw = self._st, self._raw
         j = i + i
         p = _new(Packet)
@@ -651,20 +663,6 @@ class PacketBatch(Sequence[Packet]):
         p._pos = st[j]
         p.payload = raw[st[j + 1] : st[j + 2]]
         return p
-
-    def __getitem__(self, i: Any) -> Any:
-        n = len(self)
-        if isinstance(i, slice):
-            return [self._packet(j) for j in range(*i.indices(n))]
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("packet index out of range")
-        return self._packet(i)
-
-    def __iter__(self) -> Iterator[Packet]:
-        for i in range(len(self)):
-            yield self._packet(i)
 
     def layout(self) -> tuple[bytes, list[int]]:
         """(raw, starts): the batch's private bytes and, per packet i,
