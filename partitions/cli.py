@@ -176,20 +176,7 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
     """Start a cluster: the supervisor, the root partition, then the children."""
     import signal
 
-    from hv.config import dump_toml
-
-    from .launcher import CliError, Reporter, start_cluster
-
-    cfg = _load_config("up", config_path)
-    rd = _rundir(cluster)
-    out = Reporter()
-    source = config_path or "the embedded default config"
-    out.line(f"[bold]viridian up[/]: cluster [bold]{cluster}[/], {len(cfg.partitions)} "
-             f"partitions from {source}")
-    try:
-        res = start_cluster(rd, dump_toml(cfg), len(cfg.partitions), detach, out)
-    except CliError as e:
-        _fail("up", e)
+    cfg, rd, out, res = _start("up", config_path, cluster, detach)
     out.line(f"cluster [bold]{cluster}[/] running: {res.partitions} partitions in "
              f"{res.seconds:.2f} s (supervisor pid {res.supervisor_pid})")
     out.line(f"run dir: {rd.path}")
@@ -238,6 +225,35 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
     out.line(_stopped_line(res.partitions, stop))
     if stop.left:
         sys.exit(EXIT_FAILED)
+
+
+def _start(cmd: str, config_path: str | None, cluster: str, detach: bool,
+           hits: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """Start a cluster for ``up`` or ``demo``: load the config, say what starts, start it.
+
+    With ``hits``, SIGINT and SIGTERM only count from before the start: a
+    Ctrl+C then cannot leave a cluster half-made.
+
+    Returns:
+        (config, RunDir, launcher.Reporter, launcher.StartResult).
+    """
+    from hv.config import dump_toml
+
+    from .launcher import CliError, Reporter, start_cluster
+
+    cfg = _load_config(cmd, config_path)
+    rd = _rundir(cluster)
+    out = Reporter()
+    if hits is not None:
+        _count_signals(hits)
+    source = config_path or "the embedded default config"
+    out.line(f"[bold]viridian {cmd}[/]: cluster [bold]{cluster}[/], {len(cfg.partitions)} "
+             f"partitions from {source}")
+    try:
+        res = start_cluster(rd, dump_toml(cfg), len(cfg.partitions), detach, out)
+    except CliError as e:
+        _fail(cmd, e)
+    return cfg, rd, out, res
 
 
 def _count_signals(hits: list[int]) -> None:
@@ -316,26 +332,13 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
     summary and a leftover check follow.  `viridian ringdemo` is the older demo
     of one ring between two processes, without a cluster.
     """
-    from hv.config import dump_toml
-
-    from .launcher import CliError, Reporter, start_cluster
     from .liveview import Demo, DemoOptions, fmt_size
 
     sizes = _parse_sizes(size_text)
     if len(sizes) != 1 or not 1 <= sizes[0] <= 65536:
         raise click.BadParameter(f"{size_text!r}: one size from 1 to 64K", param_hint="--size")
-    cfg = _load_config("demo", config_path)
-    rd = _rundir(cluster)
-    out = Reporter()
-    hits: list[int] = []
-    _count_signals(hits)  # Ctrl+C during start-up: start, then stop at once (nothing half-made)
-    source = config_path or "the embedded default config"
-    out.line(f"[bold]viridian demo[/]: cluster [bold]{cluster}[/], {len(cfg.partitions)} "
-             f"partitions from {source}")
-    try:
-        res = start_cluster(rd, dump_toml(cfg), len(cfg.partitions), False, out)
-    except CliError as e:
-        _fail("demo", e)
+    hits: list[int] = []  # Ctrl+C during start-up: start, then stop at once (nothing half-made)
+    _cfg, rd, out, res = _start("demo", config_path, cluster, False, hits)
     assert res.client is not None and res.proc is not None
     show = Demo(rd.control_socket, res.client, DemoOptions(seconds, sizes[0], window), hits,
                 out.console, logs_dir=rd.logs)
@@ -351,25 +354,20 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
         show.finish()
     finally:
         stop = _stop_foreground(rd, res, out, outcome == "stopped", hits)
-    lines = show.summary_lines()
-    if lines:
-        out.line("summary (each child's end of its channel; packets and bytes count both "
-                 "directions):")
-        for line in lines:
-            out.console.print(line, markup=False, soft_wrap=True)
-    else:
-        out.line("no echo stream ran")
-    lines = show.memory_summary_lines()
-    if lines:
-        out.line("dynamic memory (each child's DM channel; assigned: the least and most seen):")
-        for line in lines:
-            out.console.print(line, markup=False, soft_wrap=True)
-    lines = show.disk_summary_lines()
-    if lines:
-        out.line("disks (the demo's random 4 KiB reads, as the root counted them; benches "
-                 "timed by each child):")
-        for line in lines:
-            out.console.print(line, markup=False, soft_wrap=True)
+    for heading, summary, if_empty in (
+            ("summary (each child's end of its channel; packets and bytes count both "
+             "directions):", show.summary_lines, "no echo stream ran"),
+            ("dynamic memory (each child's DM channel; assigned: the least and most seen):",
+             show.memory_summary_lines, None),
+            ("disks (the demo's random 4 KiB reads, as the root counted them; benches "
+             "timed by each child):", show.disk_summary_lines, None)):
+        lines = summary()
+        if lines:
+            out.line(heading)
+            for line in lines:
+                out.console.print(line, markup=False, soft_wrap=True)
+        elif if_empty:
+            out.line(if_empty)
     out.line(_stopped_line(res.partitions, stop))
     if stop.left:
         sys.exit(EXIT_FAILED)
