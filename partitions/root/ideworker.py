@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from hv.hypercalls import FrameDecoder, WireError, recv_frames
-from hv.intercept import OUT, SPIN_NS, InterceptServer
+from hv.intercept import OUT, InterceptServer
 from hv.jsonlog import JsonLog
 from hv.memory import GpaError, GrantTable
 from hv.proc import die_with_parent
@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             if server.pending():
                 server.serve_one(handle)
                 # the next access of a busy driver comes within microseconds:
-                # spin for it before sleeping (the channels' spin-then-block)
-                end = time.perf_counter_ns() + SPIN_NS
-                while not server.pending() and time.perf_counter_ns() < end:
-                    pass
+                # spin for it before sleeping (the channels' spin-then-block).
+                # Timeout 0: only the spin; the sleep is the poll below, which
+                # must also watch the root's socket.
+                server.wait(0)
                 continue
             now = time.monotonic()
             if server.served != served_before and now >= next_stats:
