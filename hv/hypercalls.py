@@ -738,6 +738,15 @@ class HypercallRouter:
             return None
         return part
 
+    def _from_root(self, caller: int) -> bool:
+        """Whether ``caller`` is the root; any other partition's call counts as denied."""
+        part = self._parts.get(caller)
+        if part is None or caller != self.root_id:
+            if part is not None:
+                part.denied += 1
+            return False
+        return True
+
     def _lookup(self, part: _Partition, connection_id: int) -> Connection | None:
         conn = self._conns.get(connection_id)
         if conn is None or part.partition_id not in conn.allowed:
@@ -863,10 +872,7 @@ class HypercallRouter:
         from .link import runtime_frame  # local: link imports this module
 
         self.calls += 1
-        part = self._parts.get(caller)
-        if part is None or caller != self.root_id:
-            if part is not None:
-                part.denied += 1
+        if not self._from_root(caller):
             return HvStatus.ACCESS_DENIED, 0
         target = self._parts.get(child)
         if child == self.root_id or target is None or target.synic is None:
@@ -890,10 +896,7 @@ class HypercallRouter:
     # -- Dynamic Memory (root only) --
 
     def _dm_target(self, caller: int, child: int) -> tuple[HvStatus, Any]:
-        part = self._parts.get(caller)
-        if part is None or caller != self.root_id:
-            if part is not None:
-                part.denied += 1
+        if not self._from_root(caller):
             return HvStatus.ACCESS_DENIED, None
         target = self._parts.get(child)
         if child == self.root_id or target is None or target.memory is None:
