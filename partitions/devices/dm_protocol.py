@@ -18,7 +18,7 @@ import enum
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self
 
 __all__ = [
     "DM_CLASS_ID",
@@ -123,8 +123,9 @@ class VersionRequest(DmMessage):
 
 
 @dataclass(frozen=True, slots=True)
-class VersionResponse(DmMessage):
-    TYPE = DmType.VERSION_RESPONSE
+class _Accepted(DmMessage):
+    """Base of the two answers whose body is one u64 with ``is_accepted`` in bit 0."""
+
     _BODY = struct.Struct("<Q")
     is_accepted: bool
 
@@ -132,8 +133,13 @@ class VersionResponse(DmMessage):
         return self._BODY.pack(int(self.is_accepted))
 
     @classmethod
-    def parse(cls, b: bytes) -> VersionResponse:
+    def parse(cls, b: bytes) -> Self:
         return cls(bool(cls._BODY.unpack_from(b)[0] & 1))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionResponse(_Accepted):
+    TYPE = DmType.VERSION_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,17 +165,8 @@ class CapabilitiesReport(DmMessage):
 
 
 @dataclass(frozen=True, slots=True)
-class CapabilitiesResponse(DmMessage):
+class CapabilitiesResponse(_Accepted):
     TYPE = DmType.CAPABILITIES_RESPONSE
-    _BODY = struct.Struct("<Q")
-    is_accepted: bool
-
-    def body(self) -> bytes:
-        return self._BODY.pack(int(self.is_accepted))
-
-    @classmethod
-    def parse(cls, b: bytes) -> CapabilitiesResponse:
-        return cls(bool(cls._BODY.unpack_from(b)[0] & 1))
 
 
 @dataclass(frozen=True, slots=True)
