@@ -39,7 +39,7 @@ from vmbus import protocol as P
 from vmbus.channel import Channel
 from vmbus.doorbell import Doorbell
 from vmbus.errors import RingCorruptError
-from vmbus.server import ChannelState, GpadlState, ServerChannel, ServerGpadl, VmbusServer
+from vmbus.server import GpadlState, ServerChannel, ServerGpadl, VmbusServer
 
 from .devices import DeviceClass, DeviceError, Vsp, device_spec
 from .devices.base import DEVICES
@@ -405,9 +405,7 @@ class VmbusHost:
                     continue
                 for relid, sch in list(bus.server.channels.items()):
                     if sch.ring_gpadl == gpadl and relid in bus.channels:
-                        bus.close_channel(sch, "its ring memory was revoked")
-                        if sch.state in (ChannelState.OPEN, ChannelState.OPENING):
-                            sch.state = ChannelState.CLOSED
+                        bus.server.close(relid, "its ring memory was revoked")
 
     def on_partition(self, obj: dict[str, Any]) -> None:
         bus = self.buses.get(obj.get("id"))  # type: ignore[arg-type]

@@ -2,9 +2,9 @@
 
 Layer: vmbus (no I/O).  One ``VmbusServer`` serves one child partition: it
 takes decoded messages from the child (``handle``), the root's own decisions
-(``offer``, ``rescind``, ``complete_*``), and emits everything through a
-``ServerNotifier`` (send a message to the child; ask the device side to
-validate a GPADL, open or close a channel).  The process loop in
+(``offer``, ``rescind``, ``close``, ``complete_*``), and emits everything
+through a ``ServerNotifier`` (send a message to the child; ask the device side
+to validate a GPADL, open or close a channel).  The process loop in
 ``partitions/`` connects it to real IPC; tests use ``vmbus.testing``'s
 recording notifier.
 
@@ -156,6 +156,17 @@ class VmbusServer:
             self.n.send(P.RescindChannelOffer(relid))
         else:
             del self.channels[relid]  # the child never saw it
+
+    def close(self, relid: int, reason: str) -> None:
+        """Close an open channel from the root's side (its ring memory went
+        away): the device is told (``close_channel``), the offer stands and
+        the child may open it again.  Sends nothing."""
+        ch = self.channels.get(relid)
+        if ch is None:
+            raise ValueError(f"no channel {relid}")
+        if ch.state in (ChannelState.OPENING, ChannelState.OPEN):
+            self.n.close_channel(ch, reason)
+            ch.state = ChannelState.CLOSED
 
     def complete_gpadl(self, gpadl: int, ok: bool, reason: str = "") -> None:
         """The validation's answer: GPADL_CREATED with status 0, or (``ok``
