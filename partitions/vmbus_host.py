@@ -380,13 +380,12 @@ class VmbusHost:
         if message_type != HV_MESSAGE_TYPE_VMBUS:  # a child may post any type: capped too
             bus.protocol_error(f"message of type {message_type:#x} is not a VMBus message", None)
             return
-        if self.tracing:
-            try:
-                self.trace_message("in", bus.name, P.decode(payload))
-            except P.ProtocolError:
-                pass
         try:
-            bus.server.handle_bytes(payload)
+            msg = bus.server.decode(payload)
+            if msg is None:
+                return
+            self.trace_message("in", bus.name, msg)
+            bus.server.handle(msg)
         except (ConnectionError, TimeoutError):
             raise  # the supervisor link failed: the runtime's business
         except Exception as e:  # a bug a child's message hit: that child's bus only

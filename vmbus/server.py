@@ -199,12 +199,19 @@ class VmbusServer:
     # -- messages from the child ---------------------------------------------
     def handle_bytes(self, data: bytes) -> None:
         """Decode and handle one message; malformed ones become a protocol_error."""
+        msg = self.decode(data)
+        if msg is not None:
+            self.handle(msg)
+
+    def decode(self, data: bytes) -> Message | None:
+        """One message from the child, or None when it is malformed (one
+        protocol_error).  For a caller that looks at the message before
+        ``handle`` (a trace) without decoding it twice."""
         try:
-            msg = P.decode(data)
+            return P.decode(data)
         except ProtocolError as e:
             self.n.protocol_error(str(e), None)
-            return
-        self.handle(msg)
+            return None
 
     def handle(self, msg: Message) -> None:
         handler = self._HANDLERS.get(msg.TYPE)
