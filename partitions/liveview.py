@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,14 +164,31 @@ def _chan_name(p: dict[str, Any], c: dict[str, Any]) -> str:
     return f"{name}→{clean(c['child'], 16)}" if "child" in c else name
 
 
+def _own_channel(p: dict[str, Any], cls: str) -> dict[str, Any] | None:
+    """A child's own end of its channel of class ``cls`` (``echo``, ``dynmem``)."""
+    for c in _channels(p):
+        if c.get("class") == cls and c.get("end", "vsc") == "vsc" and "child" not in c:
+            return c
+    return None
+
+
+ProcKey = tuple[str, int]  # a partition's process: its name, its pid (0: none)
+
+
+def _proc_key(p: dict[str, Any], missing: object = "?") -> ProcKey:
+    """The key of ``p``'s process row: its name (``missing`` without one), its pid.
+    The demo's records pass None (a nameless entry is "None" there, "?" in the
+    views); the supervisor names every entry, so only a hand-made status differs."""
+    return clean(p.get("name", missing)), _int(p.get("pid"))
+
+
 # -- rates -----------------------------------------------------------------------------------
 
 ChannelKey = tuple[str, int, str, int]  # partition, its pid, child (root's end), relid
 
 
 def channel_key(p: dict[str, Any], c: dict[str, Any]) -> ChannelKey:
-    return (clean(p.get("name", "?")), _int(p.get("pid")), clean(c.get("child", "")),
-            _int(c.get("relid")))
+    return (*_proc_key(p), clean(c.get("child", "")), _int(c.get("relid")))
 
 
 class ChannelRates:
@@ -308,7 +325,7 @@ class MemoryHistory:
         self.cells = cells
         self.cell_s = span_s / cells
         self._hist: dict[str, deque[tuple[int, int]]] = {}  # name -> (cell, most assigned)
-        self.seen: dict[tuple[str, int], tuple[int, int]] = {}  # (name, pid) -> (least, most)
+        self.seen: dict[ProcKey, tuple[int, int]] = {}  # (name, pid) -> (least, most)
 
     def _cell(self, now: float) -> int:
         return int((now - self.t0) // self.cell_s)
@@ -316,7 +333,7 @@ class MemoryHistory:
     def update(self, st: dict[str, Any], now: float) -> None:
         cell = self._cell(now)
         for p in st.get("partitions", []):
-            name, pid = clean(p.get("name", "?")), _int(p.get("pid"))
+            name, pid = _proc_key(p)
             a = _int(_mem(p).get("assigned_bytes"))
             if not pid or a <= 0:  # no process: a gap in its line
                 continue
@@ -344,14 +361,6 @@ class MemoryHistory:
         return "".join(out)
 
 
-def _dm_channel(p: dict[str, Any]) -> dict[str, Any] | None:
-    """A child's own end of its Dynamic Memory channel."""
-    for c in _channels(p):
-        if c.get("class") == "dynmem" and c.get("end", "vsc") == "vsc" and "child" not in c:
-            return c
-    return None
-
-
 def memory_table(st: dict[str, Any], history: MemoryHistory, now: float) -> Any:
     """Per partition: assigned, visible, demand, the DM channel's hot-adds and
     balloons, and a sparkline of assigned memory over the last minute."""
@@ -364,18 +373,17 @@ def memory_table(st: dict[str, Any], history: MemoryHistory, now: float) -> Any:
                  (f"Assigned, last {secs:.0f} s", "left", history.cells)))
     for p in st.get("partitions", []):
         m = _mem(p)
-        pid = _int(p.get("pid"))
+        who, pid = _proc_key(p)  # (as the history keys it)
         a, vis, dem = (_int(m.get(k)) for k in ("assigned_bytes", "guest_visible_bytes",
                                                  "demand_bytes"))
-        dm = _dm_channel(p)
+        dm = _own_channel(p, "dynmem")
         d = _device(dm) if dm else {}
         name = clean(p.get("name", "?"), 16)
         t.add_row(_markup_safe(name), fmt_iec(a) if pid and a else "-",
                   fmt_iec(vis) if pid and vis else "-", fmt_iec(dem) if pid and dem else "-",
                   f"{fmt_count(_int(d.get('hot_adds')))}/{fmt_count(_int(d.get('balloons')))}"
                   if d else "-",
-                  Text(history.sparkline(clean(p.get("name", "?")), _int(m.get("maximum_bytes")),
-                                         now),
+                  Text(history.sparkline(who, _int(m.get("maximum_bytes")), now),
                        style="green" if m.get("dynamic") is True else "dim"))
     return t
 
@@ -495,7 +503,7 @@ class DiskRates:
             if not isinstance(p, dict):
                 continue
             for i, d in enumerate(disk_entries(p)):
-                key = (clean(p.get("name", "?")), _int(p.get("pid")), i)
+                key = (*_proc_key(p), i)
                 seen.add(key)
                 c = disk_counters(d)
                 v = (c["read_ops"], c["write_ops"], c["read_bytes"] + c["write_bytes"],
@@ -661,7 +669,7 @@ def demo_disks_table(st: dict[str, Any], rates: DiskRates,
     for p in st.get("partitions", []):
         if not isinstance(p, dict):
             continue
-        name, pid = clean(p.get("name", "?")), _int(p.get("pid"))
+        name, pid = _proc_key(p)
         for i, d in enumerate(disk_entries(p)):
             key = (name, pid, i)
             r = rates.rate(key) if pid else None
@@ -705,11 +713,11 @@ def disk_progress(st: dict[str, Any], rates: DiskRates) -> str | None:
         if not isinstance(p, dict) or p.get("role") != "child":
             continue
         disks = disk_entries(p)
-        name, pid = clean(p.get("name", "?"), 16), _int(p.get("pid"))
+        key, name = _proc_key(p), clean(p.get("name", "?"), 16)
         for i, d in enumerate(disks):
             bus = disk_bus(d)
             who = f"{name} {bus}" + (f"#{i}" if len(disks) > 1 else "")
-            r = rates.rate((clean(p.get("name", "?")), pid, i)) if pid else None
+            r = rates.rate((*key, i)) if key[1] else None
             if r is None:
                 items.append(f"{who} -")
                 continue
@@ -851,13 +859,6 @@ class StreamRecord:
     seen: float = 0.0  # when it was last seen (the end of a stream whose process is gone)
 
 
-def _echo_channel(p: dict[str, Any]) -> dict[str, Any] | None:
-    for c in _channels(p):
-        if c.get("class") == "echo" and c.get("end", "vsc") == "vsc" and "child" not in c:
-            return c
-    return None
-
-
 def _wants_echo(p: dict[str, Any]) -> bool:
     devs = p.get("devices")
     return isinstance(devs, list) and any(
@@ -889,12 +890,12 @@ class Demo:
         self.hits = hits
         self.console = console
         self.rates = ChannelRates()
-        self.streams: dict[tuple[str, int], StreamRecord] = {}
-        self.bursts: dict[tuple[str, int], StreamRecord] = {}  # the DM workload per child
+        self.streams: dict[ProcKey, StreamRecord] = {}
+        self.bursts: dict[ProcKey, StreamRecord] = {}  # the DM workload per child
         self.logs_dir = logs_dir
         self.disk_rates = DiskRates()
         self.disks: dict[DiskKey, DiskRecord] = {}  # every child disk seen, per process
-        self.disk_work: dict[tuple[str, int], DiskWork] = {}  # the benches, per child process
+        self.disk_work: dict[ProcKey, DiskWork] = {}  # the benches, per child process
         self.notes: deque[str] = deque(maxlen=4)
         self.status: dict[str, Any] = {}
         self.t0 = time.monotonic()
@@ -949,8 +950,9 @@ class Demo:
         self.memory.update(st, now)
         self.disk_rates.update(st, now)
         for p in st.get("partitions", []):
-            key = (clean(p.get("name")), _int(p.get("pid")))
-            for recs, c in ((self.streams, _echo_channel(p)), (self.bursts, _dm_channel(p))):
+            key = _proc_key(p, None)
+            for recs, cls in ((self.streams, "echo"), (self.bursts, "dynmem")):
+                c = _own_channel(p, cls)
                 rec = recs.get(key)
                 if rec is not None and c is not None:
                     rec.last, rec.seen = c, now
@@ -968,6 +970,12 @@ class Demo:
                 else:
                     drec.observe(counters)
         return True
+
+    def _running_children(self) -> Iterator[tuple[dict[str, Any], ProcKey]]:
+        """The running children of the last status, each with its key."""
+        for p in self.status.get("partitions", []):
+            if p.get("role") == "child" and p.get("state") == "running":
+                yield p, _proc_key(p, None)
 
     # -- the disk benches ------------------------------------------------------------------
     def _disk_ready(self, p: dict[str, Any], d: dict[str, Any], work: DiskWork,
@@ -1015,10 +1023,7 @@ class Demo:
         every second, once its disks answer; at most one in flight per child."""
         assert self._ctl is not None
         now = time.monotonic()
-        for p in self.status.get("partitions", []):
-            if p.get("role") != "child" or p.get("state") != "running":
-                continue
-            key = (clean(p.get("name")), _int(p.get("pid")))
+        for p, key in self._running_children():
             disks = disk_entries(p)
             if not key[1] or not disks:
                 continue
@@ -1064,11 +1069,8 @@ class Demo:
     def _start_bursts(self) -> None:
         """The DM ``bursts`` workload on every running child whose DM channel is ready."""
         assert self._ctl is not None
-        for p in self.status.get("partitions", []):
-            if p.get("role") != "child" or p.get("state") != "running":
-                continue
-            c = _dm_channel(p)
-            key = (clean(p.get("name")), _int(p.get("pid")))
+        for p, key in self._running_children():
+            c = _own_channel(p, "dynmem")
             if (c is None or c.get("state") != "open" or _device(c).get("state") != "ready"
                     or key in self.bursts):
                 continue
@@ -1084,11 +1086,8 @@ class Demo:
 
     def _start_streams(self) -> None:
         assert self._ctl is not None
-        for p in self.status.get("partitions", []):
-            if p.get("role") != "child" or p.get("state") != "running":
-                continue
-            c = _echo_channel(p)
-            key = (clean(p.get("name")), _int(p.get("pid")))
+        for p, key in self._running_children():
+            c = _own_channel(p, "echo")
             if c is None or c.get("state") != "open" or key in self.streams:
                 continue
             args = {"size": self.opts.size_bytes, "window": self.opts.window, "seconds": 0}
@@ -1155,7 +1154,7 @@ class Demo:
     def progress_line(self) -> str:
         items = []
         for p in self.status.get("partitions", []):
-            c = _echo_channel(p)
+            c = _own_channel(p, "echo")
             if c is None:
                 continue
             r = self.rates.rate(channel_key(p, c))
@@ -1227,9 +1226,8 @@ class Demo:
         hits = len(self.hits)
         try:
             if self.outcome != "stopped":
-                running = {clean(p.get("name")): _int(p.get("pid"))
-                           for p in self.status.get("partitions", [])
-                           if p.get("state") == "running"}
+                running = dict(_proc_key(p, None) for p in self.status.get("partitions", [])
+                               if p.get("state") == "running")
                 for device, recs in (("echo", self.streams), ("dynmem", self.bursts)):
                     for (name, pid), rec in recs.items():
                         if running.get(name) != pid:
@@ -1258,23 +1256,22 @@ class Demo:
 
     def _settled(self) -> bool:
         for p in self.status.get("partitions", []):
-            rec = self.streams.get((clean(p.get("name")), _int(p.get("pid"))))
+            rec = self.streams.get(_proc_key(p, None))
             if rec is None:
                 continue
-            c = _echo_channel(p)
+            c = _own_channel(p, "echo")
             d = _device(c) if c else {}
             if d.get("streaming") or _int(d.get("in_flight")):
                 return False
         for p in self.status.get("partitions", []):
-            key = (clean(p.get("name")), _int(p.get("pid")))
-            rec = self.bursts.get(key)
+            rec = self.bursts.get(_proc_key(p, None))
             if rec is None or rec.stopped is None:
                 continue
-            c = _dm_channel(p)
+            c = _own_channel(p, "dynmem")
             if c is not None and _int(_device(c).get("workload_pages")):
                 return False  # its pages are freed (and checked) at stop: not reported yet
-        running = {(clean(p.get("name")), _int(p.get("pid")))
-                   for p in self.status.get("partitions", []) if p.get("state") == "running"}
+        running = {_proc_key(p, None) for p in self.status.get("partitions", [])
+                   if p.get("state") == "running"}
         for work in self.disk_work.values():
             if (work.partition, work.pid) in running and work.pending is not None:
                 return False  # its last bench runs (the child logs its result at the end)
