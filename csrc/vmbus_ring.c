@@ -181,6 +181,7 @@ int vmbr_attach(struct vmbr_ring *r, uint8_t *base, uint64_t ring_bytes, int out
         r->peer_index = rd;
     }
     r->heavy = heavy_barrier_usable(outgoing);
+    r->heavy_gap_ns = VMBR_HEAVY_GAP_NS;
     return 0;
 }
 
@@ -886,13 +887,21 @@ void vmbr_mask_interrupts(struct vmbr_ring *r)
         return;
     /* The promise first (see publish_write): a writer that sees our mask must
      * see the promise it was set under.  Relaxed: the mask's release store
-     * below orders it.  A reader that cannot keep the promise withdraws one
-     * an earlier reader of this ring left.  Each is stored only when it
-     * differs, as the mask is: the promise's line is then never written. */
-    uint32_t want = r->heavy & 1u ? VMBR_READER_HEAVY_BARRIER : 0;
-    if (atomic_load_explicit(SHARED(r, VMBR_OFF_VIRIDIAN), memory_order_relaxed) != want)
+     * below orders it.  A reader that cannot keep the promise, or will not
+     * this time (it unmasked less than heavy_gap_ns ago), withdraws it,
+     * also one an earlier reader of this ring left.  A writer may still have
+     * seen a promise we withdraw (with a mask left set), so a reader that can
+     * run the barrier still owes it then.  Each is stored only when it
+     * differs, as the mask is. */
+    uint32_t want = 0;
+    if (r->heavy & 2u) /* already masked under the promise */
+        want = VMBR_READER_HEAVY_BARRIER;
+    else if (r->heavy & 1u && now_ns() - r->heavy_ns >= r->heavy_gap_ns)
+        want = VMBR_READER_HEAVY_BARRIER; /* (it has not slept for a while) */
+    uint32_t cur = atomic_load_explicit(SHARED(r, VMBR_OFF_VIRIDIAN), memory_order_relaxed);
+    if (cur != want)
         atomic_store_explicit(SHARED(r, VMBR_OFF_VIRIDIAN), want, memory_order_relaxed);
-    if (want)
+    if (want || (cur && r->heavy & 1u))
         r->heavy |= 2u; /* the next unmask owes the heavy barrier */
     /* Masking is only an optimisation: a writer that still sees the old 0
      * sends one spurious signal, which the eventfd absorbs.  Stored only when
@@ -909,6 +918,8 @@ int64_t vmbr_unmask_interrupts(struct vmbr_ring *r)
 {
     if (r->corrupt)
         return VMBR_E_CORRUPT;
+    if (r->heavy & 1u)
+        r->heavy_ns = now_ns(); /* a reader that unmasks often will not promise */
     /* Relaxed store, ordered by the barrier below. */
     atomic_store_explicit(SHARED(r, VMBR_OFF_INTERRUPT_MASK), 0, memory_order_relaxed);
     if (r->heavy & 2u) {

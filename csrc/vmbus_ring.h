@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 14
+#define VMBR_ABI_VERSION 15
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -113,7 +113,14 @@ struct vmbr_ring {
     uint64_t signals;       /* times we told the caller to signal the peer      */
     uint64_t signals_suppressed; /* publications that needed no signal         */
     uint64_t full;          /* writer: writes refused for lack of space         */
+    uint64_t heavy_ns;      /* reader: when it last unmasked (CLOCK_MONOTONIC)  */
+    uint64_t heavy_gap_ns;  /* reader: promise only this long after an unmask
+                             * (vmbr_attach sets VMBR_HEAVY_GAP_NS)              */
 };
+
+/* A reader that unmasked (was about to sleep) less than this many ns ago
+ * masks without the promise: it fences like a reader without membarrier(2). */
+#define VMBR_HEAVY_GAP_NS 10000000
 
 /* A snapshot of the shared control page, for debug_info(); raw, unvalidated. */
 struct vmbr_snapshot {
@@ -300,7 +307,12 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   mask set under the promise then skips its own fence (see publish_write).
  *   The barrier costs the rare unmask ~0.4 us (~11 us in this VM when the
  *   writer is running on the other vCPU); the fence it saves cost every
- *   write up to ~150 ns when the reader polls the same cache line.
+ *   write up to ~150 ns when the reader polls the same cache line.  A reader
+ *   that sleeps often (a device loop at queue depth 32 unmasks every few
+ *   tens of us) would pay more than it saves (measured: storvsc at QD 32
+ *   lost ~10 %, even with one barrier per ms), so it promises only when its
+ *   last unmask is heavy_gap_ns (VMBR_HEAVY_GAP_NS, 10 ms) old: a stream or
+ *   a ping-pong that keeps it busy, not a loop that keeps going to sleep.
  *
  * vmbr_attach of an outgoing ring registers the process as a target of
  *   MEMBARRIER_CMD_GLOBAL_EXPEDITED (once per attach; idempotent), and only

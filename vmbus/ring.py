@@ -61,7 +61,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
