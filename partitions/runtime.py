@@ -357,8 +357,9 @@ class PartitionRuntime:
                         self.vmbus.on_grant()
                 else:
                     msg = self.memory.apply_frame(fr)
+                    # (a child's bus, VmbusGuest, owns the page allocator)
                     if op == MemoryOp.BALLOON and self.vmbus is not None \
-                            and hasattr(self.vmbus, "alloc"):
+                            and self.role != "root":
                         lost = sum(self.vmbus.alloc.withdraw(seg.gpa_pfn, seg.npages)
                                    for seg in msg.segments)
                         if lost:
