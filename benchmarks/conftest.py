@@ -1,6 +1,6 @@
 """Fixtures and the report of Viridian's benchmark suite.
 
-Run everything (about 3-4 minutes on the 2-vCPU build machine):
+Run everything (about 6 minutes on the 2-vCPU build machine):
 
     .venv/bin/python -m pytest benchmarks [--benchmark-json=out.json]
 
@@ -14,9 +14,11 @@ _ROUNDS, _WARMUP, _LAT_ROUNDS, _LAT_PINGS, _LAT_SKIP, _IDLE_S, _RING_BYTES,
 _DEADLINE_S and _CPUS ("0,1": producer CPU, consumer CPU).
 
 At the end ``pytest_terminal_summary`` prints one table (msgs/s, GB/s and
-ratios per size), the latency table, the idle reader's CPU, the check of
-issue 2's targets, the channel block of bench_channels.py with issue 4's
-target, and a system block; the same goes to benchmarks/results/latest.json.
+ratios per size), the latency table, the head-to-head block of
+bench_paired.py, the idle reader's CPU, the check of issue 2's targets (each
+ratio judged head to head when that ran), the channel block of
+bench_channels.py with issue 4's target, the storage block with issue 7's, and a
+system block; the same goes to benchmarks/results/latest.json.
 """
 
 from __future__ import annotations
