@@ -145,19 +145,12 @@ def _extension_info() -> str:
 
 
 def _leftovers(start: dict[str, Any]) -> str:
-    problems, notes = [], []
+    problems = []
     for d, before in start["dirs"].items():
         with contextlib.suppress(OSError):
             new = set(os.listdir(d)) - before
-            # iceoryx2 keeps one 16-byte global management segment per machine
-            # (iox2_<hash>_node..._global_mgmt) once any node has existed.
-            iox = {e for e in new if e.startswith("iox2_") and e.endswith("global_mgmt")}
-            for e in iox:  # this run created it (it was not there before): remove it
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(d, e))
-                    notes.append(f"iceoryx2's global management segment removed ({d}/{e})")
-            if new - iox:
-                problems.append(f"new entries in {d}: {sorted(new - iox)}")
+            if new:
+                problems.append(f"new entries in {d}: {sorted(new)}")
     with contextlib.suppress(Exception):
         import psutil
 
@@ -166,7 +159,7 @@ def _leftovers(start: dict[str, Any]) -> str:
         if kids:
             problems.append(f"worker processes still alive: {[k.pid for k in kids]}")
     text = "; ".join(problems) if problems else "none (/dev/shm, /dev/mqueue, worker processes)"
-    return "; ".join([text, *notes])
+    return text
 
 
 def _system(cfg: BenchConfig, start: dict[str, Any]) -> dict[str, Any]:

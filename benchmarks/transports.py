@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -755,8 +756,6 @@ class FasterFifoConsumer(Consumer):
 
 
 def _zmq_setup(size: int, ring_data: int, opts: dict[str, Any]) -> Setup:
-    import shutil
-
     d = tempfile.mkdtemp(prefix="viridian-bench-zmq-")
     path = "ipc://" + os.path.join(d, "s")
     return Setup(path, path, cleanup=lambda: shutil.rmtree(d, ignore_errors=True))
@@ -799,16 +798,69 @@ class ZmqConsumer(Consumer):
 # copies the payload out with ctypes.string_at.
 
 
+# Each pair runs iceoryx2 under a private prefix (its /dev/shm segments, the
+# global management segment included, are named "<prefix>...") and a private
+# root directory (its node and service files), both carrying this process's
+# pid.  The pair's cleanup removes them whatever became of the workers (kill -9
+# included); a later setup removes those of a benchmark run that was itself
+# killed (its pid is gone).
+IOX_SHM = "/dev/shm"
+IOX_TAG = "vbiox"  # prefixes are "vbiox<pid>x<n>_"
+IOX_ROOT = "viridian-bench-iox-"  # root dirs are tempdir/"viridian-bench-iox-<pid>-..."
+
+
+def iox_remove(prefix: str, root: str) -> None:
+    """Every trace of one iceoryx2 prefix and root directory."""
+    with contextlib.suppress(OSError):
+        for e in os.listdir(IOX_SHM):
+            if e.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(IOX_SHM, e))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def iox_sweep_dead() -> list[str]:
+    """Remove the iceoryx2 state of benchmark runs whose process is gone."""
+    import psutil
+
+    def dead(pid: str) -> bool:
+        return pid.isdigit() and not psutil.pid_exists(int(pid))
+
+    gone = []
+    with contextlib.suppress(OSError):
+        for e in os.listdir(IOX_SHM):
+            if e.startswith(IOX_TAG) and dead(e[len(IOX_TAG):].split("x", 1)[0]):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(IOX_SHM, e))
+                    gone.append(os.path.join(IOX_SHM, e))
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for e in os.listdir(tmp):
+            if e.startswith(IOX_ROOT) and dead(e[len(IOX_ROOT):].split("-", 1)[0]):
+                shutil.rmtree(os.path.join(tmp, e), ignore_errors=True)
+                gone.append(os.path.join(tmp, e))
+    return gone
+
+
 def _iox_setup(size: int, ring_data: int, opts: dict[str, Any]) -> Setup:
+    iox_sweep_dead()
     name = _unique("viridian-bench/iox").replace("-", "_")
-    return Setup(name, name, info={"subscriber_buffer": 256})
+    prefix = f"{IOX_TAG}{os.getpid()}x{_counter[0]}_"
+    root = tempfile.mkdtemp(prefix=f"{IOX_ROOT}{os.getpid()}-")
+    args = (name, prefix, root)
+    return Setup(args, args, cleanup=lambda: iox_remove(prefix, root),
+                 info={"subscriber_buffer": 256})
 
 
-def _iox_service(name: str) -> tuple[Any, Any, Any]:
+def _iox_service(args: tuple[str, str, str]) -> tuple[Any, Any, Any]:
     import iceoryx2 as iox2
 
+    name, prefix, root = args
     iox2.set_log_level(iox2.LogLevel.Error)
-    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    cfg = iox2.config.default()
+    cfg.global_cfg.prefix = iox2.FileName.new(prefix)
+    cfg.global_cfg.root_path = iox2.Path.new(root + "/")
+    node = iox2.NodeBuilder.new().config(cfg).create(iox2.ServiceType.Ipc)
     svc = (
         node.service_builder(iox2.ServiceName.new(name))
         .publish_subscribe(iox2.Slice[ctypes.c_uint8])
@@ -826,8 +878,8 @@ class IoxProducer(Producer):
     dropped; iceoryx2 issue #1697, seen here with 0.10), so the parent starts
     the producer first and the connection is made before the first round."""
 
-    def __init__(self, name: str, size: int, opts: dict[str, Any]) -> None:
-        iox2, self.node, self.svc = _iox_service(name)
+    def __init__(self, args: Any, size: int, opts: dict[str, Any]) -> None:
+        iox2, self.node, self.svc = _iox_service(args)
         self.pub = (
             self.svc.publisher_builder()
             .initial_max_slice_len(max(size, 64))
@@ -869,8 +921,8 @@ class IoxProducer(Producer):
 
 
 class IoxConsumer(Consumer):
-    def __init__(self, name: str, size: int, opts: dict[str, Any]) -> None:
-        _, self.node, self.svc = _iox_service(name)
+    def __init__(self, args: Any, size: int, opts: dict[str, Any]) -> None:
+        _, self.node, self.svc = _iox_service(args)
         self.sub = self.svc.subscriber_builder().buffer_size(256).create()
         rcv, string_at = self.sub.receive, ctypes.string_at
 
