@@ -20,9 +20,16 @@ import statistics
 
 import pytest
 
-from . import transports as tr
 from .bench_latency import _open as open_pingpong
-from .harness import QuietGate, calibrate, check_n, open_stream_pair, percentiles, stream_k
+from .harness import (
+    QuietGate,
+    calibrate,
+    check_n,
+    open_stream_pair,
+    percentiles,
+    skip_unless_available,
+    stream_k,
+)
 
 NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 
@@ -38,14 +45,6 @@ PAIRS = {
 }
 
 
-def _skip_unless_available(key: str, size: int, ring_bench: str | None) -> None:
-    t = tr.TRANSPORTS.get(key)
-    if t is not None and t.needs:
-        pytest.importorskip(t.needs, reason=f"{t.needs} is not installed (the 'bench' extra)")
-    if key.startswith("c-") and ring_bench is None:
-        pytest.skip("gcc could not build benchmarks/c/ring_bench.c")
-
-
 @pytest.mark.multiprocess
 @NOT_USED_OK
 @pytest.mark.parametrize("pid", list(PAIRS))
@@ -53,7 +52,7 @@ def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench):
     cfg = bench_cfg
     kind, size, a, b = PAIRS[pid]
     for key in (a, b):
-        _skip_unless_available(key, size, ring_bench)
+        skip_unless_available(key, size, ring_bench)
     benchmark.group = "head to head"
     with contextlib.ExitStack() as stack:
         pairs = {}
@@ -79,15 +78,14 @@ def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench):
             for key in order:
                 p = pairs[key]
                 if kind == "stream":
-                    before = len(p.timings)
                     p.round(ns[key])
-                    samples[key].append(ns[key] / p.timings[before])
+                    samples[key].append(ns[key] / p.timings[-1])
                 else:
                     samples[key].append(p.pings(cfg.lat_pings, cfg.lat_skip))
 
         gate = QuietGate(cfg, [pid_ for p in pairs.values() for pid_ in p.pids])
         rounds = cfg.rounds if kind == "stream" else cfg.lat_rounds
-        warm = 0 if cfg.quick else 1
+        warm = cfg.warmup if kind == "stream" else 0 if cfg.quick else 1  # (as the rows)
         benchmark.pedantic(one_round, setup=gate.setup, teardown=gate.teardown,
                            rounds=rounds, warmup_rounds=warm, iterations=1)
         machine = gate.summary(rounds)
@@ -95,9 +93,9 @@ def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench):
                  "machine": machine}
     if kind == "stream":
         ra, rb = samples[a][-rounds:], samples[b][-rounds:]
+        rr = [x / y for x, y in zip(ra, rb, strict=True)]
         res.update(a_msgs_per_s=statistics.median(ra), b_msgs_per_s=statistics.median(rb),
-                   ratio=statistics.median(x / y for x, y in zip(ra, rb, strict=True)),
-                   round_ratios=[x / y for x, y in zip(ra, rb, strict=True)])
+                   ratio=statistics.median(rr), round_ratios=rr)
     else:
         pa = percentiles([x for r in samples[a][-rounds:] for x in r])
         pb = percentiles([x for r in samples[b][-rounds:] for x in r])

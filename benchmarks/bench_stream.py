@@ -21,6 +21,7 @@ from .harness import (
     check_n,
     open_stream_pair,
     size_label,
+    skip_unless_available,
     stream_k,
     stream_opts,
 )
@@ -54,13 +55,8 @@ def _api(key: str, size: int, opts: dict) -> str:
 @pytest.mark.parametrize(("key", "size"), PARAMS)
 def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
     cfg = bench_cfg
+    skip_unless_available(key, size, ring_bench)
     t = TRANSPORTS.get(key)
-    if t is not None and t.needs:
-        pytest.importorskip(t.needs, reason=f"{t.needs} is not installed (the 'bench' extra)")
-    if t is not None and t.max_size and size > t.max_size:
-        pytest.skip(f"{t.label}: messages above {t.max_size} B are refused here (msgsize_max)")
-    if key in C_ROWS and ring_bench is None:
-        pytest.skip("gcc could not build benchmarks/c/ring_bench.c")
 
     k = stream_k(key, size, cfg)
     opts = stream_opts(key, size, cfg)

@@ -158,8 +158,7 @@ def _leftovers(start: dict[str, Any]) -> str:
                 if "resource_tracker" not in " ".join(p.cmdline())]
         if kids:
             problems.append(f"worker processes still alive: {[k.pid for k in kids]}")
-    text = "; ".join(problems) if problems else "none (/dev/shm, /dev/mqueue, worker processes)"
-    return text
+    return "; ".join(problems) if problems else "none (/dev/shm, /dev/mqueue, worker processes)"
 
 
 def _system(cfg: BenchConfig, start: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from . import transports as tr
 
 MiB = 1 << 20
@@ -398,6 +400,18 @@ C_ROWS = {
     "c-ring": ("write", "read", "C ring from C (vmbr_write / vmbr_read)"),
     "c-ring-batch": ("batch", "drain", "C ring from C, batch (vmbr_write_batch / vmbr_drain)"),
 }
+
+
+def skip_unless_available(key: str, size: int, ring_bench: str | None) -> None:
+    """pytest.skip a row this machine cannot run: an optional package missing,
+    a size the transport refuses, or the C program not built."""
+    t = tr.TRANSPORTS.get(key)
+    if t is not None and t.needs:
+        pytest.importorskip(t.needs, reason=f"{t.needs} is not installed (the 'bench' extra)")
+    if t is not None and t.max_size and size > t.max_size:
+        pytest.skip(f"{t.label}: messages above {t.max_size} B are refused here (msgsize_max)")
+    if key in C_ROWS and ring_bench is None:
+        pytest.skip("gcc could not build benchmarks/c/ring_bench.c")
 
 
 def stream_k(key: str, size: int, cfg: BenchConfig) -> int:

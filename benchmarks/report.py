@@ -167,14 +167,13 @@ def idle_lines(store: dict[str, Any]) -> list[str]:
     ]
 
 
-def _head_to_head(store: dict[str, Any], *pids: str) -> tuple[float | None, str]:
+def _head_to_head(store: dict[str, Any], higher_is_better: bool,
+                  *pids: str) -> tuple[float | None, str]:
     """The best of the named bench_paired.py results: (ratio, how it was measured)."""
-    got = [(pid, store.get("paired", {}).get(pid)) for pid in pids]
-    got = [(pid, r) for pid, r in got if r]
+    got = [r for r in (store.get("paired", {}).get(pid) for pid in pids) if r]
     if not got:
         return None, ""
-    lower = got[0][1]["kind"] == "latency"
-    _, r = (min if lower else max)(got, key=lambda t: t[1]["ratio"])
+    r = (max if higher_is_better else min)(got, key=lambda x: x["ratio"])
     if r["kind"] == "latency":
         vs = f"{r['a_p50_us']:.1f} vs {r['b_p50_us']:.1f} us p50"
     elif r["size"] >= 65536:
@@ -216,7 +215,7 @@ def targets(store: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: float | None, limit: float, higher_is_better: bool,
             detail: str, *paired: str) -> None:
-        hv, how = _head_to_head(store, *paired)
+        hv, how = _head_to_head(store, higher_is_better, *paired)
         if hv is not None:
             if value is not None:
                 detail = f"{how}; the separate rows: {value:.3f}, {detail}"

@@ -23,7 +23,8 @@ def _traces(prefix: str, root: str) -> list[str]:
     return shm + ([root] if os.path.exists(root) else [])
 
 
-def test_an_iceoryx2_pair_whose_workers_are_killed_leaves_nothing(bench_cfg):
+@pytest.mark.usefixtures("bench_cfg")  # (two CPUs, as every pair needs)
+def test_an_iceoryx2_pair_whose_workers_are_killed_leaves_nothing():
     pytest.importorskip("iceoryx2", reason="iceoryx2 is not installed (the 'bench' extra)")
     cfg = BenchConfig.from_env(benchmark_disabled=True)
     with open_stream_pair("iceoryx2", 64, cfg, None) as pair:
