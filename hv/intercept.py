@@ -119,8 +119,9 @@ class Slot:
         self.map = mmap.mmap(fd, PAGE, mmap.MAP_SHARED)
         self.w = SharedWords(self.map)
 
-    def wait(self, word: int, want: int, efd: int, timeout: float, spin_ns: int = SPIN_NS) -> bool:
-        """Until ``word`` holds ``want``: spin ``spin_ns``, then block on ``efd``."""
+    def spin(self, word: int, want: int, spin_ns: int = SPIN_NS) -> bool:
+        """Whether ``word`` holds ``want`` within ``spin_ns`` of polling (no
+        system call)."""
         load = self.w.load
         if load(word) == want:
             return True
@@ -128,6 +129,13 @@ class Slot:
         while time.perf_counter_ns() < end:
             if load(word) == want:
                 return True
+        return False
+
+    def wait(self, word: int, want: int, efd: int, timeout: float, spin_ns: int = SPIN_NS) -> bool:
+        """Until ``word`` holds ``want``: spin ``spin_ns``, then block on ``efd``."""
+        if self.spin(word, want, spin_ns):
+            return True
+        load = self.w.load
         deadline = time.monotonic() + timeout
         p = select.poll()
         p.register(efd, select.POLLIN)
@@ -221,6 +229,11 @@ class InterceptServer:
 
     def pending(self) -> bool:
         return self.slot.w.load(REQ) != self._last
+
+    def spin(self) -> bool:
+        """Whether an access comes within the spin (no system call: for a
+        loop that does its own blocking)."""
+        return self.slot.spin(REQ, (self._last + 1) & 0xFFFFFFFF)
 
     def wait(self, timeout: float) -> bool:
         """Until an access is pending (spin, then block); False on timeout."""

@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 server.serve_one(handle)
                 # the next access of a busy driver comes within microseconds:
                 # spin for it before sleeping (the channels' spin-then-block).
-                # Timeout 0: only the spin; the sleep is the poll below, which
-                # must also watch the root's socket.
-                server.wait(0)
+                # Only the spin: the sleep is the poll below, which must also
+                # watch the root's socket.
+                server.spin()
                 continue
             now = time.monotonic()
             if server.served != served_before and now >= next_stats:
