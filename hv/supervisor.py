@@ -588,9 +588,8 @@ class Supervisor:
                                     "events": ev[:MAX_TRACE_EVENTS],
                                     "dropped": obj.get("dropped", 0)})
         elif op in ("intercept.attached", "intercept.detached") and p.cfg.role == "root":
-            child = obj.get("child")
-            route = self.parts[child].route if isinstance(child, int) \
-                and not isinstance(child, bool) and 0 < child < len(self.parts) else None
+            c = self._child_of(obj)
+            route = c.route if c is not None else None
             if route is not None and op == "intercept.attached":
                 route.worker_attached = True
             elif route is not None:  # a pending access must not wait for a worker gone
@@ -607,9 +606,9 @@ class Supervisor:
         elif op == "dm.result" and p.cfg.role == "root":
             self._dm_result(obj)
         elif op == "dm.status" and p.cfg.role == "root":
-            child = obj.get("child")
-            if isinstance(child, int) and 0 < child < len(self.parts):
-                self.parts[child].demand = {
+            c = self._child_of(obj)
+            if c is not None:
+                c.demand = {
                     k: int(obj[k]) for k in ("committed_bytes", "available_bytes",
                                              "ballooned_bytes")
                     if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool)}
@@ -1151,6 +1150,12 @@ class Supervisor:
         self._tell_root({"op": "dm", "action": action, "child": p.id, "bytes": nbytes,
                          "req": req_id})
         return {}  # answered by _dm_answer
+
+    def _child_of(self, obj: dict[str, Any]) -> Partition | None:
+        """The child a root report names in its "child" field: an int (not a
+        bool) in range, checked once here for every report that has one."""
+        c = obj.get("child")
+        return self.parts[c] if type(c) is int and 0 < c < len(self.parts) else None
 
     def _dm_result(self, obj: dict[str, Any]) -> None:
         req = obj.get("req")

@@ -42,3 +42,15 @@ def test_a_detached_worker_answers_what_is_pending(sup, monkeypatch):
     sup._on_partition_message(root, {"op": "intercept.detached", "child": True})  # a bool: no
     sup._on_partition_message(root, {"op": "intercept.detached", "child": child.id})
     assert gone == [1]
+
+
+def test_a_demand_report_names_its_child_by_index_only(sup):
+    root, child = sup.parts[0], sup.parts[1]
+    report = {"op": "dm.status", "committed_bytes": 4096, "available_bytes": 8192,
+              "ballooned_bytes": 0}
+    for bad in (True, 0, len(sup.parts), "1", None):  # a bool, the root, out of range ...
+        sup._on_partition_message(root, {**report, "child": bad})
+    assert not child.demand
+    sup._on_partition_message(root, {**report, "child": child.id})
+    assert child.demand == {"committed_bytes": 4096, "available_bytes": 8192,
+                            "ballooned_bytes": 0}
