@@ -203,8 +203,16 @@ class DmVsp(Vsp):
         op.update(start=start, count=count)
         if not self._request(D.HotAddRequest(D.PageRange(start, count)), op):
             # the child never heard of the range: the host takes it back
-            self.partition.hv.memory_balloon(self.child, [(start, count)])
+            self._give_back(start, count)
             self._finish(False, error=NOT_READING)
+
+    def _give_back(self, start: int, count: int) -> None:
+        """Hand hot-added pages the child does not use back to the host; if
+        the supervisor keeps them mapped, they are the child's (counted as
+        hot-added, as after a timeout)."""
+        st, _ = self.partition.hv.memory_balloon(self.child, [(start, count)])
+        if st != HvStatus.SUCCESS:
+            self.hot_added_pages += count
 
     def _hot_add_done(self, msg: D.HotAddResponse, tid: int) -> None:
         op = self._current("hot-add", tid)
@@ -212,7 +220,7 @@ class DmVsp(Vsp):
         took = min(msg.page_count, count) if msg.result == 1 else 0
         if took < count:
             # the guest did not take all of it: give the rest back to the host
-            self.partition.hv.memory_balloon(self.child, [(start + took, count - took)])
+            self._give_back(start + took, count - took)
         self.hot_added_pages += took
         if took == count:
             self._finish(True, pages=took, start=start)

@@ -448,3 +448,16 @@ def test_starting_bursts_again_leaves_one_tick_loop(rig, stop_first):
         assert len([d for d, _ in timers if d == 0.5]) == 1  # one loop
     assert sum(n for _, n in rig.vsc.workload_pages) == 8 * MiB // PAGE  # the peak
     rig.vsc.workload("stop", {})
+
+
+def test_a_hot_add_the_host_cannot_take_back_stays_counted_as_the_childs(rig, monkeypatch):
+    """The child never heard of the range (its ring is full) and the supervisor
+    refuses to take it back: it stays mapped in the child, so it is counted."""
+    monkeypatch.setattr(rig.vsp, "post", lambda data: False)  # the child stopped reading
+    monkeypatch.setattr(rig.sup, "memory_balloon",
+                        lambda child, ranges: (HvStatus.ACCESS_DENIED, 0))
+    results: list[dict] = []
+    rig.vsp.hot_add(128 * MiB, results.append)
+    assert not results[0]["ok"]
+    assert rig.mem.assigned_bytes == 192 * MiB  # still mapped
+    assert rig.vsp.hot_added_pages * PAGE == 128 * MiB  # and the root agrees
