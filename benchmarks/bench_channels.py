@@ -516,8 +516,6 @@ def test_channel_stream(benchmark, cluster, bench_cfg, bench_store, size):
 # Idle after traffic
 
 
-
-
 @NOT_USED_OK
 def test_channel_idle_after_traffic(benchmark, cluster, bench_cfg, bench_store):
     """After the channels carried traffic, the cluster is idle again: the
