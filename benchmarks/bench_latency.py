@@ -7,12 +7,14 @@ VIRIDIAN_BENCH_LAT_PINGS round trips, after VIRIDIAN_BENCH_LAT_SKIP unrecorded
 ones (they absorb the ponger's wake-up from the idle gap between rounds, an
 artefact of the harness).  Percentiles pool every timed round trip.
 
-Rows: Viridian with the default spin-then-block wait and with blocking only
-(spin_ns=0), both sides ``try_write`` + ``read_payload`` (the echo needs only
-the bytes); the spin-then-block row again with ``read`` (a Packet per message:
-~0.2 us more per side, see docs/ring.md); the same C ring driven from C with
-both waits; and two blocking eventfds in C, the floor for any blocking
-hand-off between two CPUs.
+Rows: Viridian with the default spin-then-block wait: ``IncomingRing.exchange``
+on both sides (the request/answer call: the write and the spinning read of the
+answer in one C call while the peer polls), the same round trip as two calls
+(``try_write`` + ``read_payload``), and again with ``read`` (a Packet per
+message: ~0.2 us more per side, see docs/ring.md); blocking only (spin_ns=0,
+``try_write`` + ``read_payload``); the same C ring driven from C with both
+waits; and two blocking eventfds in C, the floor for any blocking hand-off
+between two CPUs.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used"
 
 ROWS = {
     "viridian-spin": "Viridian, spin then block (default spin)",
-    "viridian-spin-packet": "  the same, read() -> Packet",
+    "viridian-spin-2call": "  the same, try_write + read_payload",
+    "viridian-spin-packet": "  the same, try_write + read() -> Packet",
     "viridian-block": "Viridian, blocking only (spin_ns=0)",
     "c-ring-spin": "C ring from C, spin then block",
     "c-ring-block": "C ring from C, blocking only",
     "c-eventfd": "C eventfd ping-pong (floor)",
 }
+# How each Viridian row makes a round trip (transports.ViridianPingEnd).
+CALLS = {"viridian-spin": "exchange", "viridian-spin-2call": "read_payload",
+         "viridian-spin-packet": "read", "viridian-block": "read_payload"}
 
 
 def _open(key, cfg, ring_bench):
@@ -49,7 +55,7 @@ def _open(key, cfg, ring_bench):
     setup = tr.viridian_pingpong_setup(cfg.ring_data)
     try:
         pair = PyPair(key, 64, cfg, setup, ("pinger", "ponger"),
-                      {"spin_ns": spin, "payload_only": key != "viridian-spin-packet"})
+                      {"spin_ns": spin, "calls": CALLS[key]})
     except BaseException:
         setup.cleanup()
         raise
@@ -72,6 +78,7 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
             "msgs_per_op": cfg.lat_pings,
             "bytes_per_op": 64 * cfg.lat_pings,
             "spin_ns": spin if key != "c-eventfd" else None,
+            "calls": CALLS.get(key, "C"),
             "pinning": {"pinger_cpu": cfg.cpus[0], "ponger_cpu": cfg.cpus[1],
                         "reported": pair.ready},
         }

@@ -18,8 +18,8 @@ STREAM_ROWS = [
     "pyring", "iceoryx2",
     "zmq", "faster-fifo", "socketpair", "mp-pipe", "posix-mq", "mp-queue",
 ]
-LAT_ROWS = ["viridian-spin", "viridian-spin-packet", "viridian-block", "c-ring-spin",
-            "c-ring-block", "c-eventfd"]
+LAT_ROWS = ["viridian-spin", "viridian-spin-2call", "viridian-spin-packet", "viridian-block",
+            "c-ring-spin", "c-ring-block", "c-eventfd"]
 
 SHORT = {
     "viridian-packet": "Viridian per-packet",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import struct
@@ -1059,24 +1060,33 @@ def viridian_pingpong_setup(ring_data: int) -> Setup:
 class ViridianPingEnd:
     """One end of a ping-pong: writes on one ring, reads the other.  Pings are
     ``size`` bytes (64 B in bench_latency; bench_channels also uses 1 KiB).
-    ``payload_only``: read with ``read_payload`` (bytes) instead of ``read``
-    (a Packet)."""
+    ``calls``, how a round trip is made:
+
+    * ``"read"``: ``try_write``, then ``read`` (a Packet; its ``.payload``);
+    * ``"read_payload"``: ``try_write``, then ``read_payload`` (the bytes);
+    * ``"exchange"``: ``IncomingRing.exchange`` (the request/answer call:
+      both in one C call while the peer polls)."""
+
+    CALLS = ("read", "read_payload", "exchange")
 
     def __init__(self, args: Any, spin_ns: int | None, size: int = 64,
-                 payload_only: bool = False) -> None:
+                 calls: str = "read") -> None:
         from vmbus.doorbell import Doorbell
         from vmbus.ring import IncomingRing, OutgoingRing
         from vmbus.shm import SharedMemory
 
+        if calls not in self.CALLS:
+            raise ValueError(f"calls: one of {self.CALLS}, not {calls!r}")
         out_fd, in_fd, nbytes, my_fd, peer_fd = args
         self.out_shm = SharedMemory.from_fd(out_fd, nbytes)
         self.in_shm = SharedMemory.from_fd(in_fd, nbytes)
         self.bell, self.peer = Doorbell(my_fd), Doorbell(peer_fd)
         self.out = OutgoingRing(self.out_shm.map, on_signal=self.peer.ring)
         self.inc = IncomingRing(self.in_shm.map, on_signal=self.peer.ring)
+        self.inc.bind_reply_ring(self.out)
         self.spin_ns = spin_ns
         self.size = size
-        self.payload_only = payload_only
+        self.calls = calls
 
     def _reader(self) -> tuple[Callable[..., Any], int]:
         """``IncomingRing.read`` (or ``read_payload``), the blocking read (its
@@ -1085,12 +1095,14 @@ class ViridianPingEnd:
         through a wrapper (a lambda's frame is ~40 ns a side, ``**kw`` ~80)."""
         from vmbus.ring import DEFAULT_SPIN_NS
 
-        rd = self.inc.read_payload if self.payload_only else self.inc.read
+        rd = self.inc.read if self.calls == "read" else self.inc.read_payload
         return rd, DEFAULT_SPIN_NS if self.spin_ns is None else self.spin_ns
 
     def pings(self, k: int, w: int) -> list[int]:
         """w unrecorded round trips, then k timed ones (ns each): try_write,
-        then the blocking read of the answer."""
+        then the blocking read of the answer (or the two as one exchange)."""
+        if self.calls == "exchange":
+            return self._exchange_pings(k, w)
         msg = b"\x01" * self.size
         tw = self.out.try_write
         rd, spin = self._reader()
@@ -1098,7 +1110,7 @@ class ViridianPingEnd:
         pc = time.perf_counter_ns
         lat: list[int] = []
         app = lat.append
-        po = self.payload_only
+        po = self.calls != "read"
         for _ in range(w + k):
             t0 = pc()
             if not tw(msg):
@@ -1113,13 +1125,37 @@ class ViridianPingEnd:
             raise RuntimeError("bad pong")
         return lat[w:]
 
+    def _exchange_pings(self, k: int, w: int) -> list[int]:
+        msg = b"\x01" * self.size
+        ex = self.inc.exchange
+        _, spin = self._reader()
+        if self.spin_ns is not None:  # (a keyword costs ~10 ns a call: only when set)
+            ex = functools.partial(ex, spin_ns=spin)
+        bell = self.bell
+        pc = time.perf_counter_ns
+        lat: list[int] = []
+        app = lat.append
+        for _ in range(w + k):
+            t0 = pc()
+            m = ex(msg, bell, WAIT_S)
+            t1 = pc()
+            if m is None:
+                raise Timeout("no pong")
+            app(t1 - t0)
+        if m != msg:
+            raise RuntimeError("bad pong")
+        return lat[w:]
+
     def pong_forever(self) -> None:
         tw = self.out.try_write
         rd, spin = self._reader()
         bell = self.bell
         size = self.size
         timeouts = 0  # waits that timed out (WAIT_S each) over the ponger's life
-        po = self.payload_only
+        po = self.calls != "read"
+        ex = self.inc.exchange if self.calls == "exchange" else None
+        if ex is not None and self.spin_ns is not None:
+            ex = functools.partial(ex, spin_ns=spin)
         while True:
             p = rd(bell, WAIT_S, spin_ns=spin)
             while p is None:
@@ -1130,6 +1166,13 @@ class ViridianPingEnd:
             m = p if po else p.payload
             if len(m) != size:
                 return  # QUIT
+            if ex is not None:  # the pong, then the next ping, in one call
+                while (m := ex(m, bell, WAIT_S)) is not None and len(m) == size:
+                    pass
+                if m is not None:
+                    return  # QUIT
+                timeouts += 1  # (no ping within WAIT_S: wait as above)
+                continue
             if not tw(m):
                 raise RuntimeError("pong ring full")
 
@@ -1200,7 +1243,7 @@ def worker_main(role: str, key: str, size: int, cpu: int | None, conn: Any, args
             ep = (t.producer if role == "producer" else t.consumer)(args, size, opts)
         elif role in ("pinger", "ponger"):
             ep = ViridianPingEnd(args, opts.get("spin_ns"), size or 64,
-                                 opts.get("payload_only", False))
+                                 opts.get("calls", "read"))
         elif role == "idle":
             ep = IdleReader(args)
         else:

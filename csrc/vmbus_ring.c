@@ -816,6 +816,22 @@ int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r)
     return sig < 0 ? sig : (int64_t)1 << 32 | plen | sig << 48;
 }
 
+int64_t vmbr_exchange_io(struct vmbr_ring *r, const char *payload, uint32_t payload_bytes)
+{
+    /* Anything but the plain case goes back to the caller unsent, whose
+     * slow path writes and reads with the usual calls (and errors). */
+    struct vmbr_ring *w = r->io_reply_to;
+    if (w == NULL || w->corrupt || r->corrupt)
+        return (int64_t)VMBR_XCHG_UNSENT;
+    int64_t rc = write_one(w, VMBR_PKT_DATA_INBAND, 0, NULL, 0, payload, payload_bytes);
+    if (rc != 1)
+        return rc == 2 ? (int64_t)VMBR_XCHG_SIGNAL : (int64_t)VMBR_XCHG_UNSENT;
+    rc = vmbr_spin_read_payload_io(r);
+    if (rc > 0 && rc < (int64_t)1 << 48)
+        return rc & 0xFFFFFFFF; /* the answer, nothing owed: its length alone */
+    return (int64_t)VMBR_XCHG_READ + rc; /* (rc >= VMBR_E_INVAL: never below 2^32) */
+}
+
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
                        uint32_t dst_cap, uint32_t *payload_bytes)
 {

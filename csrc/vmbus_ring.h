@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 15
+#define VMBR_ABI_VERSION 16
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -49,6 +49,11 @@
  * leaves them 0), on a cache line of its own.  Owned by the reader. */
 #define VMBR_OFF_VIRIDIAN 128
 #define VMBR_READER_HEAVY_BARRIER 1 /* see vmbr_mask_interrupts below */
+
+/* vmbr_exchange_io's answers other than a payload length (all >= 2^32). */
+#define VMBR_XCHG_UNSENT 0x8000000000000  /* 1 << 51: nothing written or read */
+#define VMBR_XCHG_SIGNAL 0x10000000000000 /* 1 << 52: written, signal owed   */
+#define VMBR_XCHG_READ 0x20000000000000   /* 1 << 53, + what the read returned */
 
 /* Packet types accepted by the reader (OpenVMM accepts exactly these). */
 #define VMBR_PKT_DATA_INBAND 6
@@ -108,6 +113,9 @@ struct vmbr_ring {
                              * the mask may be set under the heavy-barrier
                              * promise (see vmbr_mask_interrupts)               */
     uint64_t io_spin_ns;    /* how long vmbr_spin_read_io polls an empty ring   */
+    struct vmbr_ring *io_reply_to; /* reader: the outgoing ring vmbr_exchange_io
+                             * writes on (NULL: none); set by the owner, who
+                             * keeps that ring's struct alive while it is set  */
     uint64_t packets;       /* packets moved through this endpoint              */
     uint64_t bytes;         /* payload bytes moved                              */
     uint64_t signals;       /* times we told the caller to signal the peer      */
@@ -183,6 +191,7 @@ int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
 int64_t vmbr_drain_io(struct vmbr_ring *r);
 int64_t vmbr_spin_read_io(struct vmbr_ring *r);
 int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r);
+int64_t vmbr_exchange_io(struct vmbr_ring *r, const char *payload, uint32_t payload_bytes);
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v);
 int64_t vmbr_consume(struct vmbr_ring *r, uint32_t commit);
 int64_t vmbr_commit_read(struct vmbr_ring *r);
@@ -287,6 +296,20 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   io_out, its descriptor is validated and dropped.  Returns
  *   1 << 32 | payload bytes, with bit 48 = signal the writer; 0, bit 49 alone
  *   or an error as vmbr_spin_read_io.
+ *
+ * vmbr_exchange_io: the request/answer path: one inband packet (type 6,
+ *   trans_id 0, no flags) of payload written on r->io_reply_to, then
+ *   vmbr_spin_read_payload_io on r.  The read is attempted only when the
+ *   write went through and owes no signal: the signal is the caller's to
+ *   send, and the answer cannot come before the peer hears of the request.
+ *   Returns the answer's payload bytes (< 2^32; the payload is in io_out)
+ *   when it was taken and nothing else is owed: the one case the caller's
+ *   fast path tests with a single comparison.  Otherwise VMBR_XCHG_UNSENT
+ *   (nothing written: full, an error, or no io_reply_to; the caller writes
+ *   again the slow way, which reports why), VMBR_XCHG_SIGNAL (written, the
+ *   reader must be signalled, nothing read) or VMBR_XCHG_READ + what
+ *   vmbr_spin_read_payload_io returned (written; the read's other answers,
+ *   errors included).
  *
  * vmbr_peek: validates the next packet's descriptor (copied out) and reports
  *   where its payload lies in the data area, without consuming it.  Returns 0

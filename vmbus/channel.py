@@ -106,6 +106,7 @@ class Channel:
             for v in self._views:
                 v.release()
             raise
+        self.incoming.bind_reply_ring(self.outgoing)  # (for exchange)
         self._closed = False
         self.wakeups = 0  # doorbell rings consumed by service()
 
@@ -157,6 +158,16 @@ class Channel:
     def recv(self, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS) -> Packet | None:
         """The next packet, waiting (spin, then block) up to ``timeout`` s."""
         return self.incoming.read(self.doorbell, timeout, spin_ns=spin_ns)
+
+    def exchange(
+        self, payload: bytes, timeout: float, *, spin_ns: int = DEFAULT_SPIN_NS
+    ) -> bytes | None:
+        """Send ``payload`` (inband, trans_id 0) and wait (spin, then block)
+        up to ``timeout`` s for the next packet's payload: the round trip of
+        a protocol with one request in flight, in one C call while the peer
+        polls (``IncomingRing.exchange``).  None on timeout.  Like ``send``,
+        only where nothing else must be served meanwhile."""
+        return self.incoming.exchange(payload, self.doorbell, timeout, spin_ns=spin_ns)
 
     def fileno(self) -> int:
         """Our doorbell's fd (readable when the peer rang)."""

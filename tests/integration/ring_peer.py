@@ -43,6 +43,9 @@ RING_BYTES = 4096 + 64 * 1024
 HDR = struct.Struct("<QII")  # seq, body bytes, pool offset
 POOL_BYTES = 1 << 22
 WAIT_S = 10.0  # every blocking wait is bounded
+# exchange() spins in the exchange test: none (the slow path, always), short
+# (the answer often comes after it: the read blocks) and the default
+SPINS = (0, 2_000, 20_000)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -248,6 +251,32 @@ def main(argv: list[str]) -> int:
                     if not out.write(bytes(64), bell, WAIT_S, trans_id=seq):
                         raise SystemExit("no space for 10 s: the reader stopped")
                 say(sent=n, signals=out.debug_info()["signals"])
+        elif mode == "exchange-answerer":
+            # Answers each request on ring_a with its bytes reversed on ring_b,
+            # after a random gap of work (0-60 us: the parent sometimes sleeps),
+            # with IncomingRing.exchange: the answer, then the next request.
+            n, rng = int(args[0]), random.Random(int(args[1]))
+            with (
+                IncomingRing(ring_a.map, on_signal=parent_bell.ring) as inc,
+                OutgoingRing(ring_b.map, on_signal=parent_bell.ring) as out,
+            ):
+                inc.bind_reply_ring(out)
+                say(ready=True)
+                clock = time.perf_counter_ns
+                req = inc.read_payload(bell, WAIT_S)
+                for seq in range(n):
+                    if req is None:
+                        raise SystemExit(f"no request {seq} for 10 s")
+                    until = clock() + rng.randrange(60_000)
+                    while clock() < until:  # a gap of work, not a wait for anyone
+                        pass
+                    answer = req[::-1]
+                    if seq == n - 1:  # the last answer: no request follows
+                        if not out.write(answer, bell, WAIT_S):
+                            raise SystemExit("no space for the last answer")
+                        break
+                    req = inc.exchange(answer, bell, WAIT_S, spin_ns=rng.choice(SPINS))
+                say(answered=n, signals=out.debug_info()["signals"], waits=bell.waits)
         else:
             raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from ring_peer import RING_BYTES, recv_stream, send_stream
+from ring_peer import RING_BYTES, SPINS, recv_stream, send_stream
 
 from vmbus.doorbell import Doorbell
 from vmbus.ring import IncomingRing, OutgoingRing, init_ring, packet_bytes
@@ -239,6 +240,34 @@ def test_a_reader_that_keeps_going_to_sleep_as_packets_come_is_always_woken(mode
     assert report["sent"] == n
     # the race was exercised: the reader slept (and was signalled) many times
     assert slept > n // 10 and report["signals"] > n // 10
+
+
+def test_exchange_round_trips_with_a_peer_that_answers_with_exchange() -> None:
+    """Requests and answers through IncomingRing.exchange on both ends: the
+    one-call path while the other end polls, and the signalled and blocking
+    paths when it does not (random spins on each side, random gaps of work in
+    the answerer).  Every answer must be its request reversed, in order, and
+    both kinds of round trip must have happened many times."""
+    n = 20_000
+    rng = random.Random(11)
+    with peer("exchange-answerer", n, 12) as (p, ring_a, ring_b, parent_bell, child_bell):
+        assert p.line(30) == {"ready": True}
+        with (
+            OutgoingRing(ring_a.map, on_signal=child_bell.ring) as out,
+            IncomingRing(ring_b.map, on_signal=child_bell.ring) as inc,
+        ):
+            inc.bind_reply_ring(out)
+            for seq in range(n):
+                req = rng.randbytes(rng.randrange(2000)) + seq.to_bytes(4, "little")
+                answer = inc.exchange(req, parent_bell, 10.0, spin_ns=rng.choice(SPINS))
+                assert answer == (req + bytes(-len(req) % 8))[::-1], f"round trip {seq}"
+            sent = out.debug_info()
+        report = p.line(30)
+        p.finish(30)
+    assert report["answered"] == n and sent["packets"] == n
+    # the requests found the answerer asleep (signalled) and polling (not)
+    assert min(sent["signals"], sent["signals_suppressed"]) > n // 10
+    assert report["signals"] > n // 10  # and the answers found the parent asleep
 
 
 def _fresh_ring() -> bytearray:

@@ -88,6 +88,15 @@ def test_first_packet_rings_the_peers_doorbell_once(pair):
     assert s["out_ring_fill"] > 0 and s["in_ring_fill"] == 0.0
 
 
+def test_exchange_sends_then_returns_the_peers_next_packet(pair):
+    assert pair.root.try_send(b"answer")  # (already there: one process plays both ends)
+    assert pair.child.exchange(b"request", 1.0) == b"answer\0\0"
+    assert pair.root.try_recv().payload == b"request\0"
+    assert pair.root.doorbell.clear()  # the request woke the root
+    assert pair.child.exchange(b"again", 0.01, spin_ns=0) is None  # no answer: timeout
+    assert pair.root.try_recv().payload == b"again\0\0\0"
+
+
 def test_stats_have_the_status_keys(pair):
     keys = {"packets_in", "packets_out", "bytes_in", "bytes_out", "out_ring_fill",
             "in_ring_fill", "signals_sent", "signals_suppressed"}

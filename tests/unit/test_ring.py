@@ -713,6 +713,122 @@ def test_read_payload_signals_a_waiting_writer(ring: Any) -> None:
         assert inc.take_signals() == 0
 
 
+# ------------------------------------------------------------- exchange
+
+
+def pair_of_rings() -> tuple[OutgoingRing, IncomingRing, IncomingRing, OutgoingRing]:
+    """Two rings, as a channel has them: ours (out writes requests on A, inc
+    reads answers from B, bound for exchange) and the peer's two ends."""
+    a, b = new_ring(), new_ring()
+    out, inc = OutgoingRing(a), IncomingRing(b)
+    inc.bind_reply_ring(out)
+    return out, inc, IncomingRing(a), OutgoingRing(b)
+
+
+@pytest.fixture
+def pair() -> tuple[OutgoingRing, IncomingRing, IncomingRing, OutgoingRing]:
+    return pair_of_rings()
+
+
+def test_exchange_writes_the_request_then_returns_the_answer(pair: Any) -> None:
+    out, inc, peer_in, peer_out = pair
+    with Doorbell() as db:
+        assert peer_out.try_write(b"answer-1")
+        # the peer is not polling (mask clear, ring empty): the request owes
+        # a signal, sent before the wait
+        assert inc.exchange(b"request", db, 1.0) == b"answer-1"
+        assert out.take_signals() == 1
+        p = peer_in.try_read()
+        assert p is not None and (p.packet_type, p.trans_id) == (PacketType.DATA_INBAND, 0)
+        assert p.payload == b"request" + bytes(1)  # padded to 8, as any packet
+        # the peer polls now (its mask is set): one C call, no signal owed
+        peer_in.mask_interrupts()
+        assert peer_out.try_write(b"")  # an empty answer is an answer
+        assert inc.exchange(bytearray(b"x" * 16), db, 1.0) == b""  # (any buffer)
+        assert out.take_signals() == 0
+        assert peer_in.try_read_payload() == b"x" * 16
+        assert inc.exchange(memoryview(b"q" * 8), db, 0.01, spin_ns=0) is None  # no answer
+        assert peer_in.try_read_payload() == b"q" * 8  # but the request went
+
+
+def test_exchange_serves_the_readahead_first(pair: Any) -> None:
+    _, inc, peer_in, peer_out = pair
+    for k in range(3):
+        assert peer_out.try_write(bytes([k]) * 8)
+    assert inc.try_read_payload() == bytes(8)  # the other two: in the read-ahead
+    with Doorbell() as db:
+        assert [inc.exchange(b"a", db, 1.0), inc.exchange(b"b", db, 1.0)] == [b"\x01" * 8,
+                                                                             b"\x02" * 8]
+    assert [peer_in.try_read_payload() for _ in range(3)] == [b"a" + bytes(7),
+                                                              b"b" + bytes(7), None]
+
+
+def test_exchange_signals_a_peer_waiting_for_room_for_its_answers(pair: Any) -> None:
+    out, inc, peer_in, peer_out = pair
+    peer_in.mask_interrupts()  # the peer polls: requests owe no signal
+    for _ in range(3):
+        assert peer_out.try_write(bytes(1000))  # 1024 ring bytes each
+    assert set_pending(peer_out, 2000) == 1024  # the peer waits for 2000 bytes
+    with Doorbell() as db:
+        assert inc.exchange(b"r", db, 1.0) == bytes(1000)  # 2048 free > 2000: crossed
+        assert (out.take_signals(), inc.take_signals()) == (0, 1)
+        assert inc.exchange(b"r", db, 1.0) == bytes(1000)
+        assert (out.take_signals(), inc.take_signals()) == (0, 0)
+
+
+def test_exchange_answers_of_every_type_give_their_payload(pair: Any) -> None:
+    _, inc, _, peer_out = pair
+    assert peer_out.try_write_gpa_direct(b"gpa-hdr!", (GpaRange(10, 20, (30,)),))
+    assert peer_out.try_write(b"done", packet_type=PacketType.COMP, trans_id=7)
+    with Doorbell() as db:
+        assert inc.exchange(b"1", db, 1.0) == b"gpa-hdr!"  # (a type 9: the batch path)
+        assert inc.exchange(b"2", db, 1.0) == b"done" + bytes(4)
+
+
+def test_exchange_without_room_for_the_request_sends_nothing(pair: Any) -> None:
+    out, inc, _, peer_out = pair
+    while out.try_write(bytes(500)):
+        pass
+    while out.try_write(b""):  # 24 ring bytes each: the 32 of the request never fit
+        pass
+    sent = out.debug_info()["packets"]
+    assert peer_out.try_write(b"answer!!")
+    with Doorbell() as db:
+        assert inc.exchange(b"request", db, 0.01) is None  # (waited for room, in vain)
+    assert out.debug_info()["packets"] == sent
+    assert out.debug_info()["pending_send_sz"] == 0  # the wait for room was withdrawn
+    assert inc.try_read_payload() == b"answer!!"  # the answer was not taken
+
+
+def test_exchange_needs_an_outgoing_ring_bound() -> None:
+    inc = IncomingRing(new_ring())
+    with Doorbell() as db, pytest.raises(ValueError, match="bind_reply_ring"):
+        inc.exchange(b"x", db, 0.0)
+    with pytest.raises(TypeError, match="OutgoingRing"):
+        inc.bind_reply_ring(IncomingRing(new_ring()))  # type: ignore[arg-type]
+    out = OutgoingRing(new_ring())
+    inc.bind_reply_ring(out)
+    inc.bind_reply_ring(None)
+    with Doorbell() as db, pytest.raises(ValueError, match="bind_reply_ring"):
+        inc.exchange(b"x", db, 0.0)
+    assert out.debug_info()["packets"] == 0
+
+
+def test_exchange_on_a_closed_ring_fails_and_sends_nothing(pair: Any) -> None:
+    _, inc, peer_in, peer_out = pair
+    assert peer_out.try_write(b"answer!!")
+    with Doorbell() as db:
+        inc.close()
+        with pytest.raises(ValueError, match="closed ring"):
+            inc.exchange(b"request", db, 1.0)
+        assert peer_in.try_read() is None  # no request without an end to answer
+    _, inc2, peer_in2, _ = pair_of_rings()
+    inc2._reply.close()
+    with Doorbell() as db, pytest.raises(ValueError, match="closed ring"):
+        inc2.exchange(b"request", db, 1.0)
+    assert peer_in2.try_read() is None
+
+
 def test_peek_is_zero_copy_and_release_consumes(ring: Any) -> None:
     buf, out, inc = ring
     assert inc.peek() is None
@@ -988,11 +1104,18 @@ def _with_bell(fn: Callable[[IncomingRing, Doorbell], object]) -> Callable[[Inco
     return read
 
 
+def _bound(r: IncomingRing) -> IncomingRing:
+    if r._reply is None:
+        r.bind_reply_ring(OutgoingRing(new_ring()))
+    return r
+
+
 READERS: dict[str, Callable[[IncomingRing], object]] = {
     "try_read": lambda r: r.try_read(),
     "try_read_payload": lambda r: r.try_read_payload(),
     "read": _with_bell(lambda r, db: r.read(db, 0.0)),
     "read_payload": _with_bell(lambda r, db: r.read_payload(db, 0.0)),
+    "exchange": _with_bell(lambda r, db: _bound(r).exchange(b"request", db, 0.0)),
     "drain": lambda r: r.drain(),
     "read_into": lambda r: r.read_into(bytearray(4096)),
     "peek": lambda r: r.peek(),
