@@ -336,7 +336,7 @@ def _ping_pair(size: int, spin: int | None, cfg: BenchConfig) -> PyPair:
 @NOT_USED_OK
 @pytest.mark.parametrize("size", ECHO_SIZES, ids=[size_label(s).replace(" ", "")
                                                   for s in ECHO_SIZES])
-def test_channel_echo(benchmark, cluster, bench_cfg, bench_store, size):
+def test_channel_echo(benchmark, cluster, bench_cfg, bench_store, size, placement):
     from vmbus.ring import DEFAULT_SPIN_NS
 
     cfg = bench_cfg
@@ -347,9 +347,10 @@ def test_channel_echo(benchmark, cluster, bench_cfg, bench_store, size):
         bare["block"] = _ping_pair(size, 0, cfg)
         got: dict[str, list[list[int]]] = {"channel": [], "spin": [], "block": []}
         pids = [conn.pid, _root_pid(cluster)]
-        gate = QuietGate(cfg, pids)
+        gate = QuietGate(cfg, pids, placement)
 
         def setup() -> None:
+            placement.wait_shared()  # (for the bare rounds too; gate.setup probes again)
             for key, pair in bare.items():  # the bare rings' rounds, interleaved
                 got[key].append(pair.pings(cfg.lat_pings, cfg.lat_skip))
             gate.setup()
@@ -437,7 +438,7 @@ def _confirm_root_counters(cluster: ChannelCluster, conn: ChildConn) -> dict[str
 @NOT_USED_OK
 @pytest.mark.parametrize("size", STREAM_SIZES, ids=[size_label(s).replace(" ", "")
                                                     for s in STREAM_SIZES])
-def test_channel_stream(benchmark, cluster, bench_cfg, bench_store, size):
+def test_channel_stream(benchmark, cluster, bench_cfg, bench_store, size, placement):
     cfg = bench_cfg
     conn = cluster.conns[SINK_CHILD]
     ring_data = conn.hello["ring_data_bytes"]
@@ -450,7 +451,7 @@ def test_channel_stream(benchmark, cluster, bench_cfg, bench_store, size):
         n_bare = calibrate(bare, size, k, cfg)
         n_chan = calibrate(chan, size, k, cfg)
         bare_before, chan_before = len(bare.timings), len(chan.timings)
-        bgate, cgate = QuietGate(cfg, bare.pids), QuietGate(cfg, pids)
+        bgate, cgate = QuietGate(cfg, bare.pids, placement), QuietGate(cfg, pids, placement)
 
         def setup() -> None:  # a bare-ring round before each channel round
             bgate.setup()

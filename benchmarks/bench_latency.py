@@ -65,7 +65,7 @@ def _open(key, cfg, ring_bench):
 @pytest.mark.multiprocess
 @NOT_USED_OK
 @pytest.mark.parametrize("key", list(ROWS))
-def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
+def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench, placement):
     cfg = bench_cfg
     benchmark.group = "latency 64 B round trip"
     pair, spin = _open(key, cfg, ring_bench)
@@ -84,7 +84,7 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
         }
         benchmark.extra_info.update(info)
         rounds: list[list[int]] = []
-        gate = QuietGate(cfg, pair.pids)
+        gate = QuietGate(cfg, pair.pids, placement)
         benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
                            setup=gate.setup, teardown=gate.teardown, rounds=cfg.lat_rounds,
                            warmup_rounds=0 if cfg.quick else 1, iterations=1)
@@ -95,4 +95,4 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench):
     pct = percentiles(samples)
     benchmark.extra_info.update(pct, machine=machine)
     bench_store["latency"][key] = {**info, **pct, "worker_stats": pair.bye,
-                                   "machine": machine}
+                                   "machine": machine, "rounds": cfg.lat_rounds}

@@ -48,7 +48,7 @@ PAIRS = {
 @pytest.mark.multiprocess
 @NOT_USED_OK
 @pytest.mark.parametrize("pid", list(PAIRS))
-def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench):
+def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench, placement):
     cfg = bench_cfg
     kind, size, a, b = PAIRS[pid]
     for key in (a, b):
@@ -83,7 +83,7 @@ def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench):
                 else:
                     samples[key].append(p.pings(cfg.lat_pings, cfg.lat_skip))
 
-        gate = QuietGate(cfg, [pid_ for p in pairs.values() for pid_ in p.pids])
+        gate = QuietGate(cfg, [pid_ for p in pairs.values() for pid_ in p.pids], placement)
         rounds = cfg.rounds if kind == "stream" else cfg.lat_rounds
         warm = cfg.warmup if kind == "stream" else 0 if cfg.quick else 1  # (as the rows)
         benchmark.pedantic(one_round, setup=gate.setup, teardown=gate.teardown,

@@ -53,7 +53,7 @@ def _api(key: str, size: int, opts: dict) -> str:
 @pytest.mark.multiprocess
 @NOT_USED_OK
 @pytest.mark.parametrize(("key", "size"), PARAMS)
-def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
+def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench, placement):
     cfg = bench_cfg
     skip_unless_available(key, size, ring_bench)
     t = TRANSPORTS.get(key)
@@ -80,7 +80,7 @@ def test_stream(benchmark, key, size, bench_cfg, bench_store, ring_bench):
         benchmark.extra_info.update(info)
         before = len(pair.timings)
         last: list = []
-        gate = QuietGate(cfg, pair.pids)
+        gate = QuietGate(cfg, pair.pids, placement)
         benchmark.pedantic(lambda: last.append(pair.round(n)), setup=gate.setup,
                            teardown=gate.teardown, rounds=cfg.rounds,
                            warmup_rounds=cfg.warmup, iterations=1)

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from . import report
-from .harness import BenchConfig
+from .harness import BenchConfig, Placement
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -98,6 +98,12 @@ def ring_bench(tmp_path_factory: pytest.TempPathFactory,
         bench_store["notes"].append(f"ring_bench.c did not build: {r.stderr.strip()[:500]}")
         return None
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def placement(ring_bench: str | None, bench_cfg: BenchConfig) -> Placement:
+    """The vCPU placement probe and its run-wide wait budget (harness.Placement)."""
+    return Placement(ring_bench, bench_cfg)
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,7 @@ class BenchConfig:
     ring_data: int  # data bytes of every byte ring (control page not counted)
     round_deadline_s: float  # a round that takes longer fails (workers killed)
     quiet_budget_s: float  # per benchmark: most time spent waiting for a quiet machine
+    placement_budget_s: float  # per run: most time spent waiting for the vCPUs to share an L3
     cpus: tuple[int, int]  # (producer/pinger CPU, consumer/ponger CPU)
 
     @classmethod
@@ -95,6 +96,7 @@ class BenchConfig:
             ring_data=_env_int("VIRIDIAN_BENCH_RING_BYTES", MiB),
             round_deadline_s=_env_float("VIRIDIAN_BENCH_DEADLINE_S", 60.0),
             quiet_budget_s=_env_float("VIRIDIAN_BENCH_QUIET_S", 5.0),
+            placement_budget_s=_env_float("VIRIDIAN_BENCH_PLACEMENT_S", 240.0),
             cpus=cpus,
         )
 
@@ -559,24 +561,96 @@ class CpuWatch:
         self.stop()
 
 
+class Placement:
+    """Where the host runs our two vCPUs, and waiting for the usual placement.
+
+    This VM's two vCPUs usually share an L3: a cache line crosses from one to
+    the other and back in ~70-140 ns (``ring_bench cacheline``; the baselines
+    in shared/perf measured this placement).  For seconds to minutes at a time
+    the host runs them on different L3s instead: ~400 ns, and every hand-off
+    between the producer and the consumer costs that much more (measured: the
+    C ring's own 64 B round trip 0.15 -> 0.56-0.73 us, its 64 KiB stream 57 ->
+    32 GB/s, Viridian's round trip 0.65 -> 1.35 us).  No code can win that
+    back, and no transport escapes it, so a round measured then measures the
+    host, not the transports.
+
+    ``wait_shared`` probes (a few ms) and, while the vCPUs are apart, waits
+    and probes again, within a budget for the whole run
+    (VIRIDIAN_BENCH_PLACEMENT_S, 240 s; none in quick mode).  Every probe is
+    recorded with its round; the report says how many rounds ran split.
+    """
+
+    SPLIT_NS = 250.0  # above: the two vCPUs do not share an L3
+    POLL_S = 0.5
+    PROBE_TRIPS = 5000
+
+    def __init__(self, binary: str | None, cfg: BenchConfig, *,
+                 probe: Callable[[], float | None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.binary, self.cpus = binary, cfg.cpus
+        self.budget = 0.0 if cfg.quick else cfg.placement_budget_s
+        self.waited = 0.0
+        self._probe = probe if probe is not None else self._run_probe
+        self._sleep = sleep
+
+    def _run_probe(self) -> float | None:
+        if self.binary is None:
+            return None
+        try:
+            r = subprocess.run([self.binary, "cacheline", str(self.cpus[0]), str(self.cpus[1]),
+                                str(self.PROBE_TRIPS)], capture_output=True, text=True,
+                               timeout=30)
+            word, value = r.stdout.split()
+            return float(value) if word == "cacheline" and r.returncode == 0 else None
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def probe(self) -> float | None:
+        """The cache-line round trip between the two CPUs now, in ns (None:
+        no probe: gcc missing)."""
+        return self._probe()
+
+    def split(self, ns: float | None) -> bool:
+        return ns is not None and ns > self.SPLIT_NS
+
+    def wait_shared(self) -> float | None:
+        """Probe; while the vCPUs are apart and budget is left, wait and probe
+        again.  Returns the last probe."""
+        ns = self.probe()
+        while self.split(ns) and self.budget > 0:
+            step = min(self.POLL_S, self.budget)
+            self._sleep(step)
+            self.budget -= step
+            self.waited += step
+            ns = self.probe()
+        return ns
+
+
 class QuietGate:
     """pytest-benchmark setup/teardown hooks (both untimed) around each round.
 
     ``setup`` waits until the machine looks idle between rounds (no more than
     one clock tick of CPU use in a short window, while our own workers are
     blocked on their control pipes), within a time budget per benchmark, so
-    that bursts of other work on this shared machine hit fewer rounds.
+    that bursts of other work on this shared machine hit fewer rounds; with a
+    ``Placement``, it then waits for the two vCPUs to share an L3 (see there)
+    and probes the placement again after the round.
     ``teardown`` records how busy other processes kept the CPUs during the
     round.  No round is ever dropped: the noise is reported, not hidden.
     """
 
     WINDOW_S = 0.03
 
-    def __init__(self, cfg: BenchConfig, pids: list[int]) -> None:
+    def __init__(self, cfg: BenchConfig, pids: list[int],
+                 placement: Placement | None = None) -> None:
         self.budget = 0.0 if cfg.quick else cfg.quiet_budget_s
         self.waited = 0.0
         self.watch = CpuWatch(pids)
         self.rounds: list[dict[str, float]] = []
+        self.placement = placement
+        self.probes: list[tuple[float | None, float | None]] = []  # (before, after) per round
+        self._before: float | None = None
+        self._waited0 = placement.waited if placement is not None else 0.0
 
     def setup(self) -> None:
         while self.budget > 0:
@@ -586,10 +660,14 @@ class QuietGate:
                 break
             self.budget -= self.WINDOW_S
             self.waited += self.WINDOW_S
+        if self.placement is not None:
+            self._before = self.placement.wait_shared()
         self.watch.start()
 
     def teardown(self, *args: object, **kwargs: object) -> None:
         self.rounds.append(self.watch.stop())
+        if self.placement is not None:
+            self.probes.append((self._before, self.placement.probe()))
 
     #: Rounds shorter than this many clock ticks are not judged: /proc's CPU
     #: times move in whole ticks, so over a few ms (a latency round is 2000
@@ -611,6 +689,21 @@ class QuietGate:
             "max_foreign_cpu_pct": max((x["foreign_cpu_pct"] for x in r), default=None),
             "max_steal_pct": max((x["steal_pct"] for x in r), default=None),
             "quiet_wait_s": round(self.waited, 2),
+            **self._placement(last),
+        }
+
+    def _placement(self, last: int) -> dict[str, Any]:
+        if self.placement is None:
+            return {}
+        probes = self.probes[-last:] if last else self.probes
+        seen = [x for pr in probes for x in pr if x is not None]
+        split = self.placement.split
+        return {
+            "cacheline_ns_median": round(statistics.median(seen), 1) if seen else None,
+            "cacheline_ns_max": round(max(seen), 1) if seen else None,
+            # a round is split when the probe before or after it says so
+            "split_rounds": sum(1 for pr in probes if split(pr[0]) or split(pr[1])),
+            "placement_wait_s": round(self.placement.waited - self._waited0, 2),
         }
 
 

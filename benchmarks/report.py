@@ -7,9 +7,10 @@ issue 4's channel block and issue 7's storage block when those ran.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
-from .harness import C_ROWS, SIZES, size_label
+from .harness import C_ROWS, SIZES, Placement, size_label
 from .transports import TRANSPORTS
 
 # Row order of the streaming table.
@@ -266,9 +267,10 @@ def targets(store: dict[str, Any]) -> list[dict[str, Any]]:
         f"{fmt_gb(g)} vs {fmt_gb(gi)} GB/s ({how.split(' vs ')[0]})",
         "64KiB-viridian-batch-vs-iceoryx2")
     lat = store["latency"]
-    p = lat.get("viridian-spin", {}).get("p50_us")
+    row = lat.get("viridian-spin", {})
+    p = row.get("p50_us")
     add("64 B RTT p50 <= 1 us, spin then block", p, 1.0, False,
-        f"p50 {p:.2f} us" if p is not None else "not measured")
+        f"p50 {p:.2f} us{_apart(row)}" if p is not None else "not measured")
     pb = lat.get("viridian-block", {}).get("p50_us")
     pe = lat.get("c-eventfd", {}).get("p50_us")
     add("blocking-only p50 <= 1.2x C eventfd ping-pong", _div(pb, pe), 1.2, False,
@@ -281,6 +283,15 @@ def targets(store: dict[str, Any]) -> list[dict[str, Any]]:
         if t["target"].startswith("idle") and t["value"] is not None:
             t["pass"] = t["value"] < t["limit"]
     return out
+
+
+def _apart(r: dict[str, Any]) -> str:
+    """How many of a latency row's rounds ran with the vCPUs apart, if probed."""
+    m = r.get("machine") or {}
+    if m.get("cacheline_ns_median") is None:
+        return ""
+    return (f" (vCPUs apart in {m.get('split_rounds') or 0} of {r.get('rounds', '?')} "
+            f"rounds; cache-line round trip {m['cacheline_ns_median']:.0f} ns)")
 
 
 def target_lines(tg: list[dict[str, Any]], quick: bool,
@@ -312,6 +323,7 @@ def system_lines(system: dict[str, Any]) -> list[str]:
     return lines
 
 
+SPLIT_NS = Placement.SPLIT_NS
 NOISE_PCT = 10.0  # other processes' share of the CPUs that makes a round suspect
 SPREAD = 1.5  # fastest / slowest round above this: a bimodal or disturbed run
 
@@ -320,10 +332,16 @@ def noise_lines(store: dict[str, Any]) -> list[str]:
     """Results taken while the machine was busy with other work, or whose
     rounds disagree widely (the C ring's bimodal regimes, see shared/perf)."""
     busy, spread, waited = [], [], 0.0
+    split, placement_wait, cacheline = [], 0.0, []
 
     def check(name: str, m: dict[str, Any]) -> None:
-        nonlocal waited
+        nonlocal waited, placement_wait
         waited += m.get("quiet_wait_s") or 0.0
+        placement_wait += m.get("placement_wait_s") or 0.0
+        if m.get("cacheline_ns_median") is not None:
+            cacheline.append(m["cacheline_ns_median"])
+        if m.get("split_rounds"):
+            split.append(f"{name} ({m['split_rounds']} rounds)")
         n, k = m.get("rounds_watched") or 0, m.get("noisy_rounds") or 0
         if n and k / n > 0.2:
             busy.append(f"{name} ({k}/{n} rounds, up to {m['max_foreign_cpu_pct']:.0f}% "
@@ -338,6 +356,8 @@ def noise_lines(store: dict[str, Any]) -> list[str]:
                 spread.append(f"{name} ({fmt_rate(min(rr))}..{fmt_rate(max(rr))})")
     for key, r in store["latency"].items():
         check(f"latency {key}", r.get("machine") or {})
+    for pid, r in (store.get("paired") or {}).items():
+        check(f"head to head {pid}", r.get("machine") or {})
     lines = []
     if busy:
         lines.append(f"Noise: in more than 20% of the rounds other processes or the hypervisor "
@@ -348,7 +368,22 @@ def noise_lines(store: dict[str, Any]) -> list[str]:
     lines[-1] += f"; {waited:.1f} s spent waiting for a quiet machine between rounds"
     if spread:
         lines.append(f"Spread: fastest/slowest round > {SPREAD:g}x in: " + "; ".join(spread))
+    lines += placement_lines(split, placement_wait, cacheline)
     return lines
+
+
+def placement_lines(split: list[str], waited: float, cacheline: list[float]) -> list[str]:
+    """Where the host ran the two vCPUs (harness.Placement)."""
+    if not cacheline:
+        return ["Placement: not probed (benchmarks/c/ring_bench did not build)"]
+    how = (f"cache-line round trip between the two CPUs, median of the benchmarks': "
+           f"{statistics.median(cacheline):.0f} ns; above {SPLIT_NS:.0f} ns they are apart")
+    if not split:
+        line = f"Placement: the two vCPUs shared an L3 in every round ({how})"
+    else:
+        line = ("Placement: the two vCPUs were on different L3s (every hand-off slower; no "
+                "transport escapes it) in rounds of: " + "; ".join(split) + f" ({how})")
+    return [line + f"; {waited:.1f} s spent waiting for them to share one"]
 
 
 def channel_lines(store: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
