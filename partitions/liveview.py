@@ -175,11 +175,10 @@ def _own_channel(p: dict[str, Any], cls: str) -> dict[str, Any] | None:
 ProcKey = tuple[str, int]  # a partition's process: its name, its pid (0: none)
 
 
-def _proc_key(p: dict[str, Any], missing: object = "?") -> ProcKey:
-    """The key of ``p``'s process row: its name (``missing`` without one), its pid.
-    The demo's records pass None (a nameless entry is "None" there, "?" in the
-    views); the supervisor names every entry, so only a hand-made status differs."""
-    return clean(p.get("name", missing)), _int(p.get("pid"))
+def _proc_key(p: dict[str, Any]) -> ProcKey:
+    """The key of ``p``'s process row: its name ("?" without one), its pid; the
+    same in the views and in the demo's records, which look each other up."""
+    return clean(p.get("name", "?")), _int(p.get("pid"))
 
 
 # -- rates -----------------------------------------------------------------------------------
@@ -950,7 +949,7 @@ class Demo:
         self.memory.update(st, now)
         self.disk_rates.update(st, now)
         for p in st.get("partitions", []):
-            key = _proc_key(p, None)
+            key = _proc_key(p)
             for recs, cls in ((self.streams, "echo"), (self.bursts, "dynmem")):
                 c = _own_channel(p, cls)
                 rec = recs.get(key)
@@ -975,7 +974,7 @@ class Demo:
         """The running children of the last status, each with its key."""
         for p in self.status.get("partitions", []):
             if p.get("role") == "child" and p.get("state") == "running":
-                yield p, _proc_key(p, None)
+                yield p, _proc_key(p)
 
     # -- the disk benches ------------------------------------------------------------------
     def _disk_ready(self, p: dict[str, Any], d: dict[str, Any], work: DiskWork,
@@ -1226,7 +1225,7 @@ class Demo:
         hits = len(self.hits)
         try:
             if self.outcome != "stopped":
-                running = dict(_proc_key(p, None) for p in self.status.get("partitions", [])
+                running = dict(_proc_key(p) for p in self.status.get("partitions", [])
                                if p.get("state") == "running")
                 for device, recs in (("echo", self.streams), ("dynmem", self.bursts)):
                     for (name, pid), rec in recs.items():
@@ -1256,7 +1255,7 @@ class Demo:
 
     def _settled(self) -> bool:
         for p in self.status.get("partitions", []):
-            rec = self.streams.get(_proc_key(p, None))
+            rec = self.streams.get(_proc_key(p))
             if rec is None:
                 continue
             c = _own_channel(p, "echo")
@@ -1264,13 +1263,13 @@ class Demo:
             if d.get("streaming") or _int(d.get("in_flight")):
                 return False
         for p in self.status.get("partitions", []):
-            rec = self.bursts.get(_proc_key(p, None))
+            rec = self.bursts.get(_proc_key(p))
             if rec is None or rec.stopped is None:
                 continue
             c = _own_channel(p, "dynmem")
             if c is not None and _int(_device(c).get("workload_pages")):
                 return False  # its pages are freed (and checked) at stop: not reported yet
-        running = {_proc_key(p, None) for p in self.status.get("partitions", [])
+        running = {_proc_key(p) for p in self.status.get("partitions", [])
                    if p.get("state") == "running"}
         for work in self.disk_work.values():
             if (work.partition, work.pid) in running and work.pending is not None:

@@ -449,3 +449,23 @@ def test_demo_render_shows_the_disks_panel() -> None:
     assert lines[2] == ("  4 KiB random reads: scsi 12.8k ops/s, ide-dma 533 ops/s (24x), "
                         "as each child timed them")
     assert "disks: child1 scsi" in d.progress_line()
+
+
+def test_a_nameless_child_keeps_its_disk_record_between_poll_and_table() -> None:
+    """The demo's records and the views key a partition the same way, also
+    one without a name (a hand-built status; the supervisor names all)."""
+
+    class StatusCtl(FakeCtl):
+        def request(self, op: str, **kw: Any) -> dict[str, Any]:
+            return {"status": st}
+
+    d, _ = make_demo(None)
+    nameless = child("x", [disk("scsi", 5)], pid=101)
+    del nameless["name"]
+    st = status(nameless)
+    d._ctl = StatusCtl()  # type: ignore[assignment]
+    assert d._poll()
+    assert list(d.disks) == [("?", 101, 0)]
+    d.disks[("?", 101, 0)].observe(disk_counters(disk("scsi", 12)))  # 7 reads since
+    row = render(demo_disks_table(st, d.disk_rates, d.disks)).splitlines()[2].split()
+    assert row[:2] == ["?", "disk0"] and row[-1] == "7"
