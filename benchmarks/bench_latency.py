@@ -84,7 +84,7 @@ def test_latency(benchmark, key, bench_cfg, bench_store, ring_bench, placement):
         }
         benchmark.extra_info.update(info)
         rounds: list[list[int]] = []
-        gate = QuietGate(cfg, pair.pids, placement)
+        gate = QuietGate(cfg, pair.pids, placement, min_gap_s=cfg.lat_gap_s)
         benchmark.pedantic(lambda: rounds.append(pair.pings(cfg.lat_pings, cfg.lat_skip)),
                            setup=gate.setup, teardown=gate.teardown, rounds=cfg.lat_rounds,
                            warmup_rounds=0 if cfg.quick else 1, iterations=1)

@@ -83,7 +83,8 @@ def test_paired(benchmark, pid, bench_cfg, bench_store, ring_bench, placement):
                 else:
                     samples[key].append(p.pings(cfg.lat_pings, cfg.lat_skip))
 
-        gate = QuietGate(cfg, [pid_ for p in pairs.values() for pid_ in p.pids], placement)
+        gate = QuietGate(cfg, [pid_ for p in pairs.values() for pid_ in p.pids], placement,
+                         min_gap_s=0.0 if kind == "stream" else cfg.lat_gap_s)
         rounds = cfg.rounds if kind == "stream" else cfg.lat_rounds
         warm = cfg.warmup if kind == "stream" else 0 if cfg.quick else 1  # (as the rows)
         benchmark.pedantic(one_round, setup=gate.setup, teardown=gate.teardown,

@@ -67,6 +67,7 @@ class BenchConfig:
     lat_rounds: int  # measured ping-pong rounds
     lat_pings: int  # timed round trips per ping-pong round
     lat_skip: int  # unrecorded round trips at the start of each ping-pong round
+    lat_gap_s: float  # least time between two ping-pong rounds (spreads a row over time)
     idle_s: float  # how long the idle reader is watched
     ring_data: int  # data bytes of every byte ring (control page not counted)
     round_deadline_s: float  # a round that takes longer fails (workers killed)
@@ -92,6 +93,7 @@ class BenchConfig:
             lat_rounds=_env_int("VIRIDIAN_BENCH_LAT_ROUNDS", 1 if quick else 10),
             lat_pings=_env_int("VIRIDIAN_BENCH_LAT_PINGS", 200 if quick else 2000),
             lat_skip=_env_int("VIRIDIAN_BENCH_LAT_SKIP", 20 if quick else 50),
+            lat_gap_s=_env_float("VIRIDIAN_BENCH_LAT_GAP_S", 0.0 if quick else 0.5),
             idle_s=_env_float("VIRIDIAN_BENCH_IDLE_S", 0.3 if quick else 2.0),
             ring_data=_env_int("VIRIDIAN_BENCH_RING_BYTES", MiB),
             round_deadline_s=_env_float("VIRIDIAN_BENCH_DEADLINE_S", 60.0),
@@ -637,13 +639,19 @@ class QuietGate:
     and probes the placement again after the round.
     ``teardown`` records how busy other processes kept the CPUs during the
     round.  No round is ever dropped: the noise is reported, not hidden.
+    ``min_gap_s`` spreads the rounds over time: the ping-pong rows' rounds
+    last ~2 ms, so a whole row would otherwise fit in one of the host's
+    moods, which change from second to second (the same 64 B round trip:
+    0.62-0.91 us from one second to the next, placement unchanged).
     """
 
     WINDOW_S = 0.03
 
     def __init__(self, cfg: BenchConfig, pids: list[int],
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, min_gap_s: float = 0.0) -> None:
         self.budget = 0.0 if cfg.quick else cfg.quiet_budget_s
+        self.min_gap_s = min_gap_s
+        self._ended: float | None = None  # when the last round ended
         self.waited = 0.0
         self.watch = CpuWatch(pids)
         self.rounds: list[dict[str, float]] = []
@@ -653,6 +661,8 @@ class QuietGate:
         self._waited0 = placement.waited if placement is not None else 0.0
 
     def setup(self) -> None:
+        if self._ended is not None:  # rounds spread over time (min_gap_s)
+            time.sleep(max(0.0, self._ended + self.min_gap_s - time.monotonic()))
         while self.budget > 0:
             b0 = CpuWatch.stat()[0]
             time.sleep(self.WINDOW_S)
@@ -666,6 +676,7 @@ class QuietGate:
 
     def teardown(self, *args: object, **kwargs: object) -> None:
         self.rounds.append(self.watch.stop())
+        self._ended = time.monotonic()
         if self.placement is not None:
             self.probes.append((self._before, self.placement.probe()))
 

@@ -1,11 +1,12 @@
-"""The vCPU placement probe (harness.Placement): the C probe answers with a
-cache-line round trip, and the wait for a shared L3 stops as soon as the
-probe says so, or when the run's budget is spent (then the round is measured
-anyway and counted as split by the gate)."""
+"""The gate between rounds (harness.QuietGate): the vCPU placement probe
+answers with a cache-line round trip; the wait for a shared L3 stops as soon
+as the probe says so, or when the run's budget is spent (then the round is
+measured anyway and counted as split); latency rounds are spread in time."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -72,3 +73,13 @@ def test_without_a_probe_nothing_waits_and_nothing_is_reported_split():
     gate.setup()
     gate.teardown()
     assert gate.summary(1)["split_rounds"] == 0
+
+
+def test_rounds_are_spread_at_least_min_gap_apart():
+    gate = QuietGate(_cfg(0.0), [], None, min_gap_s=0.05)
+    gate.setup()
+    gate.teardown()
+    ended = time.monotonic()
+    gate.setup()  # (a lower bound: time.sleep never returns early)
+    assert time.monotonic() - ended >= 0.05
+    gate.teardown()
