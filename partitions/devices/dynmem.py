@@ -288,6 +288,12 @@ class DmVsp(Vsp):
         for i, chunk in enumerate(chunks):
             rr = tuple(D.PageRange(p, n) for p, n in chunk)
             if not self._request(D.UnballoonRequest(rr, more_pages=i < len(chunks) - 1), op):
+                # the child never heard of these pages: the host takes them back
+                # (if it cannot, they stay mapped in the child: the child's)
+                unsent = [r for c in chunks[i:] for r in c]
+                st, _ = self.partition.hv.memory_balloon(self.child, unsent)
+                if st == HvStatus.SUCCESS:
+                    self.ballooned_pages += sum(n for _, n in unsent)
                 self._finish(False, error=NOT_READING)
                 return
 

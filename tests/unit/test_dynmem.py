@@ -185,6 +185,19 @@ def test_balloon_returns_the_highest_free_pages(rig):
     assert rig.alloc.ballooned_pages == 2048 and rig.mem.assigned_bytes == 56 * MiB
 
 
+def test_an_unballoon_the_child_never_hears_of_goes_back_to_the_host(rig, monkeypatch):
+    results: list[dict] = []
+    rig.vsp.balloon(16 * MiB, results.append)
+    rig.pump()
+    assert results[0]["ok"] and rig.vsp.ballooned_pages == 4096
+    monkeypatch.setattr(rig.vsp, "post", lambda data: False)  # the child stopped reading
+    rig.vsp.unballoon(8 * MiB, results.append)
+    assert not results[1]["ok"] and "does not read" in results[1]["error"]
+    # the supervisor had given 8 MiB back; the host took them again
+    assert rig.mem.assigned_bytes == 48 * MiB and rig.mem.ballooned_bytes == 16 * MiB
+    assert rig.vsp.ballooned_pages == 4096  # and the root agrees
+
+
 def test_balloon_never_goes_below_the_minimum(rig):
     results = []
     rig.vsp.balloon(40 * MiB, results.append)  # 64 - 40 < 32
