@@ -265,9 +265,10 @@ def test_exchange_round_trips_with_a_peer_that_answers_with_exchange() -> None:
         report = p.line(30)
         p.finish(30)
     assert report["answered"] == n and sent["packets"] == n
-    # the requests found the answerer asleep (signalled) and polling (not)
-    assert min(sent["signals"], sent["signals_suppressed"]) > n // 10
-    assert report["signals"] > n // 10  # and the answers found the parent asleep
+    # the requests found the answerer asleep (signalled) and polling (not),
+    # each many times (the split depends on timing: 1.9k-14k of 20k seen)
+    assert min(sent["signals"], sent["signals_suppressed"]) > n // 100
+    assert report["signals"] > n // 100  # and the answers found the parent asleep
 
 
 def _fresh_ring() -> bytearray:
