@@ -123,6 +123,7 @@ class Partition:
     demand: dict[str, int] | None = None  # its DM pressure report, as the root relayed it
     route: Any = None  # hv.intercept.InterceptRoute while it runs with an ide disk
     disk_stats: list[dict[str, Any]] = field(default_factory=list)  # the root's report
+    vmbus_errors: int = 0  # the root's count of this child's VMBus protocol errors
     tracers: set[int] = field(default_factory=set)  # control connections tracing it
 
     @property
@@ -603,6 +604,13 @@ class Supervisor:
                         c.disk_stats = [{k: x for k, x in d.items()
                                          if k in _DISK_STAT_KEYS and type(x) is int}
                                         for d in v[:8] if isinstance(d, dict)]
+        elif op == "vmbus.errors" and p.cfg.role == "root":
+            counts = obj.get("errors")
+            if isinstance(counts, dict):
+                for c in self.parts[1:]:
+                    v = counts.get(c.name)
+                    if type(v) is int and v >= 0:
+                        c.vmbus_errors = v
         elif op == "dm.result" and p.cfg.role == "root":
             self._dm_result(obj)
         elif op == "dm.status" and p.cfg.role == "root":
@@ -655,6 +663,7 @@ class Supervisor:
         p.disk_stats = []
         if p.cfg.role == "root":
             for c in self.parts[1:]:
+                c.vmbus_errors = 0  # (counted by the root: a new root counts afresh)
                 if c.route is not None:
                     c.route.worker_gone()
             for req in list(self._dm_pending):
@@ -820,6 +829,7 @@ class Supervisor:
                 },
                 "devices": p.cfg.devices,
                 "hypercalls": p.hypercalls,
+                "vmbus_errors": p.vmbus_errors,
                 "channels": p.channels,
                 "disks": self._disk_status(p),
             })

@@ -564,6 +564,11 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     console = Console(highlight=False)
     console.print(table)
     console.print("ID 0 is the root; Memory: assigned, Visible: what the partition reports")
+    broke = [f"{p['name']} {p['vmbus_errors']:,}" for p in st["partitions"]
+             if isinstance(p.get("vmbus_errors"), int) and p["vmbus_errors"] > 0]
+    if broke:
+        console.print("[yellow]VMBus protocol errors[/] (the root's log has the first 20 "
+                      f"per child): {', '.join(broke)}")
     from .liveview import CHANNEL_LEGEND, DISK_LEGEND, channel_tables, disk_tables
 
     chans = channel_tables(st)

@@ -115,6 +115,7 @@ class PartitionRuntime:
         self._again: list[Callable[[], None]] = []
         self._report_due = False
         self._last_report: Any = None
+        self._last_errors: Any = None  # the root's last vmbus.errors report
         self.tracing = False
         self._trace_buf: list[dict[str, Any]] = []
         self._trace_dropped = 0
@@ -284,8 +285,13 @@ class PartitionRuntime:
         if chans != self._last_report:
             self._last_report = chans
             self.send({"op": "report", "channels": chans})
-        if self.role == "root" and self.storage is not None:
-            self.storage.send_report()
+        if self.role == "root":
+            errors = self.vmbus.error_counts()
+            if errors != self._last_errors:
+                self._last_errors = errors
+                self.send({"op": "vmbus.errors", "errors": errors})
+            if self.storage is not None:
+                self.storage.send_report()
 
     def trace(self, ev: dict[str, Any]) -> None:
         """One trace event (decoded message, packet header) for ``viridian trace``."""

@@ -279,6 +279,7 @@ class ChildBus:
 
     def protocol_error(self, reason: str, relid: int | None) -> None:
         self.errors += 1
+        self.rt.report_soon()  # (the count is in status: vmbus_errors)
         if self.errors <= LOGGED_ERRORS:
             self.rt.log("child broke the VMBus protocol", level="warning", child=self.name,
                         relid=relid, reason=reason[:200],
@@ -467,6 +468,10 @@ class VmbusHost:
         for bus in self.buses.values():
             out.extend(bus.report())
         return out
+
+    def error_counts(self) -> dict[str, int]:
+        """VMBus protocol errors per child (all counted; the first 20 logged)."""
+        return {bus.name: bus.errors for bus in self.buses.values()}
 
     def set_tracing(self, on: bool) -> None:
         self.tracing = on

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,9 +204,16 @@ def test_malformed_and_out_of_order_control_messages(env: Env) -> None:
     assert len(reasons) >= len(expected)
     for want, got in zip(expected, reasons, strict=False):
         assert want in got, (want, reasons)
-    # 51 errors, 20 lines: the rest are counted, not logged
+    # 51 errors, 20 lines: the rest are counted, not logged, and status has the count
     assert len(errors) == LOGGED_ERRORS, reasons
     assert errors[-1].get("further_errors") == "counted, not logged"
+    st = env.wait_status(rogue.name, lambda s: part(s, "child1")["vmbus_errors"] > LOGGED_ERRORS)
+    assert part(st, "child1")["vmbus_errors"] >= len(expected) + 40  # (and the 40 garbage)
+    assert part(st, "child2")["vmbus_errors"] == 0 == part(st, "root")["vmbus_errors"]
+    r = env.cli("status", "--name", rogue.name)
+    assert r.returncode == 0, r.stderr
+    assert all(len(line) <= 80 for line in r.stdout.splitlines()), r.stdout
+    assert re.search(r"^VMBus protocol errors \(.*\): child1 \d+$", r.stdout, re.M), r.stdout
     assert all(r["child"] == "child1" for r in errors)
     assert not channel_closed_lines(rogue.root_log())
     rogue.finish()

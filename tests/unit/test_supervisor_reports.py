@@ -54,3 +54,14 @@ def test_a_demand_report_names_its_child_by_index_only(sup):
     sup._on_partition_message(root, {**report, "child": child.id})
     assert child.demand == {"committed_bytes": 4096, "available_bytes": 8192,
                             "ballooned_bytes": 0}
+
+
+def test_vmbus_error_counts_come_from_the_root_as_integers_only(sup):
+    root, child1, child2 = sup.parts[0], sup.parts[1], sup.parts[2]
+    sup._on_partition_message(root, {"op": "vmbus.errors", "errors": {
+        child1.name: 51, child2.name: True}})  # a bool is no count
+    assert (child1.vmbus_errors, child2.vmbus_errors) == (51, 0)
+    for bad in (-1, 2.5, "7", None, [3]):
+        sup._on_partition_message(root, {"op": "vmbus.errors", "errors": {child1.name: bad}})
+    sup._on_partition_message(root, {"op": "vmbus.errors", "errors": "not a dict"})
+    assert child1.vmbus_errors == 51
