@@ -821,9 +821,9 @@ int64_t vmbr_exchange_io(struct vmbr_ring *r, const char *payload, uint32_t payl
     /* Anything but the plain case goes back to the caller unsent, whose
      * slow path writes and reads with the usual calls (and errors). */
     struct vmbr_ring *w = r->io_reply_to;
-    if (w == NULL || w->corrupt || r->corrupt)
+    if (w == NULL || r->corrupt)
         return (int64_t)VMBR_XCHG_UNSENT;
-    int64_t rc = write_one(w, VMBR_PKT_DATA_INBAND, 0, NULL, 0, payload, payload_bytes);
+    int64_t rc = vmbr_write(w, VMBR_PKT_DATA_INBAND, 0, payload, payload_bytes);
     if (rc != 1)
         return rc == 2 ? (int64_t)VMBR_XCHG_SIGNAL : (int64_t)VMBR_XCHG_UNSENT;
     rc = vmbr_spin_read_payload_io(r);

@@ -1089,7 +1089,8 @@ class IncomingRing(_RingEnd):
     ) -> Packet | None:
         """Blocking ``try_read``: None only on timeout.  With a spin, the
         first wait is one C call that polls and copies out."""
-        if self._i >= self._n and spin_ns == self._spin_ns and spin_ns:
+        # (spin_ns == self._spin_ns implies a spin: _spin_ns is never 0)
+        if self._i >= self._n and spin_ns == self._spin_ns:
             # The latency path: one C call polls and copies one packet out.
             # Every line here is ~20-40 ns of a ~1 us round trip: anything
             # but one plain packet (a signal owed, type 7/9, an error) goes

@@ -206,12 +206,17 @@ class DmVsp(Vsp):
             self._give_back(start, count)
             self._finish(False, error=NOT_READING)
 
+    def _host_takes(self, ranges: list[tuple[int, int]]) -> bool:
+        """Ask the supervisor to take ``ranges`` (pages the child does not
+        know it has) out of the child; whether it did."""
+        st, _ = self.partition.hv.memory_balloon(self.child, ranges)
+        return st == HvStatus.SUCCESS
+
     def _give_back(self, start: int, count: int) -> None:
         """Hand hot-added pages the child does not use back to the host; if
         the supervisor keeps them mapped, they are the child's (counted as
         hot-added, as after a timeout)."""
-        st, _ = self.partition.hv.memory_balloon(self.child, [(start, count)])
-        if st != HvStatus.SUCCESS:
+        if not self._host_takes([(start, count)]):
             self.hot_added_pages += count
 
     def _hot_add_done(self, msg: D.HotAddResponse, tid: int) -> None:
@@ -291,8 +296,7 @@ class DmVsp(Vsp):
                 # the child never heard of these pages: the host takes them back
                 # (if it cannot, they stay mapped in the child: the child's)
                 unsent = [r for c in chunks[i:] for r in c]
-                st, _ = self.partition.hv.memory_balloon(self.child, unsent)
-                if st == HvStatus.SUCCESS:
+                if self._host_takes(unsent):
                     self.ballooned_pages += sum(n for _, n in unsent)
                 self._finish(False, error=NOT_READING)
                 return
