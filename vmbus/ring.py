@@ -35,8 +35,8 @@ from ._ring_cffi import ffi, lib
 from .doorbell import Doorbell
 from .errors import RingCorruptError
 from .packet import (
-    _DESC,
-    _PTYPES,
+    DESCRIPTOR,
+    PACKET_TYPES,
     GpaRange,
     Packet,
     PacketType,
@@ -616,7 +616,7 @@ class ReadInfoBatch(_Batch[ReadInfo]):
         if self._one is not None:
             return self._one
         t, f, nbytes, tid = _PINFO.unpack_from(self._raw, i << 4)
-        return _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
+        return _tuple_new(ReadInfo, (PACKET_TYPES[t], f, tid, nbytes, None))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (ReadInfoBatch, list, tuple)):
@@ -671,8 +671,8 @@ class PacketBatch(_Batch[Packet]):
         st, raw = self._st, self._raw
         j = i + i
         p = _new(Packet)
-        p._raw = raw
-        p._pos = st[j]
+        p.data = raw
+        p.start = st[j]
         p.payload = raw[st[j + 1] : st[j + 2]]
         return p
 
@@ -872,8 +872,8 @@ class IncomingRing(_RingEnd):
             raw = self._batch_raw()
         j = i + i
         p = _new(Packet)
-        p._raw = raw
-        p._pos = st[j]
+        p.data = raw
+        p.start = st[j]
         p.payload = raw[st[j + 1] : st[j + 2]]
         return p
 
@@ -940,11 +940,12 @@ class IncomingRing(_RingEnd):
             raise self._error(rc)
         if rc & _READ_SIGNAL:
             self._signal()
-        ptype, off8, _len8, flags, trans_id = _DESC.unpack_from(self._hdr_mv)
+        ptype, off8, _len8, flags, trans_id = DESCRIPTOR.unpack_from(self._hdr_mv)
         ranges = None
         if off8 != 2 or ptype == 7 or ptype == 9:
             ranges = self._read_into_ext(off8)
-        return _tuple_new(ReadInfo, (_PTYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
+        return _tuple_new(ReadInfo,
+                          (PACKET_TYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
 
     def drain_into(self, buffer: Any, max_packets: int = 256) -> ReadInfoBatch:
         """The bulk form of ``read_into``: the payloads of up to ``max_packets``
@@ -1119,8 +1120,8 @@ class IncomingRing(_RingEnd):
             if 0 < rc < _IO_SIGNAL:  # END = the packet, AUX = its payload's offset
                 raw = self._obuf[: rc & _IO_END]  # (~20 ns less than ffi.unpack)
                 p = _new(Packet)
-                p._raw = raw
-                p._pos = 0
+                p.data = raw
+                p.start = 0
                 p.payload = raw[rc >> _IO_AUX_SHIFT :]  # (no flag: AUX is all that is left)
                 return p
             return self._read_rest(doorbell, timeout, spin_ns, rc)
@@ -1252,8 +1253,8 @@ class IncomingRing(_RingEnd):
                 end = rc & _IO_END
                 raw = _unpack(self._out, end)
                 p = _new(Packet)
-                p._raw = raw
-                p._pos = 0
+                p.data = raw
+                p.start = 0
                 p.payload = raw[rc >> _IO_AUX_SHIFT & _IO_AUX : end]
                 return p
             if rc < 0:
