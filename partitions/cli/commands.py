@@ -180,7 +180,10 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
     """Start a cluster: the supervisor, the root partition, then the children."""
     import signal
 
-    cfg, rd, out, res = _start("up", config_path, cluster, detach)
+    # Foreground: a Ctrl+C or SIGTERM during start-up only counts (into hits),
+    # so the start is never cut in half; the cluster then stops at once.
+    hits: list[int] | None = None if detach else []
+    cfg, rd, out, res = _start("up", config_path, cluster, detach, hits)
     out.line(f"cluster [bold]{cluster}[/] running: {res.partitions} partitions in "
              f"{res.seconds:.2f} s (supervisor pid {res.supervisor_pid})")
     out.line(f"run dir: {rd.path}")
@@ -199,10 +202,12 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupt)  # even if started with SIGINT ignored (a `&` job)
-    signal.signal(signal.SIGTERM, interrupt)
     stopped_elsewhere = False
     try:
+        signal.signal(signal.SIGINT, interrupt)  # even if started with SIGINT ignored (`&`)
+        signal.signal(signal.SIGTERM, interrupt)
+        if hits:
+            raise KeyboardInterrupt  # (the signal came during start-up)
         for ev in res.client.events(None):
             if ev.get("event") == "stopped":
                 stopped_elsewhere = True
@@ -225,7 +230,7 @@ def up(config_path: str | None, cluster: str, detach: bool) -> None:
             stopped_elsewhere = True
     except KeyboardInterrupt:
         pass
-    stop = _stop_foreground(rd, res, out, stopped_elsewhere, [])
+    stop = _stop_foreground(rd, res, out, stopped_elsewhere, hits or [])
     out.line(_stopped_line(res.partitions, stop))
     if stop.left:
         sys.exit(EXIT_FAILED)

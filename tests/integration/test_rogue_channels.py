@@ -207,8 +207,11 @@ def test_malformed_and_out_of_order_control_messages(env: Env) -> None:
     # 51 errors, 20 lines: the rest are counted, not logged, and status has the count
     assert len(errors) == LOGGED_ERRORS, reasons
     assert errors[-1].get("further_errors") == "counted, not logged"
-    st = env.wait_status(rogue.name, lambda s: part(s, "child1")["vmbus_errors"] > LOGGED_ERRORS)
-    assert part(st, "child1")["vmbus_errors"] >= len(expected) + 40  # (and the 40 garbage)
+    # (wait for the count the assertion asks for: the root reports its counts to
+    # the supervisor as they change, so under load status may lag a report behind)
+    want = len(expected) + 40  # (and the 40 garbage)
+    st = env.wait_status(rogue.name, lambda s: part(s, "child1")["vmbus_errors"] >= want)
+    assert part(st, "child1")["vmbus_errors"] >= want
     assert part(st, "child2")["vmbus_errors"] == 0 == part(st, "root")["vmbus_errors"]
     r = env.cli("status", "--name", rogue.name)
     assert r.returncode == 0, r.stderr
