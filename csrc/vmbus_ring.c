@@ -56,6 +56,46 @@ struct vmbr_desc {
 };
 _Static_assert(sizeof(struct vmbr_desc) == VMBR_DESC_BYTES, "descriptor is 16 bytes");
 
+/*
+ * The result vocabulary (vmbus_ring.h) cannot collide: each field holds the
+ * largest value the protocol allows, and no two fields or flags of one
+ * encoding share a bit.  tests/unit/test_ring_results.py proves the same from
+ * the constants cffi read, on the Python side.
+ */
+#define VMBR_BIT(n) ((uint64_t)1 << (n))
+/* type_flags */
+_Static_assert(VMBR_TF_COMPLETION_REQUESTED ==
+               VMBR_FLAG_COMPLETION_REQUESTED << VMBR_TF_FLAGS_SHIFT, "named flag = flag << shift");
+_Static_assert(VMBR_PKT_COMP < VMBR_BIT(VMBR_TF_FLAGS_SHIFT), "types fit below the flags");
+/* writers */
+_Static_assert(VMBR_WRITE_FULL == 0 && VMBR_WRITE_DONE != VMBR_WRITE_SIGNAL &&
+               VMBR_WRITE_DONE > 0 && VMBR_WRITE_SIGNAL > 0, "0 = nothing written");
+_Static_assert(VMBR_WRITE_SIGNAL <= VMBR_W4_STATUS_MASK &&
+               VMBR_W4_STATUS_MASK < VMBR_BIT(VMBR_W4_COUNT_SHIFT), "write4: status below count");
+/* whole-packet readers: lengths are multiples of 8, bit 0 is the signal */
+_Static_assert(VMBR_READ_SIGNAL == 1 && VMBR_DESC_BYTES % 8 == 0 && VMBR_MAX_PACKET_BYTES % 8 == 0,
+               "packet lengths leave bit 0 free");
+_Static_assert(VMBR_DRAIN_SIGNAL != VMBR_DRAIN_EXT_NEXT && VMBR_DRAIN_SIGNAL > 0 &&
+               VMBR_DRAIN_EXT_NEXT > 0, "drain statuses distinct from 0 and each other");
+/* the packed io results */
+_Static_assert(VMBR_IO_END_MASK == 0xFFFFFFFFu, "END holds any u32: io_cap, a length");
+_Static_assert((uint64_t)VMBR_IO_AUX_MASK + 1 == VMBR_BIT(20) && VMBR_IO_AUX_SHIFT == 32,
+               "AUX: 20 bits just above END");
+_Static_assert((uint64_t)UINT16_MAX * 8 <= VMBR_IO_AUX_MASK, "AUX holds any offset8 * 8");
+_Static_assert(VMBR_IO_MAX_PACKETS <= VMBR_IO_AUX_MASK, "AUX holds drain_io's most packets");
+_Static_assert(VMBR_MAX_PACKET_BYTES <= VMBR_IO_END_MASK, "END holds any packet");
+_Static_assert(VMBR_IO_SIGNAL == VMBR_BIT(52) && VMBR_IO_EXT_NEXT == VMBR_BIT(53) &&
+               VMBR_IO_BROKEN == VMBR_BIT(54), "one bit each, as the header's comments say");
+_Static_assert(((uint64_t)VMBR_IO_AUX_MASK << VMBR_IO_AUX_SHIFT | VMBR_IO_END_MASK) <
+               VMBR_IO_SIGNAL, "every flag lies above every field");
+_Static_assert(VMBR_XCHG_ANSWER_LIMIT == (uint64_t)VMBR_IO_END_MASK + 1,
+               "an exchange answer is an END");
+_Static_assert(VMBR_XCHG_UNSENT == VMBR_BIT(55) && VMBR_XCHG_SIGNAL == VMBR_BIT(56) &&
+               VMBR_XCHG_READ == VMBR_BIT(57), "one bit each, above the io flags");
+_Static_assert((VMBR_XCHG_READ | VMBR_XCHG_SIGNAL | VMBR_XCHG_UNSENT | VMBR_IO_BROKEN |
+                VMBR_IO_EXT_NEXT | VMBR_IO_SIGNAL | (uint64_t)VMBR_IO_AUX_MASK << 32 |
+                VMBR_IO_END_MASK) < VMBR_BIT(63), "never the sign bit");
+
 #define SHARED(r, off) ((_Atomic uint32_t *)((r)->base + (off)))
 #define DATA(r) ((r)->base + VMBR_CONTROL_BYTES)
 
@@ -271,7 +311,7 @@ static int64_t publish_write(struct vmbr_ring *r)
         if (m && atomic_load_explicit(SHARED(r, VMBR_OFF_VIRIDIAN), memory_order_relaxed) &
                      VMBR_READER_HEAVY_BARRIER) {
             r->signals_suppressed++;
-            return 1;
+            return VMBR_WRITE_DONE;
         }
     }
     /* Full fence: orders the write_index store before the interrupt_mask and
@@ -292,14 +332,14 @@ static int64_t publish_write(struct vmbr_ring *r)
         r->peer_index = rd;
     if (mask) {
         r->signals_suppressed++;
-        return 1;
+        return VMBR_WRITE_DONE;
     }
     if (rd == old) {
         r->signals++;
-        return 2;
+        return VMBR_WRITE_SIGNAL;
     }
     r->signals_suppressed++;
-    return 1;
+    return VMBR_WRITE_DONE;
 }
 
 static inline uint32_t put_packet(struct vmbr_ring *r, uint32_t w, uint32_t type_flags,
@@ -310,7 +350,7 @@ static inline uint32_t put_packet(struct vmbr_ring *r, uint32_t w, uint32_t type
         .type = (uint16_t)type_flags,
         .offset8 = (uint16_t)((VMBR_DESC_BYTES + ext_bytes) >> 3),
         .len8 = (uint16_t)(padded >> 3),
-        .flags = (uint16_t)(type_flags >> 16),
+        .flags = (uint16_t)(type_flags >> VMBR_TF_FLAGS_SHIFT),
         .trans_id = trans_id,
     };
     uint64_t trailer = (uint64_t)w << 32; /* upper half: this packet's start */
@@ -340,7 +380,7 @@ static int64_t write_one(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     /* Only types the peer's reader accepts: anything else would make the
      * peer declare the ring corrupt. */
     if (!writable_type(type_flags, ext_bytes != 0) ||
-        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
+        (type_flags >> VMBR_TF_FLAGS_SHIFT) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
         return VMBR_E_INVAL;
     uint64_t used = (uint64_t)VMBR_DESC_BYTES + ext_bytes + payload_bytes;
     uint64_t padded = (used + 7u) & ~(uint64_t)7u;
@@ -352,7 +392,7 @@ static int64_t write_one(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
         return VMBR_E_CORRUPT;
     if (space <= total) { /* strict: never completely full */
         r->full++;
-        return 0;
+        return VMBR_WRITE_FULL;
     }
     r->index = put_packet(r, r->index, type_flags, trans_id, ext, ext_bytes, payload,
                           payload_bytes, (uint32_t)padded);
@@ -392,7 +432,7 @@ static int64_t write_run(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     if (r->corrupt)
         return VMBR_E_CORRUPT;
     if (!writable_type(type_flags, 0) ||
-        (type_flags >> 16) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
+        (type_flags >> VMBR_TF_FLAGS_SHIFT) & ~(uint32_t)VMBR_FLAG_COMPLETION_REQUESTED)
         return VMBR_E_INVAL;
     for (uint32_t i = 0; i < count; i++) { /* all or nothing on a size error */
         uint64_t padded = ((uint64_t)VMBR_DESC_BYTES + lens[i] + 7u) & ~(uint64_t)7u;
@@ -420,7 +460,7 @@ static int64_t write_run(struct vmbr_ring *r, uint32_t type_flags, uint64_t tran
     *written = i;
     if (i == 0) {
         r->full++;
-        return 0;
+        return VMBR_WRITE_FULL;
     }
     if (i < count)
         r->full++;
@@ -453,7 +493,7 @@ int64_t vmbr_write4(struct vmbr_ring *r, uint32_t type_flags, uint64_t trans_id,
     if (count > 4)
         return VMBR_E_INVAL;
     int64_t rc = vmbr_write_gather(r, type_flags, trans_id, ptrs, lens, count, &written);
-    return rc < 0 ? rc : (int64_t)written << 8 | rc;
+    return rc < 0 ? rc : (int64_t)written << VMBR_W4_COUNT_SHIFT | rc;
 }
 
 int64_t vmbr_bytes_writable(struct vmbr_ring *r)
@@ -572,16 +612,12 @@ int64_t vmbr_commit_read(struct vmbr_ring *r)
     uint32_t after = writable(now, w, r->data_bytes);
     if (before <= pending && after > pending) {
         r->signals++;
-        return 1;
+        return VMBR_READ_SIGNAL;
     }
     r->signals_suppressed++;
     return 0;
 }
 
-/*
- * Copy the packet at r->index (validated into *d, len bytes) to out, step
- * over it and publish.  Returns 0 or 1 (signal the writer), or an error.
- */
 /* Step the private read index over one packet of len bytes (payload_bytes of
  * payload) and count it; nothing is published yet. */
 static inline void step_over(struct vmbr_ring *r, uint32_t len, uint32_t payload_bytes)
@@ -591,6 +627,10 @@ static inline void step_over(struct vmbr_ring *r, uint32_t len, uint32_t payload
     r->bytes += payload_bytes;
 }
 
+/*
+ * Copy the packet at r->index (validated into *d, len bytes) to out, step
+ * over it and publish.  Returns 0 or VMBR_READ_SIGNAL, or an error.
+ */
 static int64_t take_one(struct vmbr_ring *r, const struct vmbr_desc *d, uint32_t len, char *out)
 {
     memcpy(out, d, VMBR_DESC_BYTES); /* the validated copy, not a re-read */
@@ -726,7 +766,7 @@ int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
         if (len <= 0)
             break; /* empty, or damaged: deliver what was good; the error is sticky */
         if (d.type == VMBR_PKT_DATA_USING_XFER_PAGES || d.type == VMBR_PKT_DATA_USING_GPA_DIRECT) {
-            stop = 2;
+            stop = VMBR_DRAIN_EXT_NEXT;
             break;
         }
         uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
@@ -757,12 +797,15 @@ int64_t vmbr_drain_into(struct vmbr_ring *r, char *dst, uint32_t dst_cap,
 int64_t vmbr_drain_io(struct vmbr_ring *r)
 {
     uint32_t n;
-    int64_t rc = vmbr_drain(r, r->io_out, r->io_cap, r->io_batch, r->io_starts, r->io_max, &n);
+    /* (the count must fit AUX; the owner keeps io_max within it anyway) */
+    uint32_t max = r->io_max < VMBR_IO_MAX_PACKETS ? r->io_max : VMBR_IO_MAX_PACKETS;
+    int64_t rc = vmbr_drain(r, r->io_out, r->io_cap, r->io_batch, r->io_starts, max, &n);
+    if (n == 0)
+        return rc < 0 ? rc : 0;
+    int64_t got = (int64_t)n << VMBR_IO_AUX_SHIFT | r->io_starts[2 * n];
     if (rc < 0)
-        return n ? (int64_t)n << 32 | r->io_starts[2 * n] | (int64_t)1 << 50 : rc;
-    if (!n)
-        return 0;
-    return (int64_t)n << 32 | r->io_starts[2 * n] | rc << 48;
+        return got | (int64_t)VMBR_IO_BROKEN;
+    return rc == VMBR_DRAIN_SIGNAL ? got | (int64_t)VMBR_IO_SIGNAL : got;
 }
 
 /* Poll an empty ring for up to io_spin_ns with interrupts masked (we are
@@ -776,8 +819,9 @@ static int64_t spin_masked(struct vmbr_ring *r)
 }
 
 /* The latency paths' first half: poll, then validate the next packet into
- * *d.  Its length; or 0 (nothing came), an error, or bit 49 alone (a type 7
- * or 9 packet: not taken here, its header is validated on the batch path). */
+ * *d.  Its length; or 0 (nothing came), an error, or VMBR_IO_EXT_NEXT alone
+ * (a type 7 or 9 packet: not taken here, its header is validated on the
+ * batch path). */
 static int64_t spin_next_plain(struct vmbr_ring *r, struct vmbr_desc *d)
 {
     int64_t avail = spin_masked(r);
@@ -787,33 +831,43 @@ static int64_t spin_next_plain(struct vmbr_ring *r, struct vmbr_desc *d)
     if (len <= 0)
         return len;
     if (d->type == VMBR_PKT_DATA_USING_XFER_PAGES || d->type == VMBR_PKT_DATA_USING_GPA_DIRECT)
-        return (int64_t)1 << 49;
+        return (int64_t)VMBR_IO_EXT_NEXT;
     if (len > r->io_cap)
         return mark_corrupt(r, VMBR_BAD_TOO_BIG, (uint32_t)len);
     return len;
+}
+
+/* A taken packet's VMBR_IO_SIGNAL, from what vmbr_commit_read returned. */
+static inline int64_t io_signal(int64_t sig)
+{
+    return sig == VMBR_READ_SIGNAL ? (int64_t)VMBR_IO_SIGNAL : 0;
 }
 
 int64_t vmbr_spin_read_io(struct vmbr_ring *r)
 {
     struct vmbr_desc d;
     int64_t len = spin_next_plain(r, &d);
-    if (len <= 0 || len >> 49)
+    if (len <= 0 || len == (int64_t)VMBR_IO_EXT_NEXT)
         return len;
     int64_t sig = take_one(r, &d, (uint32_t)len, r->io_out);
-    return sig < 0 ? sig : (int64_t)d.offset8 * 8 << 32 | len | sig << 48;
+    if (sig < 0)
+        return sig;
+    return (int64_t)d.offset8 * 8 << VMBR_IO_AUX_SHIFT | len | io_signal(sig);
 }
 
 int64_t vmbr_spin_read_payload_io(struct vmbr_ring *r)
 {
     struct vmbr_desc d;
     int64_t len = spin_next_plain(r, &d);
-    if (len <= 0 || len >> 49)
+    if (len <= 0 || len == (int64_t)VMBR_IO_EXT_NEXT)
         return len;
     uint32_t off = (uint32_t)d.offset8 * 8u, plen = (uint32_t)len - off;
     copy_out(r, wrap(r->index + off, r->data_bytes), r->io_out, plen);
     step_over(r, (uint32_t)len, plen);
     int64_t sig = vmbr_commit_read(r);
-    return sig < 0 ? sig : (int64_t)1 << 32 | plen | sig << 48;
+    if (sig < 0)
+        return sig;
+    return (int64_t)1 << VMBR_IO_AUX_SHIFT | plen | io_signal(sig);
 }
 
 int64_t vmbr_exchange_io(struct vmbr_ring *r, const char *payload, uint32_t payload_bytes)
@@ -824,12 +878,14 @@ int64_t vmbr_exchange_io(struct vmbr_ring *r, const char *payload, uint32_t payl
     if (w == NULL || r->corrupt)
         return (int64_t)VMBR_XCHG_UNSENT;
     int64_t rc = vmbr_write(w, VMBR_PKT_DATA_INBAND, 0, payload, payload_bytes);
-    if (rc != 1)
-        return rc == 2 ? (int64_t)VMBR_XCHG_SIGNAL : (int64_t)VMBR_XCHG_UNSENT;
+    if (rc != VMBR_WRITE_DONE)
+        return rc == VMBR_WRITE_SIGNAL ? (int64_t)VMBR_XCHG_SIGNAL : (int64_t)VMBR_XCHG_UNSENT;
     rc = vmbr_spin_read_payload_io(r);
-    if (rc > 0 && rc < (int64_t)1 << 48)
-        return rc & 0xFFFFFFFF; /* the answer, nothing owed: its length alone */
-    return (int64_t)VMBR_XCHG_READ + rc; /* (rc >= VMBR_E_INVAL: never below 2^32) */
+    if (rc > 0 && rc < (int64_t)VMBR_IO_SIGNAL)
+        return rc & VMBR_IO_END_MASK; /* the answer, nothing owed: its length alone */
+    if (rc < 0)
+        return (int64_t)(VMBR_XCHG_READ | VMBR_IO_BROKEN); /* r->corrupt says why */
+    return (int64_t)VMBR_XCHG_READ | rc;
 }
 
 int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *dst,
@@ -853,7 +909,7 @@ int64_t vmbr_read_into(struct vmbr_ring *r, char *hdr, uint32_t hdr_cap, char *d
     int64_t sig = vmbr_commit_read(r);
     if (sig < 0)
         return sig;
-    return len | sig;
+    return len | sig; /* (sig: 0 or VMBR_READ_SIGNAL, bit 0 of a multiple of 8) */
 }
 
 int64_t vmbr_peek(struct vmbr_ring *r, struct vmbr_view *v)

@@ -28,7 +28,7 @@
 #include <stdint.h>
 
 /* cdef begin */
-#define VMBR_ABI_VERSION 16
+#define VMBR_ABI_VERSION 17
 
 #define VMBR_PAGE_BYTES 4096
 #define VMBR_CONTROL_BYTES 4096
@@ -50,11 +50,6 @@
 #define VMBR_OFF_VIRIDIAN 128
 #define VMBR_READER_HEAVY_BARRIER 1 /* see vmbr_mask_interrupts below */
 
-/* vmbr_exchange_io's answers other than a payload length (all >= 2^32). */
-#define VMBR_XCHG_UNSENT 0x8000000000000  /* 1 << 51: nothing written or read */
-#define VMBR_XCHG_SIGNAL 0x10000000000000 /* 1 << 52: written, signal owed   */
-#define VMBR_XCHG_READ 0x20000000000000   /* 1 << 53, + what the read returned */
-
 /* Packet types accepted by the reader (OpenVMM accepts exactly these). */
 #define VMBR_PKT_DATA_INBAND 6
 #define VMBR_PKT_DATA_USING_XFER_PAGES 7
@@ -69,6 +64,79 @@
 #define VMBR_E_CORRUPT -1  /* the peer broke the ring; see r->corrupt       */
 #define VMBR_E_TOO_BIG -2  /* the packet can never fit in this ring         */
 #define VMBR_E_INVAL -3    /* a caller error: bad extended-header length... */
+
+/*
+ * The result vocabulary.  Every call that moves packets answers with one
+ * int64_t: negative is one of the errors above, anything else is made of the
+ * fields and flags below, each named here once (cffi reads these names from
+ * this block; vmbus/ring.py uses them by name).  The static assertions in
+ * vmbus_ring.c, and tests/unit/test_ring_results.py from Python, prove that
+ * no two fields of one encoding share a bit for any value the protocol
+ * allows (offset8 and len8 up to 65535, lengths up to the ring size).
+ * (cffi's cdef takes only plain literals: each value's shift is its comment.)
+ */
+
+/* type_flags, the writers' first argument: packet type | descriptor flags
+ * << 16 (one argument instead of two: each costs ~8 ns in cffi). */
+#define VMBR_TF_FLAGS_SHIFT 16
+#define VMBR_TF_COMPLETION_REQUESTED 0x10000 /* FLAG_COMPLETION_REQUESTED << 16 */
+
+/* The writers (vmbr_write, _write_ext, _write_batch, _write_gather): */
+#define VMBR_WRITE_FULL 0   /* nothing written: no room now (not an error)    */
+#define VMBR_WRITE_DONE 1   /* written (a batch: *written of them)            */
+#define VMBR_WRITE_SIGNAL 2 /* written, and the reader must be signalled      */
+/* vmbr_write4: how many it wrote << VMBR_W4_COUNT_SHIFT | a VMBR_WRITE_*. */
+#define VMBR_W4_STATUS_MASK 0xFF
+#define VMBR_W4_COUNT_SHIFT 8
+
+/* The readers that copy whole packets (vmbr_read, vmbr_read_into) return
+ * the packet's length (a multiple of 8) | VMBR_READ_SIGNAL; those that only
+ * publish (vmbr_commit_read, vmbr_consume) 0 | VMBR_READ_SIGNAL. */
+#define VMBR_READ_SIGNAL 1  /* the writer must be signalled                  */
+/* vmbr_drain and vmbr_drain_into: 0, VMBR_DRAIN_SIGNAL, or (vmbr_drain_into
+ * with *count 0 only) VMBR_DRAIN_EXT_NEXT. */
+#define VMBR_DRAIN_SIGNAL 1   /* the writer must be signalled                 */
+#define VMBR_DRAIN_EXT_NEXT 2 /* the next packet is a type 7/9: not taken     */
+
+/*
+ * The one-argument reader calls (vmbr_drain_io, vmbr_spin_read_io,
+ * vmbr_spin_read_payload_io) pack their answer (cffi returns one integer
+ * ~100 ns faster than the caller reads fields back): 0 = nothing came, or
+ *   bits  0-31  END    bytes now in io_out (the packet, the payload, or the
+ *                      batch's end): at most io_cap, a u32
+ *   bits 32-51  AUX    drain_io: packets in the batch (at most io_max, which
+ *                      is clamped to VMBR_IO_MAX_PACKETS); spin_read_io: the
+ *                      payload's offset in the packet, offset8 * 8 <= 524280
+ *                      < 2^20; spin_read_payload_io: 1 (one packet taken)
+ *   bit  52     VMBR_IO_SIGNAL    the writer must be signalled
+ *   bit  53     VMBR_IO_EXT_NEXT  alone: the next packet is a type 7/9, not
+ *                                 taken (its header is checked on the batch
+ *                                 path); nothing consumed
+ *   bit  54     VMBR_IO_BROKEN    drain_io: the ring broke after the packets
+ *                                 of this batch (deliver them, then fail)
+ * Every flag lies above every field: a result 0 < rc < VMBR_IO_SIGNAL is one
+ * plain answer with nothing else to do, the callers' one-comparison path.
+ */
+#define VMBR_IO_END_MASK 0xFFFFFFFF
+#define VMBR_IO_AUX_SHIFT 32
+#define VMBR_IO_AUX_MASK 0xFFFFF            /* 20 bits                       */
+#define VMBR_IO_MAX_PACKETS 0xFFFFF         /* = VMBR_IO_AUX_MASK            */
+#define VMBR_IO_SIGNAL 0x10000000000000     /* 1 << 52                       */
+#define VMBR_IO_EXT_NEXT 0x20000000000000   /* 1 << 53                       */
+#define VMBR_IO_BROKEN 0x40000000000000     /* 1 << 54                       */
+
+/*
+ * vmbr_exchange_io: below VMBR_XCHG_ANSWER_LIMIT, the answer's payload length
+ * alone (nothing else to do); otherwise exactly one of these, never negative:
+ */
+#define VMBR_XCHG_ANSWER_LIMIT 0x100000000  /* 1 << 32 = VMBR_IO_END_MASK + 1 */
+#define VMBR_XCHG_UNSENT 0x80000000000000   /* 1 << 55: nothing written or read */
+#define VMBR_XCHG_SIGNAL 0x100000000000000  /* 1 << 56: written, signal owed,
+                                             * nothing read                   */
+#define VMBR_XCHG_READ 0x200000000000000    /* 1 << 57: written; | the read's
+                                             * VMBR_IO_* answer (0: nothing
+                                             * came; VMBR_IO_BROKEN: the read
+                                             * broke the ring)                */
 
 /* Why a ring was declared corrupt (r->corrupt). */
 #define VMBR_BAD_WRITE_INDEX 1    /* write_index not < data size or not 8-aligned   */
@@ -218,23 +286,23 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   VMBR_E_CORRUPT with r->corrupt == VMBR_CLOSED and touches no memory.
  *
  * vmbr_write: one inband (6) or completion (11) packet (descriptor, payload,
- *   zero padding, trailer), published at once.  type_flags = packet type | descriptor flags << 16
- *   (one argument instead of two: every argument costs ~8 ns in cffi).
- *   Returns 0 when it does not fit (nothing written), 1 when written, 2 when
- *   written and the reader must be signalled, or a negative error (any other
- *   type gives VMBR_E_INVAL: 7 and 9 need vmbr_write_ext).
+ *   zero padding, trailer), published at once.  type_flags: see
+ *   VMBR_TF_FLAGS_SHIFT.  Returns VMBR_WRITE_FULL (nothing written),
+ *   VMBR_WRITE_DONE, VMBR_WRITE_SIGNAL, or a negative error (any other type
+ *   gives VMBR_E_INVAL: 7 and 9 need vmbr_write_ext).
  *
  * vmbr_write_ext: a type 7 or 9 packet, with its extended header between
  *   descriptor and payload; ext_bytes must be a multiple of 8.
  *
  * vmbr_write_batch: the payloads laid end to end in blob, lens[i] bytes each;
  *   writes as many as fit, in order, publishes once.  *written = how many.
- *   Returns 0/1/2 as vmbr_write for the whole batch (0: none written).
+ *   Returns a VMBR_WRITE_* as vmbr_write for the whole batch (FULL: none
+ *   written).
  *
  * vmbr_read: copies the next packet, descriptor included, into out and
- *   publishes read_index.  Returns 0 when empty; otherwise len8*8, plus 1 if
- *   the writer must be signalled (lengths are multiples of 8, so bit 0 is
- *   free); or a negative error.  out_cap must be >= the largest packet the
+ *   publishes read_index.  Returns 0 when empty; otherwise len8*8 |
+ *   VMBR_READ_SIGNAL if the writer must be signalled (lengths are multiples
+ *   of 8, so bit 0 is free); or a negative error.  out_cap must be >= the largest packet the
  *   ring can hold (Python uses min(data_bytes - 8, VMBR_MAX_PACKET_BYTES)).
  *
  * vmbr_read_into: copies the next packet's descriptor and extended header
@@ -254,8 +322,8 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  *   packet is validated on the copy (range counts, offsets and PFN lists
  *   within offset8 * 8); a bad one ends the batch before that packet and
  *   makes the ring corrupt (VMBR_BAD_GPA_HEADER / VMBR_BAD_XFER_HEADER), as
- *   any other damage does.  Returns 0 or 1 (signal the writer) with *count
- *   set; or a negative error.
+ *   any other damage does.  Returns 0 or VMBR_DRAIN_SIGNAL with *count set;
+ *   or a negative error.
  *
  * vmbr_write_gather: vmbr_write_batch with the payloads where they are
  *   (payloads[i], lens[i] bytes): the path for large payloads, which a
@@ -264,61 +332,67 @@ int64_t vmbr_spin_writable(struct vmbr_ring *r, uint32_t need_bytes, uint64_t sp
  * vmbr_write4: vmbr_write_gather of up to four payloads passed as arguments
  *   (count of them; the rest NULL, 0).  cffi passes a bytes object to a
  *   const char * argument without a copy or a buffer export, which
- *   ffi.from_buffer per payload costs ~150 ns.  Returns written << 8 | the
- *   0/1/2 of vmbr_write_gather, or a negative error.
+ *   ffi.from_buffer per payload costs ~150 ns.  Returns written <<
+ *   VMBR_W4_COUNT_SHIFT | the VMBR_WRITE_* of vmbr_write_gather, or a
+ *   negative error.
  *
  * vmbr_drain_into: the bulk path for large payloads: up to max_packets
  *   packets' payloads copied back to back into dst (each at an 8-aligned
  *   offset: payload lengths are multiples of 8), their descriptors into
  *   infos, one publication.  Stops before a packet whose payload would not
  *   fit and before a type 7 or 9 packet (whose ranges need the copy path).
- *   Returns 0 or 1 (signal the writer) with *count set; 2 with *count 0 when
- *   the next packet is a type 7 or 9; VMBR_E_INVAL with *count 0 when dst
- *   cannot hold the next payload; or a negative error.
+ *   Returns 0 or VMBR_DRAIN_SIGNAL with *count set; VMBR_DRAIN_EXT_NEXT
+ *   with *count 0 when the next packet is a type 7 or 9; VMBR_E_INVAL with
+ *   *count 0 when dst cannot hold the next payload; or a negative error.
  *
- * vmbr_drain_io: vmbr_drain with the io_* fields of r, as one argument.
- *   Returns count << 32 | end-of-batch, with bit 48 = signal the writer
- *   and bit 50 = the ring broke after these packets; 0 when empty; or a
- *   negative error.  (Bit 49 is never set: vmbr_drain validates the
- *   extended headers of types 7 and 9 itself.)
+ * vmbr_drain_io: vmbr_drain with the io_* fields of r, as one argument
+ *   (at most VMBR_IO_MAX_PACKETS packets, whatever io_max says).  Returns
+ *   AUX = count, END = end of the batch, | VMBR_IO_SIGNAL and/or
+ *   VMBR_IO_BROKEN (the ring broke after these packets); 0 when empty; or
+ *   a negative error.  (VMBR_IO_EXT_NEXT is never set: vmbr_drain validates
+ *   the extended headers of types 7 and 9 itself.)
  *
  * vmbr_spin_read_io: the latency path: poll an empty ring for up to
  *   io_spin_ns with interrupts masked (the mask stays set; the caller clears
  *   it with vmbr_unmask_interrupts before it sleeps), then copy exactly one
- *   packet (descriptor first) to io_out.  Returns
- *   offset8 * 8 << 32 | len8 * 8, with bit 48 = signal the writer; 0 when
- *   nothing came; or a negative error.  Types 7 and 9 are not taken here
- *   (their headers are validated on the batch path): it returns bit 49 alone
- *   and consumes nothing.
+ *   packet (descriptor first) to io_out.  Returns AUX = offset8 * 8,
+ *   END = len8 * 8, | VMBR_IO_SIGNAL; 0 when nothing came; or a negative
+ *   error.  Types 7 and 9 are not taken here (their headers are validated
+ *   on the batch path): it returns VMBR_IO_EXT_NEXT alone and consumes
+ *   nothing.
  *
  * vmbr_spin_read_payload_io: vmbr_spin_read_io for a reader that wants only
  *   the payload: the packet's payload (offset8 * 8 to len8 * 8) is copied to
- *   io_out, its descriptor is validated and dropped.  Returns
- *   1 << 32 | payload bytes, with bit 48 = signal the writer; 0, bit 49 alone
- *   or an error as vmbr_spin_read_io.
+ *   io_out, its descriptor is validated and dropped.  Returns AUX = 1 (so
+ *   an empty payload is not "nothing"), END = payload bytes, |
+ *   VMBR_IO_SIGNAL; 0, VMBR_IO_EXT_NEXT alone or an error as
+ *   vmbr_spin_read_io.
  *
  * vmbr_exchange_io: the request/answer path: one inband packet (type 6,
  *   trans_id 0, no flags) of payload written on r->io_reply_to, then
  *   vmbr_spin_read_payload_io on r.  The read is attempted only when the
  *   write went through and owes no signal: the signal is the caller's to
  *   send, and the answer cannot come before the peer hears of the request.
- *   Returns the answer's payload bytes (< 2^32; the payload is in io_out)
- *   when it was taken and nothing else is owed: the one case the caller's
- *   fast path tests with a single comparison.  Otherwise VMBR_XCHG_UNSENT
- *   (nothing written: full, an error, or no io_reply_to; the caller writes
- *   again the slow way, which reports why), VMBR_XCHG_SIGNAL (written, the
- *   reader must be signalled, nothing read) or VMBR_XCHG_READ + what
- *   vmbr_spin_read_payload_io returned (written; the read's other answers,
- *   errors included).
+ *   Never negative.  Returns the answer's payload bytes (below
+ *   VMBR_XCHG_ANSWER_LIMIT; the payload is in io_out) when it was taken and
+ *   nothing else is owed: the one case the caller's fast path tests with a
+ *   single comparison.  Otherwise VMBR_XCHG_UNSENT (nothing written: full,
+ *   an error, or no io_reply_to; the caller writes again the slow way,
+ *   which reports why), VMBR_XCHG_SIGNAL (written, the reader must be
+ *   signalled, nothing read) or VMBR_XCHG_READ | what
+ *   vmbr_spin_read_payload_io returned (written; its other answers), with
+ *   an error of the read given as VMBR_IO_BROKEN (the ring is then corrupt:
+ *   r->corrupt says why).
  *
  * vmbr_peek: validates the next packet's descriptor (copied out) and reports
  *   where its payload lies in the data area, without consuming it.  Returns 0
  *   when empty, the packet length when one is there, or a negative error.
  *   vmbr_consume then steps over it; with commit != 0 it publishes at once
- *   and returns 0/1 like vmbr_commit_read.
+ *   and returns as vmbr_commit_read.
  *
- * vmbr_commit_read: publishes the private read index; returns 1 if the
- *   writer must be signalled (its pending_send_sz was crossed), else 0.
+ * vmbr_commit_read: publishes the private read index; returns
+ *   VMBR_READ_SIGNAL if the writer must be signalled (its pending_send_sz
+ *   was crossed), else 0.
  *
  * vmbr_mask_interrupts / vmbr_unmask_interrupts: the reader's batched-drain
  *   protocol.  Unmask returns the bytes readable after the re-check: if it is

@@ -35,8 +35,8 @@ from ._ring_cffi import ffi, lib
 from .doorbell import Doorbell
 from .errors import RingCorruptError
 from .packet import (
-    _DESC,
-    _PTYPES,
+    DESCRIPTOR,
+    PACKET_TYPES,
     GpaRange,
     Packet,
     PacketType,
@@ -61,7 +61,7 @@ __all__ = [
     "packet_bytes",
 ]
 
-ABI_VERSION = 16
+ABI_VERSION = 17
 if lib.VMBR_ABI_VERSION != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"vmbus._ring_cffi was built for ring ABI {lib.VMBR_ABI_VERSION} but vmbus/ring.py "
@@ -100,15 +100,31 @@ _CLOSED = lib.VMBR_CLOSED
 _write = lib.vmbr_write
 _write4 = lib.vmbr_write4
 _write_ext = lib.vmbr_write_ext
-# vmbr_spin_read_io results below this are one packet with nothing else to do
-# (bit 48 = signal the writer, bit 49 = a type 7/9 packet not taken)
-_ONE_PLAIN_PACKET = 1 << 48
+# The C calls' results, by the names csrc/vmbus_ring.h gives them (its
+# "result vocabulary"; tests/unit/test_ring_results.py proves that no two
+# fields of one encoding collide).
+_TF_COMPLETION = lib.VMBR_TF_COMPLETION_REQUESTED  # type_flags: type | this
+_WRITE_SIGNAL = lib.VMBR_WRITE_SIGNAL  # written; the reader must be signalled
+_W4_STATUS = lib.VMBR_W4_STATUS_MASK  # vmbr_write4: count << _W4_COUNT_SHIFT | status
+_W4_COUNT_SHIFT = lib.VMBR_W4_COUNT_SHIFT
+_READ_SIGNAL = lib.VMBR_READ_SIGNAL  # whole-packet reads, commits: signal the writer
+_DRAIN_SIGNAL = lib.VMBR_DRAIN_SIGNAL
+_DRAIN_EXT_NEXT = lib.VMBR_DRAIN_EXT_NEXT  # drain_into, nothing taken: a type 7/9 is next
+# The one-argument reads' packed answer: END | AUX << _IO_AUX_SHIFT | flags.
+_IO_END = lib.VMBR_IO_END_MASK
+_IO_AUX_SHIFT = lib.VMBR_IO_AUX_SHIFT
+_IO_AUX = lib.VMBR_IO_AUX_MASK
+# Every flag lies above every field: 0 < rc < _IO_SIGNAL is one plain answer
+# with nothing else to do (the latency paths' one comparison).
+_IO_SIGNAL = lib.VMBR_IO_SIGNAL  # signal the writer
+_IO_EXT_NEXT = lib.VMBR_IO_EXT_NEXT  # alone: a type 7/9 packet is next, not taken
+_IO_BROKEN = lib.VMBR_IO_BROKEN  # drain_io: the ring broke after this batch
 _spin_read_payload_io = lib.vmbr_spin_read_payload_io
 _exchange_io = lib.vmbr_exchange_io
+_XCHG_ANSWER = lib.VMBR_XCHG_ANSWER_LIMIT  # below: the answer's length, nothing else to do
 _XCHG_UNSENT = lib.VMBR_XCHG_UNSENT  # vmbr_exchange_io: nothing written, nothing read
 _XCHG_SIGNAL = lib.VMBR_XCHG_SIGNAL  # written, the reader must be signalled; nothing read
-_XCHG_READ = lib.VMBR_XCHG_READ  # written; + the read's own answer
-_XCHG_ANSWER = 1 << 32  # below this: the answer's length, nothing else to do
+_XCHG_READ = lib.VMBR_XCHG_READ  # written; | the read's own _IO_* answer
 _NOTHING = b""
 _drain_io = lib.vmbr_drain_io
 _spin_readable = lib.vmbr_spin_readable
@@ -311,7 +327,7 @@ class OutgoingRing(_RingEnd):
                 needs ranges was given here.
         """
         # Hot path: every keyword and branch here costs ~5-10 ns per packet.
-        tf = packet_type | 0x10000 if completion_requested else packet_type
+        tf = packet_type | _TF_COMPLETION if completion_requested else packet_type
         try:
             rc = _write(self._r, tf, trans_id, payload, len(payload))
         except TypeError:  # not bytes: a bytearray, memoryview, mmap ...
@@ -321,10 +337,10 @@ class OutgoingRing(_RingEnd):
             finally:
                 ffi.release(buf)
         if rc > 0:
-            if rc == 2:
+            if rc == _WRITE_SIGNAL:
                 self._signal()
             return True
-        if rc == 0:
+        if rc == 0:  # (VMBR_WRITE_FULL)
             return False
         raise self._error(rc)
 
@@ -366,7 +382,7 @@ class OutgoingRing(_RingEnd):
     def _write_ext(
         self, payload: Any, ptype: int, trans_id: int, completion_requested: bool, ext: bytes
     ) -> bool:
-        tf = ptype | 0x10000 if completion_requested else ptype
+        tf = ptype | _TF_COMPLETION if completion_requested else ptype
         if payload.__class__ is bytes:
             rc = _write_ext(self._r, tf, trans_id, ext, len(ext), payload, len(payload))
         else:
@@ -376,10 +392,10 @@ class OutgoingRing(_RingEnd):
             finally:
                 ffi.release(buf)
         if rc > 0:
-            if rc == 2:
+            if rc == _WRITE_SIGNAL:
                 self._signal()
             return True
-        if rc == 0:
+        if rc == 0:  # (VMBR_WRITE_FULL)
             return False
         raise self._error(rc)
 
@@ -396,7 +412,7 @@ class OutgoingRing(_RingEnd):
         n = len(payloads)
         if not n:
             return 0
-        tf = packet_type | 0x10000 if completion_requested else packet_type
+        tf = packet_type | _TF_COMPLETION if completion_requested else packet_type
         if len(payloads[0]) >= GATHER_MIN_BYTES:
             # Large payloads are copied into the ring from where they are
             # (a joined blob would cost one more copy of every byte).
@@ -438,7 +454,7 @@ class OutgoingRing(_RingEnd):
             )
         if rc < 0:
             raise self._error(rc)
-        if rc == 2:
+        if rc == _WRITE_SIGNAL:
             self._signal()
         return int(written[0])
 
@@ -470,9 +486,9 @@ class OutgoingRing(_RingEnd):
         rc = _write4(self._r, tf, trans_id, k, a, len(a), b, len(b), c, len(c), d, len(d))
         if rc < 0:
             raise self._error(rc)
-        if rc & 0xFF == 2:
+        if rc & _W4_STATUS == _WRITE_SIGNAL:
             self._signal()
-        return rc >> 8
+        return rc >> _W4_COUNT_SHIFT
 
     def bytes_writable(self) -> int:
         """Free bytes right now (a write of n bytes needs strictly more)."""
@@ -600,7 +616,7 @@ class ReadInfoBatch(_Batch[ReadInfo]):
         if self._one is not None:
             return self._one
         t, f, nbytes, tid = _PINFO.unpack_from(self._raw, i << 4)
-        return _tuple_new(ReadInfo, (_PTYPES[t], f, tid, nbytes, None))
+        return _tuple_new(ReadInfo, (PACKET_TYPES[t], f, tid, nbytes, None))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (ReadInfoBatch, list, tuple)):
@@ -655,8 +671,8 @@ class PacketBatch(_Batch[Packet]):
         st, raw = self._st, self._raw
         j = i + i
         p = _new(Packet)
-        p._raw = raw
-        p._pos = st[j]
+        p.data = raw
+        p.start = st[j]
         p.payload = raw[st[j + 1] : st[j + 2]]
         return p
 
@@ -764,6 +780,10 @@ class IncomingRing(_RingEnd):
         readahead_bytes: int = 64 * 1024,
         readahead_packets: int = 256,
     ) -> None:
+        if readahead_packets > lib.VMBR_IO_MAX_PACKETS:
+            raise ValueError(f"readahead_packets must be at most {lib.VMBR_IO_MAX_PACKETS}")
+        if readahead_bytes > lib.VMBR_IO_END_MASK:
+            raise ValueError(f"readahead_bytes must be at most {lib.VMBR_IO_END_MASK}")
         super().__init__(buffer, on_signal=on_signal)
         self._outsize = max(readahead_bytes, self.max_payload_bytes + 16)
         self._out = ffi.new("char[]", self._outsize)
@@ -801,13 +821,13 @@ class IncomingRing(_RingEnd):
     # -- the read-ahead --------------------------------------------------------
     def _take(self, rc: int) -> int:
         """Make the batch a vmbr_drain_io result (rc > 0) describes current."""
-        n = rc >> 32 & 0xFFFF
-        end = rc & 0xFFFFFFFF
+        n = rc >> _IO_AUX_SHIFT & _IO_AUX
+        end = rc & _IO_END
         st = [0, self._starts[1], end] if n == 1 else _unpack(self._starts, 2 * n + 1)
-        if rc >> 48:
-            if rc >> 48 & 1:
+        if rc >= _IO_SIGNAL:  # (flags lie above the fields)
+            if rc & _IO_SIGNAL:
                 self._signal()
-            if rc >> 50 & 1:
+            if rc & _IO_BROKEN:
                 # The packets before the damage (a bad extended header
                 # included: vmbr_drain validates those) were copied out and
                 # are delivered first; the ring is dead, so read_index is not
@@ -852,8 +872,8 @@ class IncomingRing(_RingEnd):
             raw = self._batch_raw()
         j = i + i
         p = _new(Packet)
-        p._raw = raw
-        p._pos = st[j]
+        p.data = raw
+        p.start = st[j]
         p.payload = raw[st[j + 1] : st[j + 2]]
         return p
 
@@ -918,13 +938,14 @@ class IncomingRing(_RingEnd):
                     return self.read_into(buffer)
                 raise ValueError("buffer too small for the next packet's payload")
             raise self._error(rc)
-        if rc & 1:
+        if rc & _READ_SIGNAL:
             self._signal()
-        ptype, off8, _len8, flags, trans_id = _DESC.unpack_from(self._hdr_mv)
+        ptype, off8, _len8, flags, trans_id = DESCRIPTOR.unpack_from(self._hdr_mv)
         ranges = None
         if off8 != 2 or ptype == 7 or ptype == 9:
             ranges = self._read_into_ext(off8)
-        return _tuple_new(ReadInfo, (_PTYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
+        return _tuple_new(ReadInfo,
+                          (PACKET_TYPES[ptype], flags, trans_id, self._pay_len[0], ranges))
 
     def drain_into(self, buffer: Any, max_packets: int = 256) -> ReadInfoBatch:
         """The bulk form of ``read_into``: the payloads of up to ``max_packets``
@@ -957,13 +978,13 @@ class IncomingRing(_RingEnd):
         if n == 0:
             if rc == 0:
                 return _NO_INFOS
-            if rc == 2:  # a type 7/9 packet: its ranges need the validating path
+            if rc == _DRAIN_EXT_NEXT:  # a type 7/9: its ranges need the validating path
                 info = self.read_into(buffer)
                 return ReadInfoBatch(one=info) if info is not None else _NO_INFOS
             if rc == lib.VMBR_E_INVAL:
                 raise ValueError("buffer too small for the next packet's payload")
             raise self._error(rc)
-        if rc == 1:
+        if rc == _DRAIN_SIGNAL:
             self._signal()
         b = _new(ReadInfoBatch)  # (no __init__: this is per call)
         b._raw = _unpack(self._pinfo_bytes, n << 4)
@@ -1026,7 +1047,7 @@ class IncomingRing(_RingEnd):
         rc = lib.vmbr_consume(self._r, 1)
         if rc < 0:
             raise self._error(rc)
-        if rc & 1:
+        if rc & _READ_SIGNAL:
             self._signal()
         return True
 
@@ -1096,12 +1117,12 @@ class IncomingRing(_RingEnd):
             # but one plain packet (a signal owed, type 7/9, an error) goes
             # to _read_rest.
             rc = _spin_read_io(self._r)
-            if 0 < rc < _ONE_PLAIN_PACKET:
-                raw = self._obuf[: rc & 0xFFFFFFFF]  # (~20 ns less than ffi.unpack)
+            if 0 < rc < _IO_SIGNAL:  # END = the packet, AUX = its payload's offset
+                raw = self._obuf[: rc & _IO_END]  # (~20 ns less than ffi.unpack)
                 p = _new(Packet)
-                p._raw = raw
-                p._pos = 0
-                p.payload = raw[rc >> 32 :]
+                p.data = raw
+                p.start = 0
+                p.payload = raw[rc >> _IO_AUX_SHIFT :]  # (no flag: AUX is all that is left)
                 return p
             return self._read_rest(doorbell, timeout, spin_ns, rc)
         return self._read_rest(doorbell, timeout, spin_ns, None)
@@ -1135,8 +1156,8 @@ class IncomingRing(_RingEnd):
         # (spin_ns == self._spin_ns implies a spin: _spin_ns is never 0)
         if self._i >= self._n and spin_ns == self._spin_ns:
             rc = _spin_read_payload_io(self._r)
-            if 0 < rc < _ONE_PLAIN_PACKET:
-                return self._obuf[: rc & 0xFFFFFFFF]
+            if 0 < rc < _IO_SIGNAL:  # END = the payload's length
+                return self._obuf[: rc & _IO_END]
             return self._payload_rest(doorbell, timeout, spin_ns, rc)
         return self._payload_rest(doorbell, timeout, spin_ns, None)
 
@@ -1144,9 +1165,9 @@ class IncomingRing(_RingEnd):
         self, doorbell: Doorbell, timeout: float, spin_ns: int, rc: int | None
     ) -> bytes | None:
         """``read_payload`` past its latency path; ``rc`` as ``_read_rest``'s."""
-        if rc is not None and rc > 0 and not rc >> 49:  # taken; the writer must be signalled
+        if rc is not None and rc > 0 and not rc & _IO_EXT_NEXT:  # taken; signal owed
             self._signal()
-            return self._obuf[: rc & 0xFFFFFFFF]
+            return self._obuf[: rc & _IO_END]
         # an error, nothing within the spin (0), or a type 7/9 packet (not
         # taken): _read_rest reads it as it reads vmbr_spin_read_io's answer
         p = self._read_rest(doorbell, timeout, spin_ns, rc)
@@ -1209,7 +1230,10 @@ class IncomingRing(_RingEnd):
         if rc == _XCHG_SIGNAL:  # the peer sleeps: wake it, then wait
             out._signal()  # (bound: C wrote on it)
             return self.read_payload(doorbell, timeout, spin_ns=spin_ns)
-        return self._payload_rest(doorbell, timeout, spin_ns, rc - _XCHG_READ)
+        rc ^= _XCHG_READ  # written; what the read answered
+        if rc & _IO_BROKEN:  # the read found the ring broken (r.corrupt says how)
+            rc = lib.VMBR_E_CORRUPT
+        return self._payload_rest(doorbell, timeout, spin_ns, rc)
 
     def _read_rest(
         self, doorbell: Doorbell, timeout: float, spin_ns: int, rc: int | None
@@ -1223,15 +1247,15 @@ class IncomingRing(_RingEnd):
                 self._r.io_spin_ns = self._spin_ns = spin_ns
             rc = _spin_read_io(self._r)
         if rc is not None:
-            if rc > 0 and not rc >> 49:
-                if rc >> 48:
+            if rc > 0 and not rc & _IO_EXT_NEXT:
+                if rc & _IO_SIGNAL:
                     self._signal()
-                end = rc & 0xFFFFFFFF
+                end = rc & _IO_END
                 raw = _unpack(self._out, end)
                 p = _new(Packet)
-                p._raw = raw
-                p._pos = 0
-                p.payload = raw[rc >> 32 & 0xFFFF8 : end]
+                p.data = raw
+                p.start = 0
+                p.payload = raw[rc >> _IO_AUX_SHIFT & _IO_AUX : end]
                 return p
             if rc < 0:
                 if self._pending_error is not None:

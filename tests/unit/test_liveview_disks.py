@@ -16,25 +16,26 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from partitions.liveview import (
+from partitions.cli.demo import (
     DISK_ANSWER_TIMEOUT_S,
-    DISK_OPS_MAX,
-    DISK_OPS_MIN,
     DISK_OPS_START,
     IDE_GRACE_S,
     Demo,
     DemoOptions,
+    LogTail,
+)
+from partitions.cli.format import fmt_us, short_path
+from partitions.cli.views import (
+    DISK_OPS_MAX,
+    DISK_OPS_MIN,
     DiskRates,
     DiskRecord,
-    LogTail,
     demo_disks_table,
     disk_comparison,
     disk_counters,
     disk_progress,
     disk_summary_line,
     disk_tables,
-    fmt_us,
-    short_path,
 )
 
 GiB = 1 << 30

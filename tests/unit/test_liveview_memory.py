@@ -8,15 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-from partitions.liveview import (
-    HISTORY_CELLS,
-    SPARK,
-    Demo,
-    DemoOptions,
-    MemoryHistory,
-    StreamRecord,
-    memory_table,
-)
+from partitions.cli.demo import Demo, DemoOptions, StreamRecord
+from partitions.cli.views import HISTORY_CELLS, SPARK, MemoryHistory, memory_table
 
 MiB = 1 << 20
 

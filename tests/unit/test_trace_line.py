@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from partitions.liveview import trace_line
+from partitions.cli.views import trace_line
 
 
 def test_trace_line_directions_and_packets() -> None:

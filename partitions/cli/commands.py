@@ -1,6 +1,6 @@
 """The ``viridian`` command line.
 
-Layer: partitions (the top).  Heavy imports (rich, the ring) happen inside the
+Layer: partitions.cli (the top).  Heavy imports (rich, the ring) happen inside the
 commands, so ``viridian --help`` and status queries start fast.
 
 Exit codes: 0 ok; 1 failed (one line on stderr: what, why, hint); 2 usage;
@@ -13,6 +13,10 @@ import sys
 import time
 
 import click
+
+from .format import fmt_bytes, fmt_size, fmt_uptime
+
+__all__ = ["main"]
 
 EXIT_FAILED = 1
 EXIT_NOT_FOUND = 3
@@ -71,7 +75,7 @@ def ringdemo(seconds: float, sizes: str) -> None:
 
     def progress(size: int, elapsed: float, packets: int) -> None:
         status.update(
-            f"streaming {_fmt_size(size)} packets: {packets / elapsed / 1e6:6.2f} M msgs/s, "
+            f"streaming {fmt_size(size)} packets: {packets / elapsed / 1e6:6.2f} M msgs/s, "
             f"{packets * size / elapsed / 1e9:6.2f} GB/s"
         )
 
@@ -95,7 +99,7 @@ def ringdemo(seconds: float, sizes: str) -> None:
     table.add_column("verified")
     for r in results:
         table.add_row(
-            _fmt_size(r.size),
+            fmt_size(r.size),
             f"{r.msgs_per_s / 1e6:.2f} M",
             f"{r.bytes_per_s / 1e6:,.0f}",
             f"{r.packets:,}",
@@ -332,7 +336,7 @@ def demo(seconds: float, size_text: str, window: int, cluster: str,
     summary and a leftover check follow.  `viridian ringdemo` is the older demo
     of one ring between two processes, without a cluster.
     """
-    from .liveview import Demo, DemoOptions, fmt_size
+    from .demo import Demo, DemoOptions
 
     sizes = _parse_sizes(size_text)
     if len(sizes) != 1 or not 1 <= sizes[0] <= 65536:
@@ -463,8 +467,9 @@ def trace(partition_name: str, cluster: str, count: int | None, as_json: bool) -
 
     from hv.control import ControlError
 
+    from .format import clean
     from .launcher import CliError, cli_error, connect
-    from .liveview import clean, trace_line
+    from .views import trace_line
 
     rd = _rundir(cluster)
     try:
@@ -527,17 +532,11 @@ def trace(partition_name: str, cluster: str, count: int | None, as_json: bool) -
                + (f" ({ended})" if ended else ""), err=True)
 
 
-def _fmt_uptime(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    from .launcher import _fmt_bytes
 
     colours = {"running": "green", "starting": "yellow", "restarting": "yellow",
                "stopping": "yellow", "crashed": "red", "stopped": "dim"}
@@ -545,7 +544,7 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   show_edge=False, title_justify="left",
                   title=f"cluster [bold]{st['cluster']}[/] · supervisor pid "
-                  f"{st['supervisor_pid']} · up {_fmt_uptime(st['uptime_s'])}")
+                  f"{st['supervisor_pid']} · up {fmt_uptime(st['uptime_s'])}")
     for col, just, width in (("ID", "right", 2), ("Name", "left", 12), ("State", "left", 10),
                              ("PID", "right", 7), ("CPU %", "right", 5),
                              ("Memory", "right", 8), ("Visible", "right", 8),
@@ -558,9 +557,9 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
         table.add_row(
             str(p["id"]), p["name"], f"[{c}]{p['state']}[/]", str(p["pid"] or "-"),
             f"{p['cpu']['usage_percent']:.1f}" if p["pid"] else "-",
-            _fmt_bytes(mem["assigned_bytes"]) if mem["assigned_bytes"] else "-",
-            _fmt_bytes(mem["guest_visible_bytes"]) if mem["guest_visible_bytes"] else "-",
-            _fmt_uptime(p["uptime_s"]) if p["pid"] else "-", str(p["restarts"]))
+            fmt_bytes(mem["assigned_bytes"]) if mem["assigned_bytes"] else "-",
+            fmt_bytes(mem["guest_visible_bytes"]) if mem["guest_visible_bytes"] else "-",
+            fmt_uptime(p["uptime_s"]) if p["pid"] else "-", str(p["restarts"]))
     console = Console(highlight=False)
     console.print(table)
     console.print("ID 0 is the root; Memory: assigned, Visible: what the partition reports")
@@ -569,7 +568,7 @@ def _print_status(st: dict) -> None:  # type: ignore[type-arg]
     if broke:
         console.print("[yellow]VMBus protocol errors[/] (the root's log has the first 20 "
                       f"per child): {', '.join(broke)}")
-    from .liveview import CHANNEL_LEGEND, DISK_LEGEND, channel_tables, disk_tables
+    from .views import CHANNEL_LEGEND, DISK_LEGEND, channel_tables, disk_tables
 
     chans = channel_tables(st)
     for t in chans:
@@ -751,13 +750,12 @@ def _print_memory(p: dict) -> None:  # type: ignore[type-arg]
     from rich.console import Console
     from rich.markup import escape
 
-    from .launcher import _fmt_bytes
 
     m = p["memory"]
 
     def size(key: str) -> str:
         v = m.get(key)
-        return _fmt_bytes(v) if isinstance(v, int) and not isinstance(v, bool) else "-"
+        return fmt_bytes(v) if isinstance(v, int) and not isinstance(v, bool) else "-"
 
     pressure = m.get("pressure_percent")
     rows = [
@@ -792,7 +790,7 @@ def _print_memory(p: dict) -> None:  # type: ignore[type-arg]
 
 def _memory_change(cmd: str, op: str, partition_name: str, nbytes: int, cluster: str) -> None:
     """memory.add / memory.balloon: one operation through the child's DM channel."""
-    from .launcher import CliError, Reporter, _fmt_bytes, request
+    from .launcher import CliError, Reporter, request
 
     t0 = time.monotonic()
     try:
@@ -812,9 +810,9 @@ def _memory_change(cmd: str, op: str, partition_name: str, nbytes: int, cluster:
     verb = "hot-added" if op == "memory.add" else "ballooned"
     pages = ans.get("pages")
     out = Reporter()
-    out.console.print(f"  [green]✓[/] {ans['name']:<12.12} {verb} {_fmt_bytes(nbytes)}"
+    out.console.print(f"  [green]✓[/] {ans['name']:<12.12} {verb} {fmt_bytes(nbytes)}"
                       + (f" ({pages} pages)" if isinstance(pages, int) else "")
-                      + f" in {took:.1f} ms: {_fmt_bytes(ans['assigned_bytes'])} assigned",
+                      + f" in {took:.1f} ms: {fmt_bytes(ans['assigned_bytes'])} assigned",
                       soft_wrap=True)
     if ans.get("note"):
         out.console.print(f"  note: {ans['note']}", markup=False, soft_wrap=True)
@@ -862,7 +860,7 @@ def memory_set(partition_name: str, minimum: int | None, maximum: int | None,
                buffer: int | None, weight: int | None, dynamic: bool | None,
                cluster: str) -> None:
     """Change a partition's memory limits and balancer settings (applies at once)."""
-    from .launcher import CliError, Reporter, _fmt_bytes, request
+    from .launcher import CliError, Reporter, request
 
     args = {k: v for k, v in (("minimum", minimum), ("maximum", maximum), ("buffer", buffer),
                               ("weight", weight), ("dynamic", dynamic)) if v is not None}
@@ -875,8 +873,8 @@ def memory_set(partition_name: str, minimum: int | None, maximum: int | None,
         _fail("memory set", e)
     m = ans["memory"]
     Reporter().console.print(
-        f"  [green]✓[/] {ans['name']:<12.12} minimum {_fmt_bytes(m['minimum_bytes'])}, "
-        f"maximum {_fmt_bytes(m['maximum_bytes'])}, buffer {m['buffer_percent']} %, "
+        f"  [green]✓[/] {ans['name']:<12.12} minimum {fmt_bytes(m['minimum_bytes'])}, "
+        f"maximum {fmt_bytes(m['maximum_bytes'])}, buffer {m['buffer_percent']} %, "
         f"weight {m['weight']}, dynamic {'on' if m['dynamic'] else 'off'}", soft_wrap=True)
 
 
@@ -892,12 +890,3 @@ def config_default() -> None:
 
     click.echo(DEFAULT_CONFIG_TOML, nl=False)
 
-
-def _fmt_size(n: int) -> str:
-    from .liveview import fmt_size
-
-    return fmt_size(n)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,8 +6,8 @@ packet's sequence number and length and every 64th packet's CRC, and reports
 per phase.  It shows what the
 ring does on this machine before the cluster (hv/) is in the picture.
 
-Run it with ``viridian ringdemo`` (see partitions/cli.py), or the consumer side
-alone with ``python -m partitions.ringdemo consume RING_FD BELL_FD PEER_FD``.
+Run it with ``viridian ringdemo`` (partitions/cli/commands.py), or the consumer side
+alone with ``python -m partitions.cli.ringdemo consume RING_FD BELL_FD PEER_FD``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def run(
             [
                 sys.executable,
                 "-m",
-                "partitions.ringdemo",
+                "partitions.cli.ringdemo",
                 "consume",
                 str(shm.fd),
                 str(peer_bell.fileno()),
@@ -183,4 +183,4 @@ def _send_blocking(ring: OutgoingRing, bell: Doorbell, payload: bytes) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "consume":
         sys.exit(consume(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
-    sys.exit("usage: python -m partitions.ringdemo consume RING_FD BELL_FD PEER_FD")
+    sys.exit("usage: python -m partitions.cli.ringdemo consume RING_FD BELL_FD PEER_FD")

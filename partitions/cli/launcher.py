@@ -30,6 +30,8 @@ from typing import Any
 from hv.control import ControlClient, ControlError
 from hv.rundir import Leftovers, Manifest, RunDir
 
+from .format import fmt_bytes
+
 __all__ = ["CliError", "Reporter", "start_cluster", "stop_cluster", "wait_partition"]
 
 EXIT_FAILED = 1
@@ -62,16 +64,6 @@ class Reporter:
 
     def line(self, text: str) -> None:
         self.console.print(text)
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n} B"
 
 
 def exit_text(ev: dict[str, Any]) -> str:
@@ -218,7 +210,7 @@ def start_cluster(rd: RunDir, config_toml: str, partitions: int, detach: bool,
             if p["state"] == "running":
                 pending.discard(p["name"])
                 out.step(True, p["name"], f"pid {p['pid']}, "
-                         f"{_fmt_bytes(p['memory']['guest_visible_bytes'])} visible", p["boot_s"])
+                         f"{fmt_bytes(p['memory']['guest_visible_bytes'])} visible", p["boot_s"])
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -234,7 +226,7 @@ def start_cluster(rd: RunDir, config_toml: str, partitions: int, detach: bool,
             if state == "running":
                 pending.discard(name)
                 out.step(True, name, f"pid {ev['pid']}, "
-                         f"{_fmt_bytes(ev.get('guest_visible_bytes'))} visible", ev.get("boot_s"))
+                         f"{fmt_bytes(ev.get('guest_visible_bytes'))} visible", ev.get("boot_s"))
             elif state == "crashed":
                 out.step(False, name, f"crashed at boot ({exit_text(ev)}); see "
                          f"{rd.logs / (name + '.stderr')}")

@@ -1,0 +1,5 @@
+"""``python -m partitions.cli``: the ``viridian`` command."""
+
+from . import main
+
+main()
