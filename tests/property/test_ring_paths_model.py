@@ -323,7 +323,7 @@ class RingPathsMachine(RuleBasedStateMachine):
             st.integers(0, m + 16),
             st.sampled_from([0, 1, 7, 8, 4095, 4096, m - 8, m - 1, m, m + 1, m + 8]),
             st.sampled_from([exact, exact + 1, exact + 8]),  # fits, just does not
-        ).filter(lambda n: n >= 0)
+        )
 
     def next_tid(self) -> int:
         self.seq += 1
@@ -368,7 +368,12 @@ class RingPathsMachine(RuleBasedStateMachine):
         head = self.m.ring[0]
         if not head.plain:
             return self.take_batch()
-        return head, self.m.commit(1)
+        sig = self.m.commit(1)
+        if sig:
+            event("a latency read owed the writer a signal")
+        if head.ext_bytes + 16 >= 65536:
+            event("a latency read of a payload offset >= 64 KiB")
+        return head, sig
 
     def start_read(self, spin: int) -> tuple[Pkt | None, int, bool]:
         """A blocking read up to the point where it would sleep: (packet,
@@ -507,7 +512,7 @@ class RingPathsMachine(RuleBasedStateMachine):
         """Blocking write: no wait when it fits; else it sleeps with
         pending_send_sz published, and A's reads wake it (or it times out)."""
         self.quiet()
-        size = data.draw(self.sizes().filter(lambda n: n <= self.max_payload()), label="size")
+        size = data.draw(self.sizes().map(lambda n: min(n, self.max_payload())), label="size")
         m, payload = self.new_pkt(size, PacketType.DATA_INBAND, int(comp))
         calls = self.bell_b.calls
         if self.m.free() > m.total:
@@ -609,7 +614,9 @@ class RingPathsMachine(RuleBasedStateMachine):
         assert not self.out.try_write(b"", trans_id=0)  # 24 bytes: no room left
         event("filled the ring exactly")
 
-    def forge_one(self, data: st.DataObject, ptype: PacketType, size: int | None = None) -> bool:
+    def forge_one(
+        self, data: st.DataObject, ptype: PacketType, size: int | None = None, big: bool = False
+    ) -> bool:
         """A peer's packet with a long extended header, written raw at the
         write index and published (the peer signals as the spec says); the
         writer end is then attached again, as after a hand-over."""
@@ -627,11 +634,14 @@ class RingPathsMachine(RuleBasedStateMachine):
         if len(hdr) + 8 > room:
             return False
         if size is None:
+            edges = [e for e in [*EXT_EDGES, room - 8, room] if len(hdr) <= e <= room]
+            big_edges = [e for e in edges if e >= 65504]  # the packed-result edges
+            edges = big_edges if big and big_edges else edges + big_edges * 2
             ext = data.draw(
-                st.one_of(
-                    st.sampled_from([*EXT_EDGES, room - 8, room]),
-                    st.integers(1, room // 8).map(lambda k: 8 * k),
-                ).filter(lambda e: len(hdr) <= e <= room and e > 0),
+                st.sampled_from(edges or [room]) if big else st.one_of(
+                    st.sampled_from(edges or [room]),
+                    st.integers(max(1, len(hdr) // 8), room // 8).map(lambda k: 8 * k),
+                ),
                 label="ext bytes",
             )
             size = data.draw(st.integers(0, room - ext), label="size")
@@ -664,11 +674,44 @@ class RingPathsMachine(RuleBasedStateMachine):
         self.forge_one(data, PacketType(ptype))
         self.check_signals(w1=0)
 
+    @precondition(no_view)
+    @rule(
+        data=st.data(), ptype=st.sampled_from([6, 11]),
+        how=st.sampled_from(["read", "read_payload", "exchange"]),
+        spin=st.sampled_from(SPINS[1:]),
+    )
+    def forge_long_header_then_read(
+        self, data: st.DataObject, ptype: int, how: str, spin: int
+    ) -> None:
+        """Empty the ring, write one packet with a long in-band header (past
+        64 KiB when the ring has room), and read it at once by a latency path."""
+        self.iterate()
+        self.forge_one(data, PacketType(ptype), big=True)
+        self.check_signals(w1=0)
+        if how == "read":
+            self.read(data, spin, peer=False)
+        elif how == "read_payload":
+            self.read_payload(data, spin, peer=False)
+        else:
+            self.exchange(data, spin, "bytes", peer=False)
+
     @rule(need=st.one_of(st.integers(0, 9000), st.integers(0, 2**23)))
     def request_space(self, need: int) -> None:
         assert self.out.request_space(need) == (self.m.free() > need)
         self.m.set_pending(need)
         self.check_signals(w1=0, r1=0)
+
+    @rule(data=st.data())
+    def request_space_near_the_crossing(self, data: st.DataObject) -> None:
+        """A pending size the next read or two cross (or just miss)."""
+        head = self.m.ring[0].total if self.m.ring else 0
+        free = self.m.free()
+        need = data.draw(
+            st.sampled_from([free - 8, free, free + head - 8, free + head, free + 2 * head - 8])
+            .map(lambda n: max(0, n)),
+            label="need",
+        )
+        self.request_space(need)
 
     @rule(need=st.integers(0, 9000), spin=st.sampled_from([0, 2_000]), peer=st.booleans())
     def wait_writable(self, need: int, spin: int, peer: bool) -> None:
@@ -812,9 +855,7 @@ class RingPathsMachine(RuleBasedStateMachine):
         return self.ahead[0] if self.ahead else (self.m.ring[0] if self.m.ring else None)
 
     def caps(self, n: int) -> st.SearchStrategy[int]:
-        return st.one_of(
-            st.sampled_from([n, n + 8, n - 1, 0, 64]), st.integers(0, n + 64)
-        ).filter(lambda c: c >= 0)
+        return st.one_of(st.sampled_from([n, n + 8, max(0, n - 1), 0, 64]), st.integers(0, n + 64))
 
     @precondition(no_view)
     @rule(data=st.data())
@@ -1071,6 +1112,8 @@ class RingPathsMachine(RuleBasedStateMachine):
         if sent and not waits:
             sig_w2 = self.m2.publish([req])
             published = True
+            if not sig_w2 and not self.ahead and spin == self.spin and kind == "bytes":
+                event("exchange: request and answer in one C call")
         m: Pkt | None = None
         sig = 0
         blocks = False
