@@ -1175,7 +1175,7 @@ class RingPathsMachine(RuleBasedStateMachine):
 
 
 _FAST = settings(max_examples=120, stateful_step_count=60, deadline=None)
-_SLOW = settings(max_examples=3000, stateful_step_count=150, deadline=None)
+_SLOW = settings(max_examples=1000, stateful_step_count=150, deadline=None)
 
 RingPathsMachine.TestCase.settings = _FAST
 TestRingPathsModel = RingPathsMachine.TestCase
