@@ -49,7 +49,7 @@ class Rig:
 
     def __init__(self, image: str, size: int) -> None:
         from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
-        from partitions.devices.storvsc import PAGE, SLOT_BYTES, SLOTS, StorVsc, StorVsp
+        from partitions.devices.storage.scsi.device import PAGE, SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer
         from vmbus.doorbell import Doorbell
 
@@ -85,7 +85,7 @@ class Rig:
 
 
 def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
-    from partitions.storage import vstor as V
+    from partitions.devices.storage.scsi import vstor as V
     from vmbus.packet import GpaRange
 
     size = 64 << 20

@@ -156,14 +156,14 @@ class PartitionRuntime:
         if self.vmbus is not None:
             return
         if self.role == "root":
-            from .root.storage import StorageHost
+            from .devices.storage.host import StorageHost
             from .vmbus_host import VmbusHost
 
             kids = self.boot_info.get("children")
             self.vmbus = VmbusHost(self, kids if isinstance(kids, list) else [])
             self.storage = StorageHost(self, kids if isinstance(kids, list) else [])
         else:
-            from .child.storage import StorageGuest
+            from .devices.storage.guest import StorageGuest
             from .vmbus_guest import VmbusGuest
 
             devs = list(self.boot_info.get("devices") or [])

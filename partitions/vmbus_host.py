@@ -42,7 +42,7 @@ from vmbus.errors import RingCorruptError
 from vmbus.server import GpadlState, ServerChannel, ServerGpadl, VmbusServer
 
 from .devices import DeviceClass, DeviceError, Vsp, device_spec
-from .devices.base import DEVICES
+from .devices.framework import DEVICES
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
@@ -365,7 +365,7 @@ class VmbusHost:
                     devices.append({"type": "storvsc", "disk": d.get("index", 0),
                                     "path": d.get("path"), "size": d.get("size", 0)})
             self.buses[cid] = ChildBus(self, cid, name, devices)
-        from .root.memory import MemoryManager
+        from .devices.dynmem.manager import MemoryManager
 
         self.memory = MemoryManager(self, children)
 

@@ -13,10 +13,10 @@ from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.hypercalls import HvStatus
 from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
-from partitions.devices import dm_protocol as D
-from partitions.devices.dynmem import DmVsc, DmVsp
+from partitions.devices.dynmem import protocol as D
+from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan
+from partitions.devices.dynmem.device import DmVsc, DmVsp
 from partitions.guestmem import PageAllocator
-from partitions.root.balancer import BLOCK_BYTES, ChildMemory, plan
 
 MiB = 1 << 20
 PAGE = 4096
@@ -229,7 +229,7 @@ def test_one_operation_at_a_time_and_timeouts(rig):
 
 
 def test_malformed_messages_close_the_channel():
-    from partitions.devices.base import DeviceError
+    from partitions.devices.framework import DeviceError
 
     r = Rig()
     try:
@@ -315,7 +315,7 @@ def _manager(rig: Rig, **settings: Any) -> Any:
     """The root's MemoryManager over one child (id 1) whose DM VSP is ``rig.vsp``."""
     from types import SimpleNamespace
 
-    from partitions.root.memory import MemoryManager
+    from partitions.devices.dynmem.manager import MemoryManager
 
     rt = FakeRootRuntime()
     rt.hv = rig.sup
@@ -382,7 +382,7 @@ def test_a_failing_dm_request_is_logged_and_the_root_goes_on():
 
 
 def test_pressure_reports_reach_the_supervisor_coalesced(rig):
-    from partitions.root.memory import STATUS_EVERY_S
+    from partitions.devices.dynmem.manager import STATUS_EVERY_S
 
     mm = _manager(rig, dynamic=False)
     rt = mm.rt
@@ -401,7 +401,7 @@ def test_pressure_reports_reach_the_supervisor_coalesced(rig):
 
 @pytest.mark.parametrize("again", [D.VersionRequest(D.DmVersion.WIN10), D.CapabilitiesReport()])
 def test_negotiating_again_once_ready_closes_the_channel(again):
-    from partitions.devices.base import DeviceError
+    from partitions.devices.framework import DeviceError
 
     r = Rig()
     try:

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
-from partitions.devices.base import DeviceError
-from partitions.devices.storvsc import StorVsc, StorVsp
-from partitions.storage import vstor as V
+from partitions.devices.framework import DeviceError
+from partitions.devices.storage.scsi import vstor as V
+from partitions.devices.storage.scsi.device import StorVsc, StorVsp
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.doorbell import Doorbell
 from vmbus.packet import PacketType

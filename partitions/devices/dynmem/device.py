@@ -9,7 +9,7 @@ Protocol: spec §7, messages in ``dm_protocol``.  Roles, as in Hyper-V:
   that are the child's and not shared); unballoon maps ballooned pages back.
 * the **DM VSP** (root) drives the protocol: version and capabilities, the
   child's pressure reports, one hot-add / balloon / unballoon at a time;
-  ``partitions/root/balancer.py`` decides when.
+  ``partitions/devices/dynmem/balancer.py`` decides when.
 * the **DM VSC** (child) answers: it hands hot-added pages to its page
   allocator at once, gives its highest free pages to the balloon, and
   reports its committed pages every second.
@@ -27,10 +27,10 @@ from typing import Any
 
 from hv.hypercalls import MAX_MEMORY_RANGES, HvStatus
 from hv.memory import PAGE_SIZE
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import Packet, PacketType
 
-from . import dm_protocol as D
-from .base import DeviceClass, DeviceError, Vsc, Vsp, register
+from . import protocol as D
 
 __all__ = ["DYNMEM", "OP_TIMEOUT_S", "STATUS_EVERY_S", "DmVsc", "DmVsp"]
 

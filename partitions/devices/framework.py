@@ -25,7 +25,7 @@ and these tools, common to both ends (``Endpoint``):
 
 Writing a device (the whole of docs/devices.md's example)::
 
-    from partitions.devices.base import DeviceClass, Vsc, Vsp, register
+    from partitions.devices.framework import DeviceClass, Vsc, Vsp, register
 
     class UpperVsp(Vsp):
         def on_packet(self, pkt):
@@ -66,6 +66,7 @@ __all__ = [
     "Vsc",
     "Vsp",
     "by_class_id",
+    "device_spec",
     "register",
 ]
 
@@ -396,3 +397,17 @@ def by_class_id(class_id: uuid.UUID) -> DeviceClass | None:
         if dc.class_id == class_id:
             return dc
     return None
+
+
+def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]
+    """A config ``devices`` entry ("echo" or {"type": "echo", ...}) as
+    (name, settings).  Raises ValueError for an unknown or malformed entry."""
+    if isinstance(entry, str):
+        name, cfg = entry, {}
+    elif isinstance(entry, dict) and isinstance(entry.get("type"), str):
+        name, cfg = entry["type"], {k: v for k, v in entry.items() if k != "type"}
+    else:
+        raise ValueError(f"a device is a name or a table with a \"type\", not {entry!r}")
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (known: {', '.join(sorted(DEVICES))})")
+    return name, cfg

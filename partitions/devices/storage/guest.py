@@ -8,7 +8,7 @@ Layer: partitions (child).  ``StorageGuest`` belongs to a child's runtime.
   in the child's own memory: 128 KiB of data and a page for the PRD table,
   shared with the root once (the grant the worker may DMA into).
 * ``scsi``: the storvsc VSC on the child's storage channel
-  (partitions/devices/storvsc.py) sends SRBs as GPA-direct packets naming
+  (partitions/devices/storage/scsi/device.py) sends SRBs as GPA-direct packets naming
   pages of a buffer pool the child shared at open time.
 
 ``BlockDevice`` is what workloads and tests use: ``read(lba, count)``,
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from hv.intercept import InterceptClient
 from hv.memory import PAGE_SIZE
 
-from ..storage.ide_driver import DmaBuffer, IdeDriver
+from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
     from partitions.runtime import PartitionRuntime
@@ -112,7 +112,7 @@ class StorageGuest:
         self.client = InterceptClient(*fds)
         alloc = self.rt.vmbus.alloc if self.rt.vmbus is not None else None
         if alloc is None:
-            from ..guestmem import PageAllocator
+            from partitions.guestmem import PageAllocator
 
             alloc = PageAllocator(self.rt.memory)
         self.dma_pfn = alloc.alloc(self.dma_pages)

@@ -12,7 +12,7 @@ completes with SCSI and SRB status and sense data.  Several requests may be
 in flight; completions are matched by trans_id.
 
 Per I/O: two ring packets and at most two doorbell rings; no supervisor, no
-trap.  Compare partitions/root/ideworker.py (every register access traps).
+trap.  Compare partitions/devices/storage/ide/worker.py (every register access traps).
 
 Trust (root side): every SRB is decoded by ``vstor.decode_packet`` (lengths,
 CDB length, sense length); a GPA-direct range must lie inside pages this
@@ -30,12 +30,12 @@ import time
 import uuid
 from typing import Any
 
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import GpaRange, Packet, PacketType, build_gpa_direct_header
 from vmbus.ring import PacketBatch
 
-from ..storage import vstor as V
-from ..storage.scsi import CHECK_CONDITION, FileBackend, ScsiDisk, SenseKey, fixed_sense
-from .base import DeviceClass, DeviceError, Vsc, Vsp, register
+from . import vstor as V
+from .scsi import CHECK_CONDITION, FileBackend, ScsiDisk, SenseKey, fixed_sense
 
 __all__ = ["SCSI_CLASS_ID", "STORVSC", "StorVsc", "StorVsp"]
 
@@ -84,7 +84,7 @@ class StorVsp(Vsp):
         self._replies: dict[tuple[bytes, int], bytes] = {}  # see _fast
 
     def accept(self) -> int:
-        from ..storage.disk import open_image
+        from ..disk import open_image
 
         path, size = self.config.get("path"), int(self.config.get("size", 0))
         try:

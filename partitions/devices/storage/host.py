@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["StorageHost"]
 
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the checkout holding the three packages (this file is partitions/devices/storage/host.py)
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 
 @dataclass

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import _host_available
 from hv.memory import PAGE_SIZE
+from partitions.runtime import REPORT_EVERY_S
 
-from ..runtime import REPORT_EVERY_S
 from .balancer import ChildMemory, plan
 
 if TYPE_CHECKING:
-    from partitions.devices.dynmem import DmVsp
+    from partitions.devices.dynmem.device import DmVsp
     from partitions.vmbus_host import VmbusHost
 
 __all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "MemoryManager"]
