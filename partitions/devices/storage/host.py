@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from hv.hypercalls import send_frame
 from hv.memory import MemoryMessage
 
+from .ide import IDE_PORTS
+
 if TYPE_CHECKING:
     from partitions.runtime import PartitionRuntime
 
@@ -112,7 +114,10 @@ class StorageHost:
                 continue  # (the worker serves a child's I/O: take nothing on trust)
             if obj.get("op") == "ready" and not w.ready:
                 w.ready = True
-                self.rt.send({"op": "intercept.attached", "child": w.child})
+                # the ports the worker serves: the supervisor routes the child's
+                # accesses to them (and only them) to it from now on
+                self.rt.send({"op": "intercept.attached", "child": w.child,
+                              "ports": [list(span) for span in IDE_PORTS]})
             elif obj.get("op") == "stats":
                 w.stats = {k: int(v) for k, v in obj.items() if isinstance(v, int)}
                 self.rt.report_soon()
