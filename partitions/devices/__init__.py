@@ -19,10 +19,12 @@ from .framework import Vsc as Vsc
 from .framework import Vsp as Vsp
 from .framework import by_class_id as by_class_id
 from .framework import device_spec as device_spec
+from .framework import disk_clients as disk_clients
+from .framework import disk_offers as disk_offers
 from .framework import register as register
 
 __all__ = ["DEVICES", "DeviceClass", "DeviceError", "Endpoint", "Vsc", "Vsp", "by_class_id",
-           "device_spec", "register"]
+           "device_spec", "disk_clients", "disk_offers", "register"]
 
 for _folder in pkgutil.iter_modules(__path__):
     if _folder.ispkg:

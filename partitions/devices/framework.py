@@ -4,8 +4,8 @@ Layer: partitions, over ``vmbus.channel``.  A device is a ``DeviceClass``:
 a name (what configs say), a class GUID (OFFERCHANNEL's ``if_type``), a
 ``Vsp`` subclass the root runs for each child's channel, a ``Vsc`` subclass
 the child runs, and ring sizes.  The partition layer does the VMBus part
-(offer, GPADL, open, doorbells, close, rescind: partitions/vmbus_host.py and
-partitions/vmbus_guest.py); a device sees only this lifecycle:
+(offer, GPADL, open, doorbells, close, rescind: partitions/root/vmbus_host.py and
+partitions/child/vmbus_guest.py); a device sees only this lifecycle:
 
     on_open()          the channel is open; packets may flow
     on_packet(pkt)     a packet that is not the completion of our own request
@@ -67,6 +67,8 @@ __all__ = [
     "Vsp",
     "by_class_id",
     "device_spec",
+    "disk_clients",
+    "disk_offers",
     "register",
 ]
 
@@ -365,7 +367,10 @@ class DeviceClass:
     """A device type: name, class GUID, both ends, ring sizes.
 
     ``send_ring_pages`` and ``recv_ring_pages`` are the child's outbound and
-    inbound rings, control page included (each at least 2)."""
+    inbound rings, control page included (each at least 2).  ``disk_bus``:
+    the device is what a child's disks on that bus (``disks = [{bus = ...}]``)
+    bring, not a ``devices`` entry: the root offers one per such disk (its
+    settings: ``disk``, ``path``, ``size``) and a child with one wants it."""
 
     name: str
     class_id: uuid.UUID
@@ -374,6 +379,7 @@ class DeviceClass:
     send_ring_pages: int = 16
     recv_ring_pages: int = 16
     description: str = ""
+    disk_bus: str | None = None
 
     def __post_init__(self) -> None:
         if self.send_ring_pages < 2 or self.recv_ring_pages < 2:
@@ -411,3 +417,24 @@ def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]
     if name not in DEVICES:
         raise ValueError(f"unknown device {name!r} (known: {', '.join(sorted(DEVICES))})")
     return name, cfg
+
+
+def disk_offers(disks: object) -> list[dict[str, Any]]:
+    """The root's side of ``DeviceClass.disk_bus``: a ``devices`` entry per
+    disk of a child that a device serves, after the child's own entries."""
+    out: list[dict[str, Any]] = []
+    for d in disks or []:  # type: ignore[attr-defined]
+        for dc in DEVICES.values():
+            if dc.disk_bus is not None and isinstance(d, dict) and d.get("bus") == dc.disk_bus:
+                out.append({"type": dc.name, "disk": d.get("index", 0),
+                            "path": d.get("path"), "size": d.get("size", 0)})
+    return out
+
+
+def disk_clients(disks: object) -> list[str]:
+    """The child's side of ``DeviceClass.disk_bus``: the devices its disks
+    bring (by name, once each; the root's offer carries the settings)."""
+    disks = disks or []
+    return [dc.name for dc in DEVICES.values() if dc.disk_bus is not None
+            and any(isinstance(d, dict) and d.get("bus") == dc.disk_bus
+                    for d in disks)]  # type: ignore[attr-defined]

@@ -1,5 +1,109 @@
-"""``python -m partitions.root``: a root partition, started by the supervisor."""
+"""``python -m partitions.root``: the root partition, started by the supervisor.
 
-from partitions.runtime import main
+Layer: partitions (root).  The root's composition root: the one place that
+knows what the root has (partitions/runtime.py knows none of it):
 
-raise SystemExit(main("root"))
+* the children's grants, ``RootGrants`` (partitions/root/grants.py);
+* its VMBus end, ``VmbusHost`` (partitions/root/vmbus_host.py): a VMBus
+  server per child and the VSPs of the devices each child's config lists
+  and of those its disks bring (``DeviceClass.disk_bus``);
+* Dynamic Memory's ``MemoryManager`` and balancer
+  (partitions/devices/dynmem/manager.py);
+* the storage backends and the IDE device workers, ``StorageHost``
+  (partitions/devices/storage/host.py).
+
+The runtime messages each of them owns are registered here, before boot;
+the features themselves are imported and built when the partition starts
+(they need the boot message, and their imports stay out of the boot time,
+as they always were); the grant table exists from the start (a child may
+share pages while the root boots).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hv.hypercalls import Frame
+from hv.memory import MemoryMessage, MemoryOp
+from partitions.root.grants import RootGrants
+from partitions.runtime import Handler, PartitionRuntime, main
+
+if TYPE_CHECKING:
+    from partitions.devices.storage.host import StorageHost
+    from partitions.root.vmbus_host import VmbusHost
+
+__all__ = ["compose"]
+
+
+def _to(rt: PartitionRuntime, feature: str, call: Any) -> Handler:
+    """A handler that passes (feature, message, frame) to ``call`` once the
+    feature exists (before, the message is dropped, as it always was)."""
+    def handler(obj: dict[str, Any], fr: Frame) -> bool | None:
+        f = rt.features.get(feature)
+        return None if f is None else call(f, obj, fr)
+    return handler
+
+
+def _rescind(host: VmbusHost, obj: dict[str, Any], fr: Frame) -> None:
+    child, relid = obj.get("child"), obj.get("relid")
+    if isinstance(child, int) and isinstance(relid, int):
+        host.rescind(child, relid)
+
+
+def compose(rt: PartitionRuntime) -> None:
+    """Install the root's features in ``rt``."""
+    grants = RootGrants(rt)
+    grants.install()
+    rt.features["grants"] = grants.table
+
+    def host() -> VmbusHost | None:
+        return rt.features.get("vmbus")
+
+    def storage() -> StorageHost | None:
+        return rt.features.get("storage")
+
+    def before_grant(msg: MemoryMessage) -> None:
+        if msg.op == MemoryOp.REVOKE and (h := host()) is not None:
+            h.on_revoke(msg.grant_id)
+        if (s := storage()) is not None:
+            s.on_memory(msg)  # the IDE worker's DMA reach
+
+    def after_grant(msg: MemoryMessage) -> None:
+        if msg.op == MemoryOp.GRANT and (h := host()) is not None:
+            h.on_grant()
+
+    grants.before.append(before_grant)
+    grants.after.append(after_grant)
+
+    rt.on("partition", _to(rt, "vmbus", lambda h, o, f: h.on_partition(o)))
+    rt.on("rescind", _to(rt, "vmbus", _rescind))
+    rt.on("dm", _to(rt, "dynmem", lambda mm, o, f: mm.on_frame(o, f)))
+    rt.on("dm.settings", _to(rt, "dynmem", lambda mm, o, f: mm.on_frame(o, f)))
+    rt.on("intercept", _to(rt, "storage", lambda s, o, f: s.on_intercept_frame(o, f)))
+    rt.on("intercept.stop", _to(rt, "storage", lambda s, o, f: s.on_intercept_frame(o, f)))
+
+    rt.on_message(lambda origin, mtype, payload: (h := host()) is not None
+                  and h.on_message(origin, mtype, payload))
+    rt.on_tracing(lambda on: (h := host()) is not None and h.set_tracing(on))
+    rt.on_report(lambda: (h := host()) is not None and h.send_report())
+    rt.on_report(lambda: (s := storage()) is not None and s.send_report())
+    rt.on_close("vmbus", lambda: (h := host()) is not None and h.close())
+    rt.on_close("storage", lambda: (s := storage()) is not None and s.close())
+    rt.on_close("grants", grants.close)
+
+    def start() -> None:
+        from partitions.devices.dynmem.manager import MemoryManager
+        from partitions.devices.storage.host import StorageHost
+        from partitions.root.vmbus_host import VmbusHost
+
+        kids = rt.boot_info.get("children")
+        children = kids if isinstance(kids, list) else []
+        rt.features["vmbus"] = vmbus = VmbusHost(rt, children, grants.table)
+        rt.features["dynmem"] = MemoryManager(vmbus, children)
+        rt.features["storage"] = StorageHost(rt, children)
+
+    rt.on_start(start)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("root", compose))

@@ -13,10 +13,10 @@ from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.hypercalls import HvStatus
 from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
+from partitions.child.guestmem import PageAllocator
 from partitions.devices.dynmem import protocol as D
 from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan
 from partitions.devices.dynmem.device import DmVsc, DmVsp
-from partitions.guestmem import PageAllocator
 
 MiB = 1 << 20
 PAGE = 4096
@@ -65,6 +65,7 @@ class FakePartition:
         self.hv: Any = None
         self.memory: Any = None
         self.vmbus: Any = None
+        self.features: dict[str, Any] = {}
 
     def call_later(self, delay: float, fn: Any) -> None:
         self.timers.append((delay, fn))
@@ -326,7 +327,7 @@ def _manager(rig: Rig, **settings: Any) -> Any:
     mm = MemoryManager(host, [{"id": 1, "name": "child1", "memory": mem}])  # type: ignore[arg-type]
     mm.host_available = lambda: 64 << 30
     rig.vsp.partition = SimpleNamespace(hv=rig.sup, call_later=rt.call_later,
-                                        vmbus=SimpleNamespace(memory=mm, dm_status=mm.on_status))
+                                        features={"dynmem": mm})
     return mm
 
 
@@ -357,28 +358,16 @@ def test_an_operation_that_fails_unexpectedly_is_a_result_not_an_exception(rig):
     assert not rig.vsp.busy  # the next operation may start
 
 
-def test_a_failing_dm_request_is_logged_and_the_root_goes_on():
-    import socket
-    from types import SimpleNamespace
+def test_a_failing_dm_request_is_logged_and_the_root_goes_on(rig):
+    mm = _manager(rig)
 
-    from partitions.runtime import PartitionRuntime
+    def broken(obj: dict) -> None:
+        raise ValueError("from a child's DM VSP")
 
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    logs: list[tuple[str, dict]] = []
-    rt = PartitionRuntime(a, lambda event, **kw: logs.append((event, kw)), "root", "root")
-    try:
-        def broken(obj: dict) -> None:
-            raise ValueError("from a child's DM VSP")
-
-        rt.vmbus = SimpleNamespace(memory=SimpleNamespace(on_request=broken, on_settings=broken))
-        rt._on_dm({"op": "dm", "child": 1}, None)  # type: ignore[arg-type]
-        rt._on_dm({"op": "dm.settings", "child": 1}, None)  # type: ignore[arg-type]
-        assert [e for e, _ in logs] == ["dynamic memory request failed"] * 2
-    finally:
-        rt.sel.close()
-        rt.grants.close()
-        a.close()
-        b.close()
+    mm.on_request = mm.on_settings = broken
+    mm.on_frame({"op": "dm", "child": 1}, None)
+    mm.on_frame({"op": "dm.settings", "child": 1}, None)
+    assert [e for e, _ in mm.rt.logs] == ["dynamic memory request failed"] * 2
 
 
 def test_pressure_reports_reach_the_supervisor_coalesced(rig):

@@ -64,7 +64,7 @@ class Rig:
         self.cch = Channel(self.buf, RING_PAGES, host=False, own_doorbell=a, peer_doorbell=b)
         self.hch = Channel(self.buf, RING_PAGES, host=True, own_doorbell=b, peer_doorbell=a)
         self.vsp = StorVsp(self.hch, {"path": path, "size": DISK_BYTES}, child=1)
-        self.vsp.partition = SimpleNamespace(grants=self.grants, storage=None)
+        self.vsp.partition = SimpleNamespace(features={"grants": self.grants})
         assert self.vsp.accept() == 0
         self.vsp.version = V.VstorVersion.WIN10
         self.vsp.ready = True

@@ -110,9 +110,9 @@ class DmVsp(Vsp):
             self.committed_pages = msg.num_committed
             self.avail_pages = msg.num_avail
             self.reports += 1
-            bus = getattr(self.partition, "vmbus", None)
-            if bus is not None and hasattr(bus, "dm_status"):
-                bus.dm_status(self)
+            mm = self.partition.features.get("dynmem") if self.partition is not None else None
+            if mm is not None:
+                mm.on_status(self)  # the root's MemoryManager (manager.py)
         elif isinstance(msg, D.HotAddResponse):
             self._hot_add_done(msg, tid)
         elif isinstance(msg, D.BalloonResponse):
@@ -124,7 +124,7 @@ class DmVsp(Vsp):
             raise DeviceError(f"{msg.TYPE.name} is not a message a guest sends")
 
     def _settings(self) -> dict[str, Any]:
-        mm = getattr(getattr(self.partition, "vmbus", None), "memory", None)
+        mm = self.partition.features.get("dynmem") if self.partition is not None else None
         return mm.settings.get(self.child, {}) if mm is not None else {}
 
     # -- operations (root side) ----------------------------------------------------------

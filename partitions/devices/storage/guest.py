@@ -1,6 +1,8 @@
 """Disks in a child: one block API over an emulated IDE disk or a synthetic SCSI disk.
 
-Layer: partitions (child).  ``StorageGuest`` belongs to a child's runtime.
+Layer: partitions (child).  The child's composition root builds
+``StorageGuest`` and hands it the ``intercept``, ``root`` and ``workload``
+(device "disk") messages.
 
 * ``ide``: the supervisor hands the child its intercept link at boot
   (``intercept`` frame); every port access of ``IdeDriver`` then traps (this
@@ -33,6 +35,7 @@ from hv.memory import PAGE_SIZE
 from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
+    from hv.hypercalls import Frame
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["BlockDevice", "IdeBlock", "StorageGuest"]
@@ -105,6 +108,24 @@ class StorageGuest:
         self.prd: memoryview = memoryview(b"")  # the page holding the driver's PRD table
         self.dma_data_gpa = 0
 
+    # -- the runtime's messages ----------------------------------------------------------------
+    def on_intercept_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        """``intercept``: the child's end of its intercept link (adopted)."""
+        if self.on_intercept(fr.fds):
+            fr.fds = []  # adopted
+
+    def on_root_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        if obj.get("state") == "up":
+            self.share_dma()  # a new root: its worker needs our DMA pages again
+
+    def on_workload_frame(self, obj: dict[str, Any], fr: Frame) -> bool:
+        """``workload`` for the device "disk" (True: taken); others are not ours."""
+        if obj.get("device") != "disk":
+            return False
+        args = obj.get("args")
+        self.workload(str(obj.get("action")), args if isinstance(args, dict) else {})
+        return True
+
     # -- the IDE path ------------------------------------------------------------------------
     def on_intercept(self, fds: list[int]) -> bool:
         if len(fds) != 3 or self.client is not None:
@@ -112,7 +133,7 @@ class StorageGuest:
         self.client = InterceptClient(*fds)
         alloc = self.rt.vmbus.alloc if self.rt.vmbus is not None else None
         if alloc is None:
-            from partitions.guestmem import PageAllocator
+            from partitions.child.guestmem import PageAllocator
 
             alloc = PageAllocator(self.rt.memory)
         self.dma_pfn = alloc.alloc(self.dma_pages)

@@ -119,7 +119,7 @@ class StorVsp(Vsp):
         disk = self.disk
         assert disk is not None
         fd, block_count = self.image.fd, disk.block_count
-        grants = self.partition.grants if self.partition is not None else None
+        grants = self.partition.features.get("grants") if self.partition is not None else None
         views_of = grants.views_packed if grants is not None else None
         replies = self._replies
         counters = self.counters
@@ -265,7 +265,7 @@ class StorVsp(Vsp):
         if r.byte_count < req.data_transfer_length:
             raise DeviceError(f"GPA range of {r.byte_count} bytes for a "
                               f"{req.data_transfer_length}-byte transfer")
-        grants = self.partition.grants if self.partition is not None else None
+        grants = self.partition.features.get("grants") if self.partition is not None else None
         views = grants.views(self.child, r.pfns) if grants is not None else None
         if views is None:
             raise DeviceError("an SRB names pages the child did not grant")
@@ -322,7 +322,7 @@ class StorVsp(Vsp):
     def _publish(self) -> None:
         """Hand the root's storage host our live counters (it copies them into
         each report), once per VSP rather than a copy per request."""
-        host = getattr(self.partition, "storage", None)
+        host = self.partition.features.get("storage") if self.partition is not None else None
         if host is not None:
             host.scsi_stats.setdefault(self.child, {})[int(self.config.get("disk", 0))] = \
                 self.counters
@@ -592,4 +592,5 @@ class StorVsc(Vsc):
 STORVSC = register(DeviceClass(
     "storvsc", SCSI_CLASS_ID, StorVsp, StorVsc, send_ring_pages=33, recv_ring_pages=33,
     description="synthetic SCSI disk (storvsc/storvsp, VSTOR over VMBus)",
+    disk_bus="scsi",  # one controller per scsi disk of a child
 ))
