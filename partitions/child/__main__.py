@@ -11,7 +11,9 @@ that knows what a child has (partitions/runtime.py knows none of it):
   emulated IDE disk through its intercept link, the SCSI disk through the
   storvsc VSC, and the ``disk`` workload.
 
-The runtime messages each of them owns are registered here, before boot;
+Each VSC is given its ``DeviceResources`` here: the guest page allocator as
+its memory and the hypercalls its DeviceClass lists.  The runtime messages
+each feature owns are registered here, before boot;
 the features themselves are imported and built when the partition starts
 (they need the boot message, and their imports stay out of the boot time,
 as they always were).
@@ -73,15 +75,25 @@ def compose(rt: PartitionRuntime) -> None:
                 and s.close())
 
     def start() -> None:
+        from partitions.child.guestmem import PageAllocator
         from partitions.child.vmbus_guest import VmbusGuest
-        from partitions.devices import disk_clients
+        from partitions.devices import DeviceClass, DeviceResources, Hypercalls, disk_clients
         from partitions.devices.storage.guest import StorageGuest
+
+        alloc = PageAllocator(rt.memory)  # rings, DMA buffers, Dynamic Memory: one allocator
+
+        def resources(dc: DeviceClass) -> DeviceResources:
+            return DeviceResources(
+                log=rt.log, hypercalls=Hypercalls(rt.hv, dc.hypercalls), memory=alloc,
+                call_later=rt.call_later, report_soon=rt.report_soon, pump_link=rt.pump_link,
+                notify=rt.send)
 
         info = rt.boot_info
         disks = info.get("disks")
         devices = list(info.get("devices") or []) + disk_clients(disks)
-        rt.features["vmbus"] = guest = VmbusGuest(rt, devices)
-        rt.features["storage"] = StorageGuest(rt, disks if isinstance(disks, list) else [])
+        rt.features["vmbus"] = guest = VmbusGuest(rt, devices, alloc, resources)
+        rt.features["storage"] = StorageGuest(rt, disks if isinstance(disks, list) else [],
+                                              alloc=alloc, bus=guest)
         kept, early[:] = list(early), []
         for fr in kept:
             try:

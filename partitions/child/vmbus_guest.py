@@ -26,12 +26,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
 from hv.memory import MemoryMessage, MemoryOp
-from partitions.devices import DeviceClass, DeviceError, Vsc, by_class_id, device_spec
+from partitions.devices import (
+    DeviceClass,
+    DeviceError,
+    DeviceResources,
+    Vsc,
+    by_class_id,
+    device_spec,
+)
 from partitions.reporting import channel_stats, make_packet_tracer, message_event
 from vmbus import protocol as P
 from vmbus.channel import Channel, init_channel_buffer
@@ -68,11 +76,18 @@ class GuestChannel:
 
 
 class VmbusGuest:
-    """A child's VMBus (the client's ``ClientNotifier``)."""
+    """A child's VMBus (the client's ``ClientNotifier``).
 
-    def __init__(self, rt: PartitionRuntime, devices: list[Any]) -> None:
+    ``alloc``: the guest page allocator the rings come from (default: a new
+    one over the partition's memory).  ``resources(device_class)``: what a
+    VSC is given (the composition root decides)."""
+
+    def __init__(self, rt: PartitionRuntime, devices: list[Any],
+                 alloc: PageAllocator | None = None,
+                 resources: Callable[[DeviceClass], DeviceResources] | None = None) -> None:
         self.rt = rt
-        self.alloc = PageAllocator(rt.memory)
+        self.alloc = alloc if alloc is not None else PageAllocator(rt.memory)
+        self.resources = resources or (lambda dc: DeviceResources(log=rt.log))
         self.wanted: dict[str, dict[str, Any]] = {}
         for entry in devices:
             try:
@@ -287,8 +302,8 @@ class VmbusGuest:
         finally:
             buf.release()
         gc.channel = chan
-        gc.vsc = gc.device.vsc(chan, gc.config, self.rt.log)
-        gc.vsc.partition = self.rt  # devices that need the partition (dynamic memory)
+        gc.vsc = gc.device.vsc(chan, gc.config, self.rt.log,
+                               resources=self.resources(gc.device))
         gc.vsc.tracer = make_packet_tracer(self.rt, "root", relid) if self.tracing else None
         gc.state = "open"
         gc.opened_at = time.monotonic()

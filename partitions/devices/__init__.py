@@ -14,7 +14,9 @@ import pkgutil
 from .framework import DEVICES as DEVICES
 from .framework import DeviceClass as DeviceClass
 from .framework import DeviceError as DeviceError
+from .framework import DeviceResources as DeviceResources
 from .framework import Endpoint as Endpoint
+from .framework import Hypercalls as Hypercalls
 from .framework import Vsc as Vsc
 from .framework import Vsp as Vsp
 from .framework import by_class_id as by_class_id
@@ -23,8 +25,8 @@ from .framework import disk_clients as disk_clients
 from .framework import disk_offers as disk_offers
 from .framework import register as register
 
-__all__ = ["DEVICES", "DeviceClass", "DeviceError", "Endpoint", "Vsc", "Vsp", "by_class_id",
-           "device_spec", "disk_clients", "disk_offers", "register"]
+__all__ = ["DEVICES", "DeviceClass", "DeviceError", "DeviceResources", "Endpoint", "Hypercalls",
+           "Vsc", "Vsp", "by_class_id", "device_spec", "disk_clients", "disk_offers", "register"]
 
 for _folder in pkgutil.iter_modules(__path__):
     if _folder.ispkg:

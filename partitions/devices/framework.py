@@ -40,6 +40,13 @@ Writing a device (the whole of docs/devices.md's example)::
 
 and ``devices = ["upper"]`` in a child's config.
 
+A device is *given* what it may use (``DeviceResources``, built by the
+role's composition root): its channel and config, its log, its memory
+access (the pages its child granted, in the root; the guest page
+allocator, in a child), the hypercalls its ``DeviceClass`` lists, timers,
+and the role's feature it serves (the root's Dynamic Memory manager, its
+storage host).  It never sees the partition runtime.
+
 Trust: in the root, every packet comes from a child that may be hostile.
 The ring validated framing; a device validates its own payloads and raises
 ``DeviceError`` (or any ``ValueError``) for a bad one: the channel is then
@@ -62,7 +69,9 @@ __all__ = [
     "DEVICES",
     "DeviceClass",
     "DeviceError",
+    "DeviceResources",
     "Endpoint",
+    "Hypercalls",
     "Vsc",
     "Vsp",
     "by_class_id",
@@ -85,8 +94,58 @@ SERVICE_SPIN_NS = 20_000
 
 _COMP = PacketType.COMP
 
+
+def _nothing(*a: Any, **k: Any) -> None:
+    return None
+
+
 class DeviceError(ValueError):
     """A peer sent something this device cannot accept (closes the channel)."""
+
+
+class Hypercalls:
+    """The hypercalls one device may make: those its ``DeviceClass`` lists
+    (``hypercalls``), passed through to the partition's client; any other
+    name is an AttributeError."""
+
+    def __init__(self, client: Any, allowed: Sequence[str]) -> None:
+        self._client = client
+        self._allowed = frozenset(allowed)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._allowed:
+            return getattr(self._client, name)
+        raise AttributeError(f"this device may not make the hypercall {name!r}")
+
+
+@dataclass
+class DeviceResources:
+    """What a device is given besides its channel and config (all it may use).
+
+    Attributes:
+        log: ``log(event, **fields)``: the partition's JSON log.
+        hypercalls: the hypercalls it may make (``Hypercalls``), or None.
+        memory: its memory access: in the root, the pages children granted
+            (``hv.memory.GrantTable``: ``views(child, pfns)``); in a child,
+            its guest page allocator (``partitions.child.guestmem.PageAllocator``:
+            ``alloc``, ``view_of``, ``free``; ``view``, the memory it sees).
+        call_later: ``call_later(delay, fn)``: a timer on the partition's loop.
+        report_soon: the device's status changed (a report follows).
+        pump_link: take in the memory frames and doorbells the supervisor
+            already sent (e.g. a range it mapped before the root asked).
+        notify: a runtime message to the supervisor (``{"op": "memory", ...}``).
+        service: the role's feature this device serves or reports to (the
+            root's Dynamic Memory manager, its storage host), or None.
+    """
+
+    log: Callable[..., None] = _nothing
+    hypercalls: Any = None
+    memory: Any = None
+    call_later: Callable[[float, Callable[[], None]], None] = _nothing
+    report_soon: Callable[[], None] = _nothing
+    pump_link: Callable[[], None] = _nothing
+    notify: Callable[[dict[str, Any]], None] = _nothing
+    service: Any = None
 
 
 class Endpoint:
@@ -95,16 +154,20 @@ class Endpoint:
     Args:
         channel: the open channel.
         config: the device's settings from the partition config (a dict).
-        log: ``log(event, **fields)`` (the partition's JSON log).
+        log: ``log(event, **fields)`` (default: the resources' log).
+        resources: what else the device may use (``DeviceResources``;
+            default: nothing).
     """
 
     role = "?"
 
     def __init__(self, channel: Channel, config: dict[str, Any] | None = None,
-                 log: Callable[..., None] | None = None) -> None:
+                 log: Callable[..., None] | None = None, *,
+                 resources: DeviceResources | None = None) -> None:
         self.channel = channel
         self.config = dict(config or {})
-        self.log = log or (lambda *a, **k: None)
+        self.res = resources if resources is not None else DeviceResources()
+        self.log = log or (self.res.log if resources is not None else (lambda *a, **k: None))
         self._next_tid = 1
         self._waiting: dict[int, Callable[[Packet], None]] = {}
         self._backlog: deque[tuple[bytes, int, int, PacketType]] = deque()
@@ -334,8 +397,9 @@ class Vsp(Endpoint):
 
     def __init__(self, channel: Channel, config: dict[str, Any] | None = None,
                  log: Callable[..., None] | None = None, *, child: int = 0,
-                 userdata: bytes = bytes(120)) -> None:
-        super().__init__(channel, config, log)
+                 userdata: bytes = bytes(120),
+                 resources: DeviceResources | None = None) -> None:
+        super().__init__(channel, config, log, resources=resources)
         self.child = child
         self.userdata = userdata
 
@@ -367,7 +431,8 @@ class DeviceClass:
     """A device type: name, class GUID, both ends, ring sizes.
 
     ``send_ring_pages`` and ``recv_ring_pages`` are the child's outbound and
-    inbound rings, control page included (each at least 2).  ``disk_bus``:
+    inbound rings, control page included (each at least 2).  ``hypercalls``:
+    the hypercalls its ends may make (``DeviceResources.hypercalls``).  ``disk_bus``:
     the device is what a child's disks on that bus (``disks = [{bus = ...}]``)
     bring, not a ``devices`` entry: the root offers one per such disk (its
     settings: ``disk``, ``path``, ``size``) and a child with one wants it."""
@@ -379,6 +444,7 @@ class DeviceClass:
     send_ring_pages: int = 16
     recv_ring_pages: int = 16
     description: str = ""
+    hypercalls: tuple[str, ...] = ()
     disk_bus: str | None = None
 
     def __post_init__(self) -> None:

@@ -12,7 +12,9 @@ knows what the root has (partitions/runtime.py knows none of it):
 * the storage backends and the IDE device workers, ``StorageHost``
   (partitions/devices/storage/host.py).
 
-The runtime messages each of them owns are registered here, before boot;
+Each VSP is given its ``DeviceResources`` here: the children's grants as its
+memory, the hypercalls its DeviceClass lists, and the feature it serves
+(``SERVICES``).  The runtime messages each feature owns are registered here, before boot;
 the features themselves are imported and built when the partition starts
 (they need the boot message, and their imports stay out of the boot time,
 as they always were); the grant table exists from the start (a child may
@@ -25,14 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import Frame
 from hv.memory import MemoryMessage, MemoryOp
+from partitions.devices.framework import DeviceResources, Hypercalls
 from partitions.root.grants import RootGrants
 from partitions.runtime import Handler, PartitionRuntime, main
 
 if TYPE_CHECKING:
+    from partitions.devices.framework import DeviceClass
     from partitions.devices.storage.host import StorageHost
     from partitions.root.vmbus_host import VmbusHost
 
-__all__ = ["compose"]
+__all__ = ["SERVICES", "compose"]
+
+#: Which of the root's features a device's VSP serves or reports to
+#: (``DeviceResources.service``), by device name.
+SERVICES = {"dynmem": "dynmem", "storvsc": "storage"}
 
 
 def _to(rt: PartitionRuntime, feature: str, call: Any) -> Handler:
@@ -54,7 +62,12 @@ def compose(rt: PartitionRuntime) -> None:
     """Install the root's features in ``rt``."""
     grants = RootGrants(rt)
     grants.install()
-    rt.features["grants"] = grants.table
+
+    def resources(dc: DeviceClass, child: int) -> DeviceResources:
+        return DeviceResources(
+            log=rt.log, hypercalls=Hypercalls(rt.hv, dc.hypercalls), memory=grants.table,
+            call_later=rt.call_later, report_soon=rt.report_soon, pump_link=rt.pump_link,
+            notify=rt.send, service=rt.features.get(SERVICES.get(dc.name, "")))
 
     def host() -> VmbusHost | None:
         return rt.features.get("vmbus")
@@ -98,7 +111,7 @@ def compose(rt: PartitionRuntime) -> None:
 
         kids = rt.boot_info.get("children")
         children = kids if isinstance(kids, list) else []
-        rt.features["vmbus"] = vmbus = VmbusHost(rt, children, grants.table)
+        rt.features["vmbus"] = vmbus = VmbusHost(rt, children, grants.table, resources)
         rt.features["dynmem"] = MemoryManager(vmbus, children)
         rt.features["storage"] = StorageHost(rt, children)
 

@@ -30,12 +30,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
 from hv.memory import GpaError
-from partitions.devices import DEVICES, DeviceClass, DeviceError, Vsp, device_spec, disk_offers
+from partitions.devices import (
+    DEVICES,
+    DeviceClass,
+    DeviceError,
+    DeviceResources,
+    Vsp,
+    device_spec,
+    disk_offers,
+)
 from partitions.reporting import channel_stats, make_packet_tracer, message_event
 from vmbus import protocol as P
 from vmbus.channel import Channel
@@ -236,8 +245,8 @@ class ChildBus:
             peer.close()
             self.protocol_error(f"ring buffer refused: {e}", relid)
             return 1
-        vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata))
-        vsp.partition = self.rt  # devices that need the partition (dynamic memory)
+        vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata),
+                     resources=self.host.resources(dc, self.child))
         try:
             status = int(vsp.accept())
         except Exception as e:
@@ -338,12 +347,15 @@ class VmbusHost:
     """The root's VMBus: a ``ChildBus`` per child, fed by the runtime.
 
     ``grants``: the root's table of the pages children shared with it (ring
-    GPADLs must be exactly one grant's pages)."""
+    GPADLs must be exactly one grant's pages).  ``resources(device_class,
+    child)``: what a VSP is given (the composition root decides)."""
 
     def __init__(self, rt: PartitionRuntime, children: list[dict[str, Any]],
-                 grants: GrantTable) -> None:
+                 grants: GrantTable,
+                 resources: Callable[[DeviceClass, int], DeviceResources] | None = None) -> None:
         self.rt = rt
         self.grants = grants
+        self.resources = resources or (lambda dc, child: DeviceResources(log=rt.log))
         self.buses: dict[int, ChildBus] = {}
         self.tracing = False
         self.unknown = 0  # messages from partitions that are not our children

@@ -17,6 +17,7 @@ from partitions.child.guestmem import PageAllocator
 from partitions.devices.dynmem import protocol as D
 from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan
 from partitions.devices.dynmem.device import DmVsc, DmVsp
+from partitions.devices.framework import DeviceResources
 
 MiB = 1 << 20
 PAGE = 4096
@@ -96,10 +97,11 @@ class Rig:
         self.sup = FakeSupervisor(self.mem, self.view, self.alloc)
         self.root_rt.hv = self.sup
         ud = DmVsc.open_userdata({})
-        self.vsp = DmVsp(self.pair.root, {}, child=1, userdata=ud)
-        self.vsp.partition = self.root_rt
-        self.vsc = DmVsc(self.pair.child, {})
-        self.vsc.partition = self.child_rt
+        self.vsp = DmVsp(self.pair.root, {}, child=1, userdata=ud, resources=DeviceResources(
+            hypercalls=self.sup, call_later=self.root_rt.call_later))
+        self.vsc = DmVsc(self.pair.child, {}, resources=DeviceResources(
+            memory=self.alloc, call_later=self.child_rt.call_later,
+            pump_link=self.child_rt.pump_link, notify=self.child_rt.send))
         self.vsc.on_open()
         self.pump()
 
@@ -326,8 +328,7 @@ def _manager(rig: Rig, **settings: Any) -> Any:
            **settings}
     mm = MemoryManager(host, [{"id": 1, "name": "child1", "memory": mem}])  # type: ignore[arg-type]
     mm.host_available = lambda: 64 << 30
-    rig.vsp.partition = SimpleNamespace(hv=rig.sup, call_later=rt.call_later,
-                                        features={"dynmem": mm})
+    rig.vsp.res = DeviceResources(hypercalls=rig.sup, call_later=rt.call_later, service=mm)
     return mm
 
 

@@ -36,6 +36,7 @@ from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
     from hv.hypercalls import Frame
+    from partitions.child.guestmem import PageAllocator
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["BlockDevice", "IdeBlock", "StorageGuest"]
@@ -94,8 +95,13 @@ class IdeBlock:
 
 
 class StorageGuest:
-    def __init__(self, rt: PartitionRuntime, disks: list[dict[str, Any]]) -> None:
+    def __init__(self, rt: PartitionRuntime, disks: list[dict[str, Any]],
+                 alloc: PageAllocator | None = None, bus: Any = None) -> None:
+        """``alloc``: the guest page allocator (DMA buffers come from it);
+        ``bus``: the child's VMBus end (its storvsc channel is the SCSI disk)."""
         self.rt = rt
+        self.alloc = alloc
+        self.bus = bus
         self.disks = [d for d in disks if isinstance(d, dict)]
         ide = [d for d in self.disks if d.get("bus") == "ide"]
         self.ide_size = int(ide[0].get("size", 0)) if ide else 0
@@ -131,11 +137,11 @@ class StorageGuest:
         if len(fds) != 3 or self.client is not None:
             return False
         self.client = InterceptClient(*fds)
-        alloc = self.rt.vmbus.alloc if self.rt.vmbus is not None else None
+        alloc = self.alloc
         if alloc is None:
             from partitions.child.guestmem import PageAllocator
 
-            alloc = PageAllocator(self.rt.memory)
+            alloc = self.alloc = PageAllocator(self.rt.memory)
         self.dma_pfn = alloc.alloc(self.dma_pages)
         self.prd = prd = alloc.view_of(self.dma_pfn, 1)
         self.dma_data = alloc.view_of(self.dma_pfn + 1, self.dma_pages - 1)
@@ -169,7 +175,7 @@ class StorageGuest:
         return out
 
     def _scsi(self) -> BlockDevice | None:
-        bus = self.rt.vmbus
+        bus = self.bus
         if bus is None:
             return None
         for gc in bus.channels.values():

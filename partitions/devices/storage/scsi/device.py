@@ -73,7 +73,6 @@ class StorVsp(Vsp):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None
         self.version: int | None = None
         self.ready = False
         self.disk: ScsiDisk | None = None
@@ -119,7 +118,7 @@ class StorVsp(Vsp):
         disk = self.disk
         assert disk is not None
         fd, block_count = self.image.fd, disk.block_count
-        grants = self.partition.features.get("grants") if self.partition is not None else None
+        grants = self.res.memory  # the pages the children granted
         views_of = grants.views_packed if grants is not None else None
         replies = self._replies
         counters = self.counters
@@ -265,7 +264,7 @@ class StorVsp(Vsp):
         if r.byte_count < req.data_transfer_length:
             raise DeviceError(f"GPA range of {r.byte_count} bytes for a "
                               f"{req.data_transfer_length}-byte transfer")
-        grants = self.partition.features.get("grants") if self.partition is not None else None
+        grants = self.res.memory  # the pages the children granted
         views = grants.views(self.child, r.pfns) if grants is not None else None
         if views is None:
             raise DeviceError("an SRB names pages the child did not grant")
@@ -322,7 +321,7 @@ class StorVsp(Vsp):
     def _publish(self) -> None:
         """Hand the root's storage host our live counters (it copies them into
         each report), once per VSP rather than a copy per request."""
-        host = self.partition.features.get("storage") if self.partition is not None else None
+        host = self.res.service  # the root's storage host
         if host is not None:
             host.scsi_stats.setdefault(self.child, {})[int(self.config.get("disk", 0))] = \
                 self.counters
@@ -348,7 +347,6 @@ class StorVsc(Vsc):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None
         self.ready = False
         self.version = 0
         self.size_bytes = 0
@@ -366,11 +364,11 @@ class StorVsc(Vsc):
         return bytes(120)  # a zeroed properties struct (Linux)
 
     def on_open(self) -> None:
-        alloc = self.partition.vmbus.alloc
+        alloc = self.res.memory  # the guest page allocator
         pages = SLOTS * SLOT_BYTES // PAGE
         self.pool_pfn = alloc.alloc(pages)
         self.pool = alloc.view_of(self.pool_pfn, pages)
-        st, gid = self.partition.hv.share_pages(list(range(self.pool_pfn,
+        st, gid = self.res.hypercalls.share_pages(list(range(self.pool_pfn,
                                                            self.pool_pfn + pages)))
         if st != 0:
             raise DeviceError(f"cannot share the I/O pool (status {st})")
@@ -411,7 +409,7 @@ class StorVsc(Vsc):
                 return
             self.ready = True
             self.log("storvsc ready", version=f"{self.version:#06x}", bytes=self.size_bytes)
-            self.partition.report_soon()
+            self.res.report_soon()
 
     def _completes(self) -> V.VstorOperation:
         return {"begin": V.VstorOperation.BEGIN_INITIALIZATION,
@@ -574,14 +572,14 @@ class StorVsc(Vsc):
         if self.pool is not None:
             self.pool.release()
             self.pool = None
-        if self.pool_grant and self.partition is not None:
+        if self.pool_grant and self.res.hypercalls is not None:
             try:
-                self.partition.hv.revoke_grant(self.pool_grant)
+                self.res.hypercalls.revoke_grant(self.pool_grant)
             except (OSError, TimeoutError):
                 pass
             self.pool_grant = 0
-        if self.pool_pfn and self.partition is not None:
-            self.partition.vmbus.alloc.free(self.pool_pfn)
+        if self.pool_pfn and self.res.memory is not None:
+            self.res.memory.free(self.pool_pfn)
             self.pool_pfn = 0
 
     def stats(self) -> dict[str, Any]:
@@ -592,5 +590,6 @@ class StorVsc(Vsc):
 STORVSC = register(DeviceClass(
     "storvsc", SCSI_CLASS_ID, StorVsp, StorVsc, send_ring_pages=33, recv_ring_pages=33,
     description="synthetic SCSI disk (storvsc/storvsp, VSTOR over VMBus)",
+    hypercalls=("share_pages", "revoke_grant"),  # the VSC's I/O pool
     disk_bus="scsi",  # one controller per scsi disk of a child
 ))
