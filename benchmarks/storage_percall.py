@@ -47,9 +47,10 @@ class Rig:
     """A StorVsc and a StorVsp over one in-process channel, pool granted."""
 
     def __init__(self, image: str, size: int) -> None:
+        from hv.memory import PAGE_SIZE as PAGE
         from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
         from partitions.devices.framework import DeviceResources
-        from partitions.devices.storage.scsi.device import PAGE, SLOT_BYTES, SLOTS, StorVsc, StorVsp
+        from partitions.devices.storage.scsi.device import SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer
         from vmbus.doorbell import Doorbell
 

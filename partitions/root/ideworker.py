@@ -7,5 +7,7 @@ processes by it).
 
 from partitions.devices.storage.ide.worker import main
 
+__all__ = ["main"]
+
 if __name__ == "__main__":
     raise SystemExit(main())

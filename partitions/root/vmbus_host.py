@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
-from hv.memory import GpaError
+from hv.memory import PAGE_SIZE, GpaError
 from partitions.devices import (
     DEVICES,
     DeviceClass,
@@ -168,7 +168,7 @@ class ChildBus:
 
     def validate_gpadl(self, relid: int, g: ServerGpadl) -> None:
         # Each refusal is one protocol error (complete_gpadl logs it).
-        if g.byte_offset != 0 or g.byte_count != g.pages * 4096:
+        if g.byte_offset != 0 or g.byte_count != g.pages * PAGE_SIZE:
             self.server.complete_gpadl(g.gpadl, False, "is not whole pages")
             return
         if len(set(g.pfns)) != len(g.pfns):
