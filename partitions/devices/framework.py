@@ -23,7 +23,8 @@ and these tools, common to both ends (``Endpoint``):
                                     backlog; while it is not empty the
                                     endpoint stops reading: backpressure)
 
-Writing a device (the whole of docs/devices.md's example)::
+Writing a device (docs/devices.md walks through it, in its own folder
+``partitions/devices/upper/``)::
 
     from partitions.devices.framework import DeviceClass, Vsc, Vsp, register
 
@@ -38,7 +39,8 @@ Writing a device (the whole of docs/devices.md's example)::
 
     register(DeviceClass("upper", uuid.UUID("..."), UpperVsp, UpperVsc))
 
-and ``devices = ["upper"]`` in a child's config.
+in ``partitions/devices/upper/device.py`` (re-exported by its
+``__init__.py``), and ``devices = ["upper"]`` in a child's config.
 
 A device is *given* what it may use (``DeviceResources``, built by the
 role's composition root): its channel and config, its log, its memory
