@@ -142,6 +142,15 @@ class PartitionRuntime:
         if pump:
             self._pumped.add(op)
 
+    def to_feature(self, name: str, call: Callable[[Any, dict[str, Any], Frame], Any]) -> Handler:
+        """A handler that passes (``features[name]``, message, frame) to
+        ``call`` once that feature is installed; before, the message is
+        dropped (what the feature would say to it did not happen yet)."""
+        def handler(obj: dict[str, Any], fr: Frame) -> bool | None:
+            feature = self.features.get(name)
+            return None if feature is None else call(feature, obj, fr)
+        return handler
+
     def take_memory(self, ops: tuple[int, ...], fn: Callable[[Frame], None]) -> None:
         """MEMORY frames of these ``hv.memory.MemoryOp`` go to ``fn`` (which
         owns them) instead of this partition's own memory view."""

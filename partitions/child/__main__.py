@@ -24,21 +24,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import Frame
-from partitions.runtime import Handler, PartitionRuntime, main
+from partitions.runtime import PartitionRuntime, main
 
 if TYPE_CHECKING:
     from partitions.child.vmbus_guest import VmbusGuest
 
 __all__ = ["compose"]
 
-
-def _to(rt: PartitionRuntime, feature: str, call: Any) -> Handler:
-    """A handler that passes (feature, message, frame) to ``call`` once the
-    feature exists (before, the message is dropped, as it always was)."""
-    def handler(obj: dict[str, Any], fr: Frame) -> bool | None:
-        f = rt.features.get(feature)
-        return None if f is None else call(f, obj, fr)
-    return handler
 
 
 def compose(rt: PartitionRuntime) -> None:
@@ -53,13 +45,13 @@ def compose(rt: PartitionRuntime) -> None:
         else:
             storage.on_intercept_frame(obj, fr)
 
-    rt.on("doorbells", _to(rt, "vmbus", lambda bus, o, f: bus.on_doorbells_frame(o, f)),
+    rt.on("doorbells", rt.to_feature("vmbus", lambda bus, o, f: bus.on_doorbells_frame(o, f)),
           pump=True)
-    rt.on("root", _to(rt, "vmbus", lambda bus, o, f: bus.on_root(o)))
-    rt.on("root", _to(rt, "storage", lambda st, o, f: st.on_root_frame(o, f)))
+    rt.on("root", rt.to_feature("vmbus", lambda bus, o, f: bus.on_root(o)))
+    rt.on("root", rt.to_feature("storage", lambda st, o, f: st.on_root_frame(o, f)))
     rt.on("intercept", intercept)
-    rt.on("workload", _to(rt, "storage", lambda st, o, f: st.on_workload_frame(o, f)))
-    rt.on("workload", _to(rt, "vmbus", lambda bus, o, f: bus.workload(o)))
+    rt.on("workload", rt.to_feature("storage", lambda st, o, f: st.on_workload_frame(o, f)))
+    rt.on("workload", rt.to_feature("vmbus", lambda bus, o, f: bus.workload(o)))
 
     def bus() -> VmbusGuest | None:
         return rt.features.get("vmbus")

@@ -27,12 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import Frame
 from hv.memory import MemoryMessage, MemoryOp
-from partitions.devices.framework import DeviceResources, Hypercalls
 from partitions.root.grants import RootGrants
-from partitions.runtime import Handler, PartitionRuntime, main
+from partitions.runtime import PartitionRuntime, main
 
 if TYPE_CHECKING:
-    from partitions.devices.framework import DeviceClass
     from partitions.devices.storage.host import StorageHost
     from partitions.root.vmbus_host import VmbusHost
 
@@ -42,14 +40,6 @@ __all__ = ["SERVICES", "compose"]
 #: (``DeviceResources.service``), by device name.
 SERVICES = {"dynmem": "dynmem", "storvsc": "storage"}
 
-
-def _to(rt: PartitionRuntime, feature: str, call: Any) -> Handler:
-    """A handler that passes (feature, message, frame) to ``call`` once the
-    feature exists (before, the message is dropped, as it always was)."""
-    def handler(obj: dict[str, Any], fr: Frame) -> bool | None:
-        f = rt.features.get(feature)
-        return None if f is None else call(f, obj, fr)
-    return handler
 
 
 def _rescind(host: VmbusHost, obj: dict[str, Any], fr: Frame) -> None:
@@ -62,12 +52,6 @@ def compose(rt: PartitionRuntime) -> None:
     """Install the root's features in ``rt``."""
     grants = RootGrants(rt)
     grants.install()
-
-    def resources(dc: DeviceClass, child: int) -> DeviceResources:
-        return DeviceResources(
-            log=rt.log, hypercalls=Hypercalls(rt.hv, dc.hypercalls), memory=grants.table,
-            call_later=rt.call_later, report_soon=rt.report_soon, pump_link=rt.pump_link,
-            notify=rt.send, service=rt.features.get(SERVICES.get(dc.name, "")))
 
     def host() -> VmbusHost | None:
         return rt.features.get("vmbus")
@@ -88,12 +72,12 @@ def compose(rt: PartitionRuntime) -> None:
     grants.before.append(before_grant)
     grants.after.append(after_grant)
 
-    rt.on("partition", _to(rt, "vmbus", lambda h, o, f: h.on_partition(o)))
-    rt.on("rescind", _to(rt, "vmbus", _rescind))
-    rt.on("dm", _to(rt, "dynmem", lambda mm, o, f: mm.on_frame(o, f)))
-    rt.on("dm.settings", _to(rt, "dynmem", lambda mm, o, f: mm.on_frame(o, f)))
-    rt.on("intercept", _to(rt, "storage", lambda s, o, f: s.on_intercept_frame(o, f)))
-    rt.on("intercept.stop", _to(rt, "storage", lambda s, o, f: s.on_intercept_frame(o, f)))
+    rt.on("partition", rt.to_feature("vmbus", lambda h, o, f: h.on_partition(o)))
+    rt.on("rescind", rt.to_feature("vmbus", _rescind))
+    rt.on("dm", rt.to_feature("dynmem", lambda mm, o, f: mm.on_frame(o, f)))
+    rt.on("dm.settings", rt.to_feature("dynmem", lambda mm, o, f: mm.on_frame(o, f)))
+    rt.on("intercept", rt.to_feature("storage", lambda s, o, f: s.on_intercept_frame(o, f)))
+    rt.on("intercept.stop", rt.to_feature("storage", lambda s, o, f: s.on_intercept_frame(o, f)))
 
     rt.on_message(lambda origin, mtype, payload: (h := host()) is not None
                   and h.on_message(origin, mtype, payload))
@@ -106,8 +90,15 @@ def compose(rt: PartitionRuntime) -> None:
 
     def start() -> None:
         from partitions.devices.dynmem.manager import MemoryManager
+        from partitions.devices.framework import DeviceClass, DeviceResources, Hypercalls
         from partitions.devices.storage.host import StorageHost
         from partitions.root.vmbus_host import VmbusHost
+
+        def resources(dc: DeviceClass, child: int) -> DeviceResources:
+            return DeviceResources(
+                log=rt.log, hypercalls=Hypercalls(rt.hv, dc.hypercalls), memory=grants.table,
+                call_later=rt.call_later, report_soon=rt.report_soon, pump_link=rt.pump_link,
+                notify=rt.send, service=rt.features.get(SERVICES.get(dc.name, "")))
 
         kids = rt.boot_info.get("children")
         children = kids if isinstance(kids, list) else []
