@@ -61,7 +61,7 @@ def run(rt: Any) -> None:
         if prof_dir:
             _profile_loop(rt, prof_dir)
         return
-    rt.start_vmbus()
+    rt.start()
     phases = _time_phases(rt.vmbus)
     rt.vmbus.on_channel_open.append(lambda gc: _opened(rt, gc, affinity, phases))
 

@@ -29,7 +29,6 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 QD = 32
@@ -48,8 +47,10 @@ class Rig:
     """A StorVsc and a StorVsp over one in-process channel, pool granted."""
 
     def __init__(self, image: str, size: int) -> None:
+        from hv.memory import PAGE_SIZE as PAGE
         from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
-        from partitions.devices.storvsc import PAGE, SLOT_BYTES, SLOTS, StorVsc, StorVsp
+        from partitions.devices.framework import DeviceResources
+        from partitions.devices.storage.scsi.device import SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer
         from vmbus.doorbell import Doorbell
 
@@ -71,21 +72,20 @@ class Rig:
         a, b = Doorbell(), Doorbell()
         self.cch = Channel(self.buf, ring_pages, host=False, own_doorbell=a, peer_doorbell=b)
         self.hch = Channel(self.buf, ring_pages, host=True, own_doorbell=b, peer_doorbell=a)
-        self.vsc = StorVsc(self.cch, {})
-        self.vsc.partition = None
+        self.vsc = StorVsc(self.cch, {})  # given nothing: the pool is the benchmark's
         self.vsc.pool = memoryview(self._pool_map)
         self.vsc.pool_pfn = self.pool_pfn
         self.vsc.version = 0x0602
         self.vsc.ready = True
-        self.vsp = StorVsp(self.hch, {"path": image, "size": size}, child=1)
-        self.vsp.partition = SimpleNamespace(grants=self.grants, storage=None)
+        self.vsp = StorVsp(self.hch, {"path": image, "size": size}, child=1,
+                           resources=DeviceResources(memory=self.grants))
         assert self.vsp.accept() == 0
         self.vsp.version = 0x0602
         self.vsp.ready = True
 
 
 def run(block: int, write: bool, repeats: int) -> list[tuple[str, float]]:
-    from partitions.storage import vstor as V
+    from partitions.devices.storage.scsi import vstor as V
     from vmbus.packet import GpaRange
 
     size = 64 << 20

@@ -28,7 +28,7 @@ writes of 512 B, 4 KiB and 64 KiB:
 Why the comparison is fair: every guest row runs in the same child process,
 against the same image file, in the same page cache, with the same seed (the
 same offsets), one workload at a time, driven by the same ``disk bench`` loop
-(partitions/child/storage.py: control op ``workload``, device ``disk``,
+(partitions/devices/storage/guest.py: control op ``workload``, device ``disk``,
 action ``bench``; the child logs a ``disk bench`` event with ops/s, p50/p99
 and the traps it took).  The only thing that changes between the guest rows is
 the way to the disk: traps through the supervisor to a root worker process,
@@ -516,7 +516,8 @@ def _summarise(path: str, qd: int, block: int, op: str,
             "rounds": machine,
         },
         "measured_by": ("the benchmark process: os.pwritev/os.preadv on the image" if
-                        path == "host" else "the child's disk bench (partitions/child/storage.py)"),
+                        path == "host"
+                        else "the child's disk bench (partitions/devices/storage/guest.py)"),
     }
 
 

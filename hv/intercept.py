@@ -56,7 +56,6 @@ from hv._atomic import SharedWords
 from hv.synic import sealed_memfd
 
 __all__ = [
-    "IDE_PORTS",
     "IN",
     "OUT",
     "SPIN_NS",
@@ -67,15 +66,13 @@ __all__ = [
 ]
 
 IN, OUT = 1, 2
-#: The emulated IDE controller's ports (partitions/storage/ata.py): the primary
-#: channel's task file, its device control / alternate status, the bus master.
-IDE_PORTS = ((0x1F0, 8), (0x3F6, 1), (0xC000, 8))
 REQ, DONE, OP, PORT, SIZE, VALUE, RESULT, STATUS, IRQS = range(0, 36, 4)
 SLOT_BYTES = 64
 PAGE = 4096
 SPIN_NS = 50_000  # spin before blocking, as a channel's reader does
 STATUS_DONE, STATUS_NO_DEVICE = 0, 1
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+MAX_PORT_SPANS = 16  # (first, count) spans one worker may claim
 
 
 def _eventfd() -> int:
@@ -267,7 +264,8 @@ class InterceptServer:
 @dataclass
 class InterceptRoute:
     """The supervisor's part for one child: the child's link, the worker's
-    link, and which ports belong to the child's emulated device.
+    link, and which ports belong to the child's emulated device (the root
+    names them when its worker attaches: ``claim``; hv knows no device).
 
     The supervisor watches ``child_exit_fd`` (call ``on_exit``) and
     ``worker_done_fd`` (call ``on_done``) in its loop.  Handles for the
@@ -275,7 +273,7 @@ class InterceptRoute:
     starts the worker): ``worker_handles()``.  Both are kept here for the
     child's life, so a restarted root gets them again."""
 
-    ports: list[tuple[int, int]]  # (first port, count) of the device
+    ports: list[tuple[int, int]] = field(default_factory=list)  # (first port, count)
     child: Slot = field(default_factory=Slot)
     worker: Slot = field(default_factory=Slot)
     child_exit_fd: int = field(default_factory=_eventfd)
@@ -295,6 +293,24 @@ class InterceptRoute:
         self._claimed = frozenset(p for first, n in self.ports for p in range(first, first + n))
         self._child_seq = self.child.w.load(REQ)
         self._worker_seq = self.worker.w.load(REQ)
+
+    def claim(self, ports: object) -> bool:
+        """Route these ports (a list of [first, count], from the root) to the
+        worker.  False, and nothing changed, for a malformed list."""
+        if not isinstance(ports, (list, tuple)) or len(ports) > MAX_PORT_SPANS:
+            return False
+        spans = []
+        for span in ports:
+            if not isinstance(span, (list, tuple)) or len(span) != 2 \
+                    or not all(type(x) is int for x in span):
+                return False
+            first, n = span
+            if first < 0 or n < 1 or first + n > 0x10000:
+                return False
+            spans.append((first, n))
+        self.ports = spans
+        self._claimed = frozenset(p for first, n in spans for p in range(first, first + n))
+        return True
 
     def child_handles(self) -> list[int]:
         return [self.child.fd, self.child_exit_fd, self.child_resume_fd]

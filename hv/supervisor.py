@@ -429,10 +429,10 @@ class Supervisor:
     def _start_intercepts(self, p: Partition) -> None:
         """The child's emulated IDE controller: its intercept link (to the
         child) and its worker link (to the root, which runs the worker)."""
-        from hv.intercept import IDE_PORTS, InterceptRoute
+        from hv.intercept import InterceptRoute
 
         self._stop_intercepts(p)
-        route = p.route = InterceptRoute(ports=list(IDE_PORTS))
+        route = p.route = InterceptRoute()  # its ports: the root's, when its worker attaches
         self._sel.register(route.child_exit_fd, selectors.EVENT_READ,
                            lambda _f, r=route: r.on_exit())
         self._sel.register(route.worker_done_fd, selectors.EVENT_READ,
@@ -592,7 +592,7 @@ class Supervisor:
             c = self._child_of(obj)
             route = c.route if c is not None else None
             if route is not None and op == "intercept.attached":
-                route.worker_attached = True
+                route.worker_attached = route.claim(obj.get("ports"))
             elif route is not None:  # a pending access must not wait for a worker gone
                 route.worker_gone()
         elif op == "disks" and p.cfg.role == "root":

@@ -1,8 +1,13 @@
 """The partition side of the cluster: bootstrap, the hypercall client, the idle loop.
 
 Layer: partitions.  ``python -m partitions.root`` and ``python -m
-partitions.child`` both run ``main`` here; the supervisor (hv/supervisor.py)
-starts them with their partition link as fd 3 (hv/link.py)::
+partitions.child`` both run ``main`` here, each with its *composition root*
+(partitions/root/__main__.py, partitions/child/__main__.py): the only code
+that knows which features a role has.  This module knows none: features
+register the runtime messages they own (``on``), the memory frames they take
+(``take_memory``), and what they do at start, on reports, on tracing and at
+close.  The supervisor (hv/supervisor.py) starts a partition with its link
+as fd 3 (hv/link.py)::
 
     python -m partitions.child --cluster NAME --partition child1 --id 1 --fd 3 \\
         --log RUN/logs/child1.jsonl
@@ -18,8 +23,9 @@ link closing, ends it with exit status 0.
 
 The wire is hv/link.py's (frames of hv/hypercalls.py).  ``HvClient`` makes
 hypercalls; frames that arrive while it waits for a reply are kept for the
-loop.  SynIC messages and event flags are handed to ``on_synic`` (the VMBus
-layer plugs in there); until something does, they are counted and dropped.
+loop.  SynIC messages go to the message sinks features registered
+(``on_message``: the VMBus end), then messages and event flags to
+``on_synic`` (a hook's); what nobody takes is counted and dropped.
 
 ``VIRIDIAN_PARTITION_HOOK=module:function`` (inherited from ``viridian up``)
 makes every partition call ``function(runtime)`` after boot, before its loop:
@@ -46,17 +52,22 @@ from typing import Any
 from hv.hypercalls import Frame, FrameKind, HypercallClient, WireError, send_frame
 from hv.jsonlog import JsonLog
 from hv.link import decode_runtime, runtime_frame
-from hv.memory import GrantTable, GuestMemoryView, MemoryMessage, MemoryOp
+from hv.memory import GuestMemoryView, MemoryMessage
 from hv.proc import die_with_parent
 from hv.synic import SynicGuest, SynicMessage
 
-__all__ = ["BOOT_TIMEOUT_S", "HvClient", "PartitionRuntime", "main"]
+__all__ = ["BOOT_TIMEOUT_S", "REPORT_EVERY_S", "Handler", "HvClient", "PartitionRuntime", "main"]
 
 BOOT_TIMEOUT_S = 15.0
 HYPERCALL_TIMEOUT_S = 5.0
 REPORT_EVERY_S = 0.25  # channel status reports, while something changes
 TRACE_FLUSH_S = 0.05
 TRACE_MAX_EVENTS = 150  # per flush (one link frame); the rest are counted as dropped
+
+#: A runtime-message handler: (the decoded message, its frame) -> True when it
+#: consumed the message (later handlers of that op are skipped).  A handler
+#: that keeps the frame's fds sets ``frame.fds = []`` (adopted).
+Handler = Callable[[dict[str, Any], Frame], "bool | None"]
 
 
 class HvClient(HypercallClient):
@@ -70,19 +81,18 @@ class PartitionRuntime:
 
     Attributes:
         memory: the guest memory it was granted (``GuestMemoryView``).
-        grants: the root's table of pages children shared with it (root only).
         synic: its SynIC (after boot).
         on_synic: called with (messages, event flags) when the SynIC fires.
         connections: the connection IDs it may use (from the boot message).
+        features: what the composition root installed, by name ("vmbus", ...).
     """
 
     def __init__(self, sock: socket.socket, log: JsonLog, name: str, role: str) -> None:
         self.sock = sock
         self.log = log
         self.name = name
-        self.role = role
+        self.role = role  # for the log and the process; nothing here depends on it
         self.memory = GuestMemoryView()
-        self.grants = GrantTable() if role == "root" else None
         self.synic: SynicGuest | None = None
         self.hv = HvClient(sock, timeout=HYPERCALL_TIMEOUT_S)
         self.boot_info: dict[str, Any] = {}
@@ -91,36 +101,86 @@ class PartitionRuntime:
         self.events = 0
         self.on_synic: Callable[[list[SynicMessage], list[int]], None] | None = None
         self._stop = False
-        self.handlers: dict[str, Callable[[dict[str, Any], Frame], None]] = {
-            "boot": self._on_boot,
-            "stop": self._on_stop,
-            "trace": self._on_trace,
-            "doorbells": self._on_doorbells,
-            "root": self._on_root,
-            "partition": self._on_partition,
-            "rescind": self._on_rescind,
-            "workload": self._on_workload,
-            "dm": self._on_dm,
-            "dm.settings": self._on_dm,
-            "intercept": self._on_intercept_link,
-            "intercept.stop": self._on_intercept_link,
-        }
+        self.handlers: dict[str, list[Handler]] = {}
+        for op, h in (("boot", self._on_boot), ("stop", self._on_stop),
+                      ("trace", self._on_trace)):
+            self.on(op, h)
         self.cluster = ""
-        self.vmbus: Any = None  # VmbusHost (root) or VmbusGuest (child), after boot
-        self.storage: Any = None  # StorageHost (root) or StorageGuest (child), after boot
+        self.features: dict[str, Any] = {}
+        self._pumped: set[str] = set()  # runtime ops pump_link takes ahead
+        self._memory_takers: dict[int, Callable[[Frame], None]] = {}
+        self._memory_listeners: list[Callable[[int, MemoryMessage], None]] = []
+        self._message_sinks: list[Callable[[int, int, bytes], None]] = []
+        self._starters: list[Callable[[], None]] = []
+        self._reporters: list[Callable[[], None]] = []
+        self._tracing_listeners: list[Callable[[bool], None]] = []
+        self._closers: list[tuple[str, Callable[[], None]]] = []
+        self.started = False
         self.sel = selectors.DefaultSelector()
         self._watched: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._tseq = itertools.count()
         self._again: list[Callable[[], None]] = []
         self._report_due = False
-        self._last_report: Any = None
-        self._last_errors: Any = None  # the root's last vmbus.errors report
         self.tracing = False
         self._trace_buf: list[dict[str, Any]] = []
         self._trace_dropped = 0
         self._trace_due = False
-        self._early_intercept: list[Frame] = []
+
+    @property
+    def vmbus(self) -> Any:
+        """This partition's VMBus end (``features["vmbus"]``), or None."""
+        return self.features.get("vmbus")
+
+    # -- what features register (the composition root calls these) ---------------------------
+
+    def on(self, op: str, handler: Handler, *, pump: bool = False) -> None:
+        """Handle runtime messages ``op`` (after the handlers already there).
+        ``pump``: ``pump_link`` takes them ahead of other frames (they were
+        sent before what is being handled, e.g. a channel's doorbells)."""
+        self.handlers.setdefault(op, []).append(handler)
+        if pump:
+            self._pumped.add(op)
+
+    def to_feature(self, name: str, call: Callable[[Any, dict[str, Any], Frame], Any]) -> Handler:
+        """A handler that passes (``features[name]``, message, frame) to
+        ``call`` once that feature is installed; before, the message is
+        dropped (what the feature would say to it did not happen yet)."""
+        def handler(obj: dict[str, Any], fr: Frame) -> bool | None:
+            feature = self.features.get(name)
+            return None if feature is None else call(feature, obj, fr)
+        return handler
+
+    def take_memory(self, ops: tuple[int, ...], fn: Callable[[Frame], None]) -> None:
+        """MEMORY frames of these ``hv.memory.MemoryOp`` go to ``fn`` (which
+        owns them) instead of this partition's own memory view."""
+        for op in ops:
+            self._memory_takers[int(op)] = fn
+
+    def on_memory_change(self, fn: Callable[[int, MemoryMessage], None]) -> None:
+        """``fn(op, msg)`` after a MEMORY frame changed this partition's memory."""
+        self._memory_listeners.append(fn)
+
+    def on_message(self, fn: Callable[[int, int, bytes], None]) -> None:
+        """``fn(origination_id, message_type, payload)`` for each SynIC message."""
+        self._message_sinks.append(fn)
+
+    def on_start(self, fn: Callable[[], None]) -> None:
+        """``fn()`` once, when the partition starts (its loop, or ``start``)."""
+        self._starters.append(fn)
+
+    def on_report(self, fn: Callable[[], None]) -> None:
+        """``fn()`` on each status report tick (``report_soon``)."""
+        self._reporters.append(fn)
+
+    def on_tracing(self, fn: Callable[[bool], None]) -> None:
+        """``fn(on)`` when ``viridian trace`` starts or stops."""
+        self._tracing_listeners.append(fn)
+
+    def on_close(self, what: str, fn: Callable[[], None]) -> None:
+        """``fn()`` when the partition closes, in the order registered; a
+        failure is logged as "``what`` close failed" and closing goes on."""
+        self._closers.append((what, fn))
 
     # -- boot ------------------------------------------------------------------------------
 
@@ -151,35 +211,14 @@ class PartitionRuntime:
         self.connections = conns if isinstance(conns, dict) else {}
         self.cluster = str(obj.get("cluster", ""))
 
-    def start_vmbus(self) -> None:
-        """Make this partition's VMBus end (after boot, before the loop)."""
-        if self.vmbus is not None:
+    def start(self) -> None:
+        """Start the features (after boot, before the loop; the loop calls
+        it, and a hook may call it first): each ``on_start`` function, once."""
+        if self.started:
             return
-        if self.role == "root":
-            from .root.storage import StorageHost
-            from .vmbus_host import VmbusHost
-
-            kids = self.boot_info.get("children")
-            self.vmbus = VmbusHost(self, kids if isinstance(kids, list) else [])
-            self.storage = StorageHost(self, kids if isinstance(kids, list) else [])
-        else:
-            from .child.storage import StorageGuest
-            from .vmbus_guest import VmbusGuest
-
-            devs = list(self.boot_info.get("devices") or [])
-            disks = self.boot_info.get("disks")
-            if any(isinstance(d, dict) and d.get("bus") == "scsi" for d in disks or []):
-                devs.append("storvsc")  # the root offers a SCSI controller for it
-            self.vmbus = VmbusGuest(self, devs)
-            self.storage = StorageGuest(self, disks if isinstance(disks, list) else [])
-            early, self._early_intercept = self._early_intercept, []
-            for fr in early:
-                try:
-                    self._on_intercept_link(decode_runtime(fr) or {}, fr)
-                finally:
-                    fr.close_fds()
-            if self.boot_info.get("root_up"):
-                self.vmbus.connect()
+        self.started = True
+        for fn in self._starters:
+            fn()
 
     def _on_stop(self, obj: dict[str, Any], fr: Frame) -> None:
         self.log("stop requested")
@@ -189,66 +228,9 @@ class PartitionRuntime:
         self.tracing = bool(obj.get("on"))
         self._trace_buf.clear()
         self._trace_dropped = 0
-        if self.vmbus is not None:
-            self.vmbus.set_tracing(self.tracing)
+        for fn in self._tracing_listeners:
+            fn(self.tracing)
         self.log("tracing " + ("on" if self.tracing else "off"))
-
-    def _on_doorbells(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "child" and self.vmbus is not None and self.vmbus.on_doorbells(obj,
-                                                                                       fr.fds):
-            fr.fds = []  # adopted
-
-    def _on_root(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "child" and self.vmbus is not None:
-            self.vmbus.on_root(obj)
-        if self.role == "child" and self.storage is not None and obj.get("state") == "up":
-            self.storage.share_dma()  # a new root: its worker needs our DMA pages again
-
-    def _on_partition(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "root" and self.vmbus is not None:
-            self.vmbus.on_partition(obj)
-
-    def _on_rescind(self, obj: dict[str, Any], fr: Frame) -> None:
-        child, relid = obj.get("child"), obj.get("relid")
-        if self.role == "root" and self.vmbus is not None and isinstance(child, int) \
-                and isinstance(relid, int):
-            self.vmbus.rescind(child, relid)
-
-    def _on_dm(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "root" and self.vmbus is not None:
-            try:
-                if obj.get("op") == "dm":
-                    self.vmbus.memory.on_request(obj)
-                else:
-                    self.vmbus.memory.on_settings(obj)
-            except (ConnectionError, TimeoutError):
-                raise  # the supervisor link failed: main's business
-            except Exception as e:  # a bug a child's state hit: never the root's exit
-                self.log("dynamic memory request failed", level="error",
-                         op=obj.get("op"), error=f"{type(e).__name__}: {e}"[:300])
-
-    def _on_intercept_link(self, obj: dict[str, Any], fr: Frame) -> None:
-        """The emulated disk's intercept link: the child's end (it traps
-        through it), or, in the root, the worker's end (the root starts the
-        device worker with it)."""
-        if self.role == "child":
-            if self.storage is None:  # before the loop: keep it for start_vmbus
-                self._early_intercept.append(Frame(fr.kind, fr.seq, fr.body, fr.fds))
-                fr.fds = []
-            elif self.storage.on_intercept(fr.fds):
-                fr.fds = []  # adopted
-        elif self.storage is not None:
-            if obj.get("op") == "intercept":
-                self.storage.start_worker(obj, fr.fds)  # passed on; ours close below
-            elif isinstance(obj.get("child"), int):
-                self.storage.stop_worker(obj["child"])
-
-    def _on_workload(self, obj: dict[str, Any], fr: Frame) -> None:
-        if self.role == "child" and obj.get("device") == "disk" and self.storage is not None:
-            args = obj.get("args")
-            self.storage.workload(str(obj.get("action")), args if isinstance(args, dict) else {})
-        elif self.role == "child" and self.vmbus is not None:
-            self.vmbus.workload(obj)
 
     # -- the loop's services: fds, timers, reports, traces --------------------------------
 
@@ -279,19 +261,8 @@ class PartitionRuntime:
 
     def _send_report(self) -> None:
         self._report_due = False
-        if self.vmbus is None:
-            return
-        chans = self.vmbus.report()
-        if chans != self._last_report:
-            self._last_report = chans
-            self.send({"op": "report", "channels": chans})
-        if self.role == "root":
-            errors = self.vmbus.error_counts()
-            if errors != self._last_errors:
-                self._last_errors = errors
-                self.send({"op": "vmbus.errors", "errors": errors})
-            if self.storage is not None:
-                self.storage.send_report()
+        for fn in self._reporters:
+            fn()
 
     def trace(self, ev: dict[str, Any]) -> None:
         """One trace event (decoded message, packet header) for ``viridian trace``."""
@@ -315,7 +286,8 @@ class PartitionRuntime:
             self._trace_dropped = 0
 
     def pump_link(self) -> None:
-        """Take in memory frames (grants, hot-added ranges) and doorbells
+        """Take in memory frames (grants, hot-added ranges) and the runtime
+        messages features registered with ``pump`` (a channel's doorbells)
         already waiting on the link (they were sent before the message being
         handled); other frames keep their turn."""
         try:
@@ -328,7 +300,7 @@ class PartitionRuntime:
             if fr.kind == FrameKind.MEMORY:
                 take = True  # grants, new ranges, balloon state: in their order
             elif (obj := decode_runtime(fr)) is not None:
-                take = obj.get("op") == "doorbells"
+                take = obj.get("op") in self._pumped
             if take:
                 self._dispatch(fr)
             else:
@@ -346,39 +318,25 @@ class PartitionRuntime:
             if fr.kind == FrameKind.MEMORY:
                 before = self.memory.visible_bytes
                 op = int.from_bytes(fr.body[:4], "little")
-                if self.grants is not None and op in (MemoryOp.GRANT, MemoryOp.REVOKE):
-                    msg = MemoryMessage.from_frame(fr)  # a child's shared pages
-                    try:
-                        if op == MemoryOp.REVOKE and self.vmbus is not None:
-                            self.vmbus.on_revoke(msg.grant_id)
-                        if self.storage is not None:
-                            self.storage.on_memory(msg)  # the IDE worker's DMA reach
-                        self.grants.apply(msg)
-                    finally:
-                        msg.close_fds()
-                    self.log("grant" if op == MemoryOp.GRANT else "revoke",
-                             grant_id=msg.grant_id, owner=msg.owner,
-                             pages=sum(seg.npages for seg in msg.segments))
-                    if op == MemoryOp.GRANT and self.vmbus is not None:
-                        self.vmbus.on_grant()
+                taker = self._memory_takers.get(op)
+                if taker is not None:
+                    taker(fr)  # (the root's grants: a child's shared pages)
                 else:
                     msg = self.memory.apply_frame(fr)
-                    # (a child's bus, VmbusGuest, owns the page allocator)
-                    if op == MemoryOp.BALLOON and self.vmbus is not None \
-                            and self.role != "root":
-                        lost = sum(self.vmbus.alloc.withdraw(seg.gpa_pfn, seg.npages)
-                                   for seg in msg.segments)
-                        if lost:
-                            self.log("the host took pages in use", level="error", pages=lost)
+                    for listener in self._memory_listeners:
+                        listener(op, msg)
                 if self.synic is not None and self.memory.visible_bytes != before:
                     self.send({"op": "memory", "guest_visible_bytes": self.memory.visible_bytes})
                 return
             obj = decode_runtime(fr)
-            handler = self.handlers.get(str(obj.get("op"))) if obj is not None else None
-            if obj is None or handler is None:
+            op = str(obj.get("op")) if obj is not None else ""
+            handlers = self.handlers.get(op) if obj is not None else None
+            if obj is None or not handlers:
                 self.log("unexpected frame", level="warning", kind=fr.kind)
                 return
-            handler(obj, fr)
+            for handler in handlers:
+                if handler(obj, fr):
+                    break
         finally:
             fr.close_fds()
 
@@ -392,9 +350,9 @@ class PartitionRuntime:
         flags = self.synic.take_events()
         self.messages += len(msgs)
         self.events += len(flags)
-        if self.vmbus is not None:
+        for sink in self._message_sinks:
             for m in msgs:
-                self.vmbus.on_message(m.origination_id, m.message_type, m.payload)
+                sink(m.origination_id, m.message_type, m.payload)
         if self.on_synic is not None and (msgs or flags):
             self.on_synic(msgs, flags)
 
@@ -414,7 +372,7 @@ class PartitionRuntime:
         sel = self.sel
         sel.register(self.sock, selectors.EVENT_READ, "link")
         sel.register(self.synic.fileno(), selectors.EVENT_READ, "synic")
-        self.start_vmbus()
+        self.start()
         timers = self._timers
         while not self._stop:
             # Frames that arrived while a hypercall waited for its reply come first.
@@ -453,22 +411,15 @@ class PartitionRuntime:
         return 0
 
     def close(self) -> None:
-        if self.vmbus is not None:
+        for what, fn in self._closers:
             try:
-                self.vmbus.close() if self.role == "root" else self.vmbus.close_all()
+                fn()
             except Exception as e:  # closing must go on
-                self.log("vmbus close failed", level="error", error=repr(e))
-        if self.storage is not None:
-            try:
-                self.storage.close()
-            except Exception as e:
-                self.log("storage close failed", level="error", error=repr(e))
+                self.log(f"{what} close failed", level="error", error=repr(e))
         self.sel.close()
         self.hv.close()
         if self.synic is not None:
             self.synic.close()
-        if self.grants is not None:
-            self.grants.close()
         self.memory.close()
         self.sock.close()
         self.log.close()
@@ -486,8 +437,11 @@ def parse_args(argv: list[str] | None, role: str) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(role: str, argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m partitions.root`` / ``partitions.child``."""
+def main(role: str, compose: Callable[[PartitionRuntime], None],
+         argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m partitions.root`` / ``partitions.child``:
+    ``compose(runtime)`` (the role's composition root) installs the role's
+    features before boot."""
     args = parse_args(argv, role)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -505,6 +459,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         return 2
     rt = PartitionRuntime(sock, log, args.partition, role)
     try:
+        compose(rt)
         rt.boot()
         hook = os.environ.get("VIRIDIAN_PARTITION_HOOK")
         if hook:

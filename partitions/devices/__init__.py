@@ -1,33 +1,33 @@
-"""Devices: the VSP/VSC framework (``base``) and the devices that ship with Viridian.
+"""Devices: the VSP/VSC framework (``framework``) and one folder per device.
 
-Importing this package registers every shipped device (``DEVICES`` by name).
+Layer: partitions.  Each subpackage here is one device, whole: ``echo/``,
+``dynmem/`` (Dynamic Memory), ``storage/`` (disks: synthetic SCSI and the
+emulated IDE controller).  A device folder registers its ``DeviceClass``
+when it is imported, and importing this package imports every folder it
+holds, so ``DEVICES`` (by name) knows every shipped device and a new device
+is one new folder that touches nothing here (docs/devices.md).
 """
 
-from . import dynmem as dynmem
-from . import echo as echo
-from . import storvsc as storvsc
-from .base import DEVICES as DEVICES
-from .base import DeviceClass as DeviceClass
-from .base import DeviceError as DeviceError
-from .base import Endpoint as Endpoint
-from .base import Vsc as Vsc
-from .base import Vsp as Vsp
-from .base import by_class_id as by_class_id
-from .base import register as register
+import importlib
+import pkgutil
 
-__all__ = ["DEVICES", "DeviceClass", "DeviceError", "Endpoint", "Vsc", "Vsp", "by_class_id",
-           "dynmem", "echo", "register", "storvsc"]
+from .framework import DEVICES as DEVICES
+from .framework import DeviceClass as DeviceClass
+from .framework import DeviceError as DeviceError
+from .framework import DeviceResources as DeviceResources
+from .framework import Endpoint as Endpoint
+from .framework import Hypercalls as Hypercalls
+from .framework import Vsc as Vsc
+from .framework import Vsp as Vsp
+from .framework import by_class_id as by_class_id
+from .framework import device_spec as device_spec
+from .framework import disk_clients as disk_clients
+from .framework import disk_offers as disk_offers
+from .framework import register as register
 
+__all__ = ["DEVICES", "DeviceClass", "DeviceError", "DeviceResources", "Endpoint", "Hypercalls",
+           "Vsc", "Vsp", "by_class_id", "device_spec", "disk_clients", "disk_offers", "register"]
 
-def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]
-    """A config ``devices`` entry ("echo" or {"type": "echo", ...}) as
-    (name, settings).  Raises ValueError for an unknown or malformed entry."""
-    if isinstance(entry, str):
-        name, cfg = entry, {}
-    elif isinstance(entry, dict) and isinstance(entry.get("type"), str):
-        name, cfg = entry["type"], {k: v for k, v in entry.items() if k != "type"}
-    else:
-        raise ValueError(f"a device is a name or a table with a \"type\", not {entry!r}")
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r} (known: {', '.join(sorted(DEVICES))})")
-    return name, cfg
+for _folder in pkgutil.iter_modules(__path__):
+    if _folder.ispkg:
+        importlib.import_module(f"{__name__}.{_folder.name}")

@@ -16,8 +16,8 @@ import os
 import signal
 from typing import Any
 
-from partitions.devices import dm_protocol as D
-from partitions.devices.dynmem import DmVsc
+from partitions.devices.dynmem import protocol as D
+from partitions.devices.dynmem.device import DmVsc
 
 
 def run(rt: Any) -> None:

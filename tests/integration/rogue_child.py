@@ -68,7 +68,7 @@ def run(rt: Any) -> None:
     scenario = os.environ.get("VIRIDIAN_ROGUE", "")
     if rt.name != "child1" or not scenario:
         return
-    rt.start_vmbus()  # run() would; we wrap the child's VMBus end first
+    rt.start()  # run() would; we wrap the child's VMBus end first
     Rogue(rt, scenario)
 
 

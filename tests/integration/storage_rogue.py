@@ -9,10 +9,10 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from partitions.child.storage import StorageGuest
-from partitions.storage import vstor as V
-from partitions.storage.ata import PRD_ENTRY, PRD_EOT
-from partitions.storage.ide_driver import IdeError
+from partitions.devices.storage.guest import StorageGuest
+from partitions.devices.storage.ide.ata import PRD_ENTRY, PRD_EOT
+from partitions.devices.storage.ide.driver import IdeError
+from partitions.devices.storage.scsi import vstor as V
 from vmbus.packet import GpaRange
 
 

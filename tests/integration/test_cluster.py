@@ -339,9 +339,9 @@ def test_hypercalls_between_real_partitions(env: Env) -> None:
     hello = [r for r in root if r["event"] == "probe message"]
     assert [(r["origin"], r["payload"]) for r in hello] == [(1, "hello root")]
     assert any(r["event"] == "probe events" and r["flags"] == [5] for r in root)
-    from partitions.child.storage import DMA_DATA_BYTES
     from partitions.devices import DEVICES
-    from partitions.devices.storvsc import SLOT_BYTES, SLOTS
+    from partitions.devices.storage.guest import DMA_DATA_BYTES
+    from partitions.devices.storage.scsi.device import SLOT_BYTES, SLOTS
 
     ring_pages = {d.send_ring_pages + d.recv_ring_pages for d in DEVICES.values()}
     ring_pages |= {SLOTS * SLOT_BYTES // 4096, 1 + DMA_DATA_BYTES // 4096}  # disk buffers

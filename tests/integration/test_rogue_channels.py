@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 HERE = str(Path(__file__).resolve().parent)
 STREAM = {"size": 256, "window": 16, "seconds": 0}
 PROTOCOL_ERROR = "child broke the VMBus protocol"
-LOGGED_ERRORS = 20  # partitions/vmbus_host.py: protocol errors logged per child
+LOGGED_ERRORS = 20  # partitions/root/vmbus_host.py: protocol errors logged per child
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -20,9 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hv.memory import GpaError
-from partitions.storage import ata as A
-from partitions.storage.ata import BmCmd, BmStatus, Command, Error, IdeController, Status
-from partitions.storage.disk import (
+from partitions.devices.storage.disk import (
     DiskImage,
     DiskImageError,
     _advance,
@@ -32,7 +30,16 @@ from partitions.storage.disk import (
     pwrite_from,
     pwritev_from,
 )
-from partitions.storage.ide_driver import DirectPortIO, DmaBuffer, IdeDriver, IdeError
+from partitions.devices.storage.ide import ata as A
+from partitions.devices.storage.ide.ata import (
+    BmCmd,
+    BmStatus,
+    Command,
+    Error,
+    IdeController,
+    Status,
+)
+from partitions.devices.storage.ide.driver import DirectPortIO, DmaBuffer, IdeDriver, IdeError
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK_BYTES = 4 * MiB

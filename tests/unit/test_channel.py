@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from partitions.devices.base import DeviceClass, DeviceError, Vsc, Vsp, register
-from partitions.devices.echo import MODE_SINK, EchoVsc, EchoVsp
+from partitions.devices.echo.device import MODE_SINK, EchoVsc, EchoVsp
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.channel import Channel, init_channel_buffer, split_channel_buffer
 from vmbus.doorbell import Doorbell
 from vmbus.packet import PacketType
@@ -229,7 +229,7 @@ def test_post_queues_in_order_behind_a_full_ring():
 
 
 def test_register_refuses_a_second_device_with_the_same_class():
-    from partitions.devices.echo import ECHO, ECHO_CLASS_ID
+    from partitions.devices.echo.device import ECHO, ECHO_CLASS_ID
 
     assert register(ECHO) is ECHO  # idempotent for the same object
     with pytest.raises(ValueError):
@@ -253,7 +253,7 @@ def test_the_documented_device_example_works():
     import re
     from pathlib import Path
 
-    from partitions.devices.base import DEVICES
+    from partitions.devices.framework import DEVICES
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "channels.md").read_text()
     code = re.search(r"## Writing a device.*?```python\n(.*?)```", doc, re.S).group(1)

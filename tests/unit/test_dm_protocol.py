@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from partitions.devices import dm_protocol as D
-from partitions.devices.dm_protocol import PageRange
+from partitions.devices.dynmem import protocol as D
+from partitions.devices.dynmem.protocol import PageRange
 
 
 def hdr(t: int, size: int, tid: int) -> bytes:

@@ -13,10 +13,11 @@ from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.hypercalls import HvStatus
 from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
-from partitions.devices import dm_protocol as D
-from partitions.devices.dynmem import DmVsc, DmVsp
-from partitions.guestmem import PageAllocator
-from partitions.root.balancer import BLOCK_BYTES, ChildMemory, plan
+from partitions.child.guestmem import PageAllocator
+from partitions.devices.dynmem import protocol as D
+from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan
+from partitions.devices.dynmem.device import DmVsc, DmVsp
+from partitions.devices.framework import DeviceResources
 
 MiB = 1 << 20
 PAGE = 4096
@@ -65,6 +66,7 @@ class FakePartition:
         self.hv: Any = None
         self.memory: Any = None
         self.vmbus: Any = None
+        self.features: dict[str, Any] = {}
 
     def call_later(self, delay: float, fn: Any) -> None:
         self.timers.append((delay, fn))
@@ -95,10 +97,11 @@ class Rig:
         self.sup = FakeSupervisor(self.mem, self.view, self.alloc)
         self.root_rt.hv = self.sup
         ud = DmVsc.open_userdata({})
-        self.vsp = DmVsp(self.pair.root, {}, child=1, userdata=ud)
-        self.vsp.partition = self.root_rt
-        self.vsc = DmVsc(self.pair.child, {})
-        self.vsc.partition = self.child_rt
+        self.vsp = DmVsp(self.pair.root, {}, child=1, userdata=ud, resources=DeviceResources(
+            hypercalls=self.sup, call_later=self.root_rt.call_later))
+        self.vsc = DmVsc(self.pair.child, {}, resources=DeviceResources(
+            memory=self.alloc, call_later=self.child_rt.call_later,
+            pump_link=self.child_rt.pump_link, notify=self.child_rt.send))
         self.vsc.on_open()
         self.pump()
 
@@ -229,7 +232,7 @@ def test_one_operation_at_a_time_and_timeouts(rig):
 
 
 def test_malformed_messages_close_the_channel():
-    from partitions.devices.base import DeviceError
+    from partitions.devices.framework import DeviceError
 
     r = Rig()
     try:
@@ -315,7 +318,7 @@ def _manager(rig: Rig, **settings: Any) -> Any:
     """The root's MemoryManager over one child (id 1) whose DM VSP is ``rig.vsp``."""
     from types import SimpleNamespace
 
-    from partitions.root.memory import MemoryManager
+    from partitions.devices.dynmem.manager import MemoryManager
 
     rt = FakeRootRuntime()
     rt.hv = rig.sup
@@ -325,8 +328,7 @@ def _manager(rig: Rig, **settings: Any) -> Any:
            **settings}
     mm = MemoryManager(host, [{"id": 1, "name": "child1", "memory": mem}])  # type: ignore[arg-type]
     mm.host_available = lambda: 64 << 30
-    rig.vsp.partition = SimpleNamespace(hv=rig.sup, call_later=rt.call_later,
-                                        vmbus=SimpleNamespace(memory=mm, dm_status=mm.on_status))
+    rig.vsp.res = DeviceResources(hypercalls=rig.sup, call_later=rt.call_later, service=mm)
     return mm
 
 
@@ -357,32 +359,20 @@ def test_an_operation_that_fails_unexpectedly_is_a_result_not_an_exception(rig):
     assert not rig.vsp.busy  # the next operation may start
 
 
-def test_a_failing_dm_request_is_logged_and_the_root_goes_on():
-    import socket
-    from types import SimpleNamespace
+def test_a_failing_dm_request_is_logged_and_the_root_goes_on(rig):
+    mm = _manager(rig)
 
-    from partitions.runtime import PartitionRuntime
+    def broken(obj: dict) -> None:
+        raise ValueError("from a child's DM VSP")
 
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    logs: list[tuple[str, dict]] = []
-    rt = PartitionRuntime(a, lambda event, **kw: logs.append((event, kw)), "root", "root")
-    try:
-        def broken(obj: dict) -> None:
-            raise ValueError("from a child's DM VSP")
-
-        rt.vmbus = SimpleNamespace(memory=SimpleNamespace(on_request=broken, on_settings=broken))
-        rt._on_dm({"op": "dm", "child": 1}, None)  # type: ignore[arg-type]
-        rt._on_dm({"op": "dm.settings", "child": 1}, None)  # type: ignore[arg-type]
-        assert [e for e, _ in logs] == ["dynamic memory request failed"] * 2
-    finally:
-        rt.sel.close()
-        rt.grants.close()
-        a.close()
-        b.close()
+    mm.on_request = mm.on_settings = broken
+    mm.on_frame({"op": "dm", "child": 1}, None)
+    mm.on_frame({"op": "dm.settings", "child": 1}, None)
+    assert [e for e, _ in mm.rt.logs] == ["dynamic memory request failed"] * 2
 
 
 def test_pressure_reports_reach_the_supervisor_coalesced(rig):
-    from partitions.root.memory import STATUS_EVERY_S
+    from partitions.devices.dynmem.manager import STATUS_EVERY_S
 
     mm = _manager(rig, dynamic=False)
     rt = mm.rt
@@ -401,7 +391,7 @@ def test_pressure_reports_reach_the_supervisor_coalesced(rig):
 
 @pytest.mark.parametrize("again", [D.VersionRequest(D.DmVersion.WIN10), D.CapabilitiesReport()])
 def test_negotiating_again_once_ready_closes_the_channel(again):
-    from partitions.devices.base import DeviceError
+    from partitions.devices.framework import DeviceError
 
     r = Rig()
     try:

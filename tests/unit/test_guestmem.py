@@ -6,7 +6,7 @@ import pytest
 from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.memory import GuestMemory, GuestMemoryView
-from partitions.guestmem import OutOfGuestMemory, PageAllocator
+from partitions.child.guestmem import OutOfGuestMemory, PageAllocator
 
 MiB = 1 << 20
 

@@ -145,3 +145,18 @@ def test_the_childs_page_cannot_be_truncated_under_the_supervisor():
         assert os.fstat(fd).st_size == 4096
     finally:
         route.close()
+
+
+def test_the_root_claims_the_ports_and_nothing_malformed():
+    route = InterceptRoute()
+    try:
+        assert route.ports == []
+        for bad in (None, "0x1F0", [[0x1F0]], [[0x1F0, 0]], [[-1, 2]], [[0xFFFF, 2]],
+                    [[True, 8]], [[0x1F0, 8.0]], [[0, 1]] * 17):
+            assert not route.claim(bad)
+            assert route.ports == []
+        assert route.claim([[0x1F0, 8], [0x3F6, 1]])
+        assert route.ports == [(0x1F0, 8), (0x3F6, 1)]
+        assert 0x1F7 in route._claimed and 0x3F6 in route._claimed and 0x1F8 not in route._claimed
+    finally:
+        route.close()

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partitions.storage.scsi import FileBackend, MemoryBackend, ScsiDisk, ScsiResult, fixed_sense
+from partitions.devices.storage.scsi.scsi import (
+    FileBackend,
+    MemoryBackend,
+    ScsiDisk,
+    ScsiResult,
+    fixed_sense,
+)
 
 GIB = 1 << 30
 GOOD, CHECK = 0x00, 0x02

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from partitions.devices import base
-from partitions.devices.base import Vsp
+from partitions.devices import framework as base
+from partitions.devices.framework import Vsp
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.doorbell import Doorbell
 from vmbus.packet import PacketType

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
-from partitions.devices.base import DeviceError
-from partitions.devices.storvsc import StorVsc, StorVsp
-from partitions.storage import vstor as V
+from partitions.devices.framework import DeviceError, DeviceResources
+from partitions.devices.storage.scsi import vstor as V
+from partitions.devices.storage.scsi.device import StorVsc, StorVsp
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.doorbell import Doorbell
 from vmbus.packet import PacketType
@@ -63,8 +63,8 @@ class Rig:
         a, b = self.bells
         self.cch = Channel(self.buf, RING_PAGES, host=False, own_doorbell=a, peer_doorbell=b)
         self.hch = Channel(self.buf, RING_PAGES, host=True, own_doorbell=b, peer_doorbell=a)
-        self.vsp = StorVsp(self.hch, {"path": path, "size": DISK_BYTES}, child=1)
-        self.vsp.partition = SimpleNamespace(grants=self.grants, storage=None)
+        self.vsp = StorVsp(self.hch, {"path": path, "size": DISK_BYTES}, child=1,
+                           resources=DeviceResources(memory=self.grants))
         assert self.vsp.accept() == 0
         self.vsp.version = V.VstorVersion.WIN10
         self.vsp.ready = True
@@ -228,8 +228,7 @@ def test_submit_many_raises_a_check_condition_only_after_every_request_is_back(r
     completion (no slot of the pool is still in use) and then raises.  (The
     rig's pool holds two of storvsc's 128 KiB slots.)"""
     f, _g = rigs
-    vsc = StorVsc(f.cch, {})
-    vsc.partition = None
+    vsc = StorVsc(f.cch, {})  # given nothing: no pool of its own to share or free
     vsc.pool = memoryview(f.pool)
     vsc.pool_pfn = POOL_PFN
     vsc.version = V.VstorVersion.WIN10

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from hv.config import default_config
-from hv.intercept import IDE_PORTS, InterceptRoute
+from hv.intercept import InterceptRoute
 from hv.rundir import RunDir
 from hv.supervisor import Supervisor
+from partitions.devices.storage.ide import IDE_PORTS
 
 
 @pytest.fixture
@@ -34,9 +35,11 @@ def test_disk_counters_keep_only_integers(sup):
 def test_a_detached_worker_answers_what_is_pending(sup, monkeypatch):
     root = sup.parts[0]
     child = next(p for p in sup.parts[1:] if any(d.bus == "ide" for d in p.cfg.disks))
-    child.route = InterceptRoute(ports=list(IDE_PORTS))
-    sup._on_partition_message(root, {"op": "intercept.attached", "child": child.id})
+    child.route = InterceptRoute()
+    sup._on_partition_message(root, {"op": "intercept.attached", "child": child.id,
+                                     "ports": [list(s) for s in IDE_PORTS]})
     assert child.route.worker_attached
+    assert child.route.ports == list(IDE_PORTS)
     gone = []
     monkeypatch.setattr(child.route, "worker_gone", lambda: gone.append(1))
     sup._on_partition_message(root, {"op": "intercept.detached", "child": True})  # a bool: no

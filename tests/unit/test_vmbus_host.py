@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from partitions.vmbus_host import FLOOD_RATIO, FLOOD_SPURIOUS, HostChannel, VmbusHost
+from partitions.root.vmbus_host import FLOOD_RATIO, FLOOD_SPURIOUS, HostChannel, VmbusHost
 
 
 def _channel() -> tuple[HostChannel, SimpleNamespace, list[str]]:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from partitions.storage import vstor as V
-from partitions.storage.vstor import (
+from partitions.devices.storage.scsi import vstor as V
+from partitions.devices.storage.scsi.vstor import (
     DataIn,
     RawSrb,
     ScsiRequest,

@@ -4,8 +4,8 @@ Layer: partitions, over ``vmbus.channel``.  A device is a ``DeviceClass``:
 a name (what configs say), a class GUID (OFFERCHANNEL's ``if_type``), a
 ``Vsp`` subclass the root runs for each child's channel, a ``Vsc`` subclass
 the child runs, and ring sizes.  The partition layer does the VMBus part
-(offer, GPADL, open, doorbells, close, rescind: partitions/vmbus_host.py and
-partitions/vmbus_guest.py); a device sees only this lifecycle:
+(offer, GPADL, open, doorbells, close, rescind: partitions/root/vmbus_host.py and
+partitions/child/vmbus_guest.py); a device sees only this lifecycle:
 
     on_open()          the channel is open; packets may flow
     on_packet(pkt)     a packet that is not the completion of our own request
@@ -23,9 +23,10 @@ and these tools, common to both ends (``Endpoint``):
                                     backlog; while it is not empty the
                                     endpoint stops reading: backpressure)
 
-Writing a device (the whole of docs/devices.md's example)::
+Writing a device (docs/devices.md walks through it, in its own folder
+``partitions/devices/upper/``)::
 
-    from partitions.devices.base import DeviceClass, Vsc, Vsp, register
+    from partitions.devices.framework import DeviceClass, Vsc, Vsp, register
 
     class UpperVsp(Vsp):
         def on_packet(self, pkt):
@@ -38,7 +39,15 @@ Writing a device (the whole of docs/devices.md's example)::
 
     register(DeviceClass("upper", uuid.UUID("..."), UpperVsp, UpperVsc))
 
-and ``devices = ["upper"]`` in a child's config.
+in ``partitions/devices/upper/device.py`` (re-exported by its
+``__init__.py``), and ``devices = ["upper"]`` in a child's config.
+
+A device is *given* what it may use (``DeviceResources``, built by the
+role's composition root): its channel and config, its log, its memory
+access (the pages its child granted, in the root; the guest page
+allocator, in a child), the hypercalls its ``DeviceClass`` lists, timers,
+and the role's feature it serves (the root's Dynamic Memory manager, its
+storage host).  It never sees the partition runtime.
 
 Trust: in the root, every packet comes from a child that may be hostile.
 The ring validated framing; a device validates its own payloads and raises
@@ -62,10 +71,15 @@ __all__ = [
     "DEVICES",
     "DeviceClass",
     "DeviceError",
+    "DeviceResources",
     "Endpoint",
+    "Hypercalls",
     "Vsc",
     "Vsp",
     "by_class_id",
+    "device_spec",
+    "disk_clients",
+    "disk_offers",
     "register",
 ]
 
@@ -82,8 +96,58 @@ SERVICE_SPIN_NS = 20_000
 
 _COMP = PacketType.COMP
 
+
+def _nothing(*a: Any, **k: Any) -> None:
+    return None
+
+
 class DeviceError(ValueError):
     """A peer sent something this device cannot accept (closes the channel)."""
+
+
+class Hypercalls:
+    """The hypercalls one device may make: those its ``DeviceClass`` lists
+    (``hypercalls``), passed through to the partition's client; any other
+    name is an AttributeError."""
+
+    def __init__(self, client: Any, allowed: Sequence[str]) -> None:
+        self._client = client
+        self._allowed = frozenset(allowed)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._allowed:
+            return getattr(self._client, name)
+        raise AttributeError(f"this device may not make the hypercall {name!r}")
+
+
+@dataclass
+class DeviceResources:
+    """What a device is given besides its channel and config (all it may use).
+
+    Attributes:
+        log: ``log(event, **fields)``: the partition's JSON log.
+        hypercalls: the hypercalls it may make (``Hypercalls``), or None.
+        memory: its memory access: in the root, the pages children granted
+            (``hv.memory.GrantTable``: ``views(child, pfns)``); in a child,
+            its guest page allocator (``partitions.child.guestmem.PageAllocator``:
+            ``alloc``, ``view_of``, ``free``; ``view``, the memory it sees).
+        call_later: ``call_later(delay, fn)``: a timer on the partition's loop.
+        report_soon: the device's status changed (a report follows).
+        pump_link: take in the memory frames and doorbells the supervisor
+            already sent (e.g. a range it mapped before the root asked).
+        notify: a runtime message to the supervisor (``{"op": "memory", ...}``).
+        service: the role's feature this device serves or reports to (the
+            root's Dynamic Memory manager, its storage host), or None.
+    """
+
+    log: Callable[..., None] = _nothing
+    hypercalls: Any = None
+    memory: Any = None
+    call_later: Callable[[float, Callable[[], None]], None] = _nothing
+    report_soon: Callable[[], None] = _nothing
+    pump_link: Callable[[], None] = _nothing
+    notify: Callable[[dict[str, Any]], None] = _nothing
+    service: Any = None
 
 
 class Endpoint:
@@ -92,16 +156,20 @@ class Endpoint:
     Args:
         channel: the open channel.
         config: the device's settings from the partition config (a dict).
-        log: ``log(event, **fields)`` (the partition's JSON log).
+        log: ``log(event, **fields)`` (default: the resources' log).
+        resources: what else the device may use (``DeviceResources``;
+            default: nothing).
     """
 
     role = "?"
 
     def __init__(self, channel: Channel, config: dict[str, Any] | None = None,
-                 log: Callable[..., None] | None = None) -> None:
+                 log: Callable[..., None] | None = None, *,
+                 resources: DeviceResources | None = None) -> None:
         self.channel = channel
         self.config = dict(config or {})
-        self.log = log or (lambda *a, **k: None)
+        self.res = resources if resources is not None else DeviceResources()
+        self.log = log or (self.res.log if resources is not None else (lambda *a, **k: None))
         self._next_tid = 1
         self._waiting: dict[int, Callable[[Packet], None]] = {}
         self._backlog: deque[tuple[bytes, int, int, PacketType]] = deque()
@@ -331,8 +399,9 @@ class Vsp(Endpoint):
 
     def __init__(self, channel: Channel, config: dict[str, Any] | None = None,
                  log: Callable[..., None] | None = None, *, child: int = 0,
-                 userdata: bytes = bytes(120)) -> None:
-        super().__init__(channel, config, log)
+                 userdata: bytes = bytes(120),
+                 resources: DeviceResources | None = None) -> None:
+        super().__init__(channel, config, log, resources=resources)
         self.child = child
         self.userdata = userdata
 
@@ -364,7 +433,11 @@ class DeviceClass:
     """A device type: name, class GUID, both ends, ring sizes.
 
     ``send_ring_pages`` and ``recv_ring_pages`` are the child's outbound and
-    inbound rings, control page included (each at least 2)."""
+    inbound rings, control page included (each at least 2).  ``hypercalls``:
+    the hypercalls its ends may make (``DeviceResources.hypercalls``).  ``disk_bus``:
+    the device is what a child's disks on that bus (``disks = [{bus = ...}]``)
+    bring, not a ``devices`` entry: the root offers one per such disk (its
+    settings: ``disk``, ``path``, ``size``) and a child with one wants it."""
 
     name: str
     class_id: uuid.UUID
@@ -373,6 +446,8 @@ class DeviceClass:
     send_ring_pages: int = 16
     recv_ring_pages: int = 16
     description: str = ""
+    hypercalls: tuple[str, ...] = ()
+    disk_bus: str | None = None
 
     def __post_init__(self) -> None:
         if self.send_ring_pages < 2 or self.recv_ring_pages < 2:
@@ -396,3 +471,38 @@ def by_class_id(class_id: uuid.UUID) -> DeviceClass | None:
         if dc.class_id == class_id:
             return dc
     return None
+
+
+def device_spec(entry: object) -> tuple[str, dict]:  # type: ignore[type-arg]
+    """A config ``devices`` entry ("echo" or {"type": "echo", ...}) as
+    (name, settings).  Raises ValueError for an unknown or malformed entry."""
+    if isinstance(entry, str):
+        name, cfg = entry, {}
+    elif isinstance(entry, dict) and isinstance(entry.get("type"), str):
+        name, cfg = entry["type"], {k: v for k, v in entry.items() if k != "type"}
+    else:
+        raise ValueError(f"a device is a name or a table with a \"type\", not {entry!r}")
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (known: {', '.join(sorted(DEVICES))})")
+    return name, cfg
+
+
+def disk_offers(disks: object) -> list[dict[str, Any]]:
+    """The root's side of ``DeviceClass.disk_bus``: a ``devices`` entry per
+    disk of a child that a device serves, after the child's own entries."""
+    out: list[dict[str, Any]] = []
+    for d in disks or []:  # type: ignore[attr-defined]
+        for dc in DEVICES.values():
+            if dc.disk_bus is not None and isinstance(d, dict) and d.get("bus") == dc.disk_bus:
+                out.append({"type": dc.name, "disk": d.get("index", 0),
+                            "path": d.get("path"), "size": d.get("size", 0)})
+    return out
+
+
+def disk_clients(disks: object) -> list[str]:
+    """The child's side of ``DeviceClass.disk_bus``: the devices its disks
+    bring (by name, once each; the root's offer carries the settings)."""
+    disks = disks or []
+    return [dc.name for dc in DEVICES.values() if dc.disk_bus is not None
+            and any(isinstance(d, dict) and d.get("bus") == dc.disk_bus
+                    for d in disks)]  # type: ignore[attr-defined]

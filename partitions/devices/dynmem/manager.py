@@ -1,7 +1,9 @@
 """Dynamic Memory in the root: the children's DM VSPs, the balancer, the CLI's requests.
 
-Layer: partitions (root).  ``MemoryManager`` belongs to the root's
-``VmbusHost``.  It
+Layer: partitions (root).  The root's composition root builds
+``MemoryManager`` over its ``VmbusHost`` (the children's DM VSPs are
+channels there) and hands it the ``dm`` and ``dm.settings`` messages
+(``on_frame``).  It
 
 * keeps each child's memory settings (minimum, maximum, buffer, weight,
   dynamic) from the root's boot message and later ``dm.settings`` notices;
@@ -23,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import _host_available
 from hv.memory import PAGE_SIZE
+from partitions.runtime import REPORT_EVERY_S
 
-from ..runtime import REPORT_EVERY_S
 from .balancer import ChildMemory, plan
 
 if TYPE_CHECKING:
-    from partitions.devices.dynmem import DmVsp
-    from partitions.vmbus_host import VmbusHost
+    from hv.hypercalls import Frame
+    from partitions.devices.dynmem.device import DmVsp
+    from partitions.root.vmbus_host import VmbusHost
 
 __all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "MemoryManager"]
 
@@ -151,6 +154,19 @@ class MemoryManager:
         return done
 
     # -- requests relayed by the supervisor ----------------------------------------------------
+    def on_frame(self, obj: dict[str, Any], fr: Frame | None) -> None:
+        """The runtime's ``dm`` (a request) and ``dm.settings`` messages."""
+        try:
+            if obj.get("op") == "dm":
+                self.on_request(obj)
+            else:
+                self.on_settings(obj)
+        except (ConnectionError, TimeoutError):
+            raise  # the supervisor link failed: main's business
+        except Exception as e:  # a bug a child's state hit: never the root's exit
+            self.rt.log("dynamic memory request failed", level="error",
+                        op=obj.get("op"), error=f"{type(e).__name__}: {e}"[:300])
+
     def on_request(self, obj: dict[str, Any]) -> None:
         req, child, action, nbytes = obj.get("req"), obj.get("child"), obj.get("action"), \
             obj.get("bytes")

@@ -12,7 +12,7 @@ completes with SCSI and SRB status and sense data.  Several requests may be
 in flight; completions are matched by trans_id.
 
 Per I/O: two ring packets and at most two doorbell rings; no supervisor, no
-trap.  Compare partitions/root/ideworker.py (every register access traps).
+trap.  Compare partitions/devices/storage/ide/worker.py (every register access traps).
 
 Trust (root side): every SRB is decoded by ``vstor.decode_packet`` (lengths,
 CDB length, sense length); a GPA-direct range must lie inside pages this
@@ -30,17 +30,17 @@ import time
 import uuid
 from typing import Any
 
+from hv.memory import PAGE_SIZE
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import GpaRange, Packet, PacketType, build_gpa_direct_header
 from vmbus.ring import PacketBatch
 
-from ..storage import vstor as V
-from ..storage.scsi import CHECK_CONDITION, FileBackend, ScsiDisk, SenseKey, fixed_sense
-from .base import DeviceClass, DeviceError, Vsc, Vsp, register
+from . import vstor as V
+from .scsi import CHECK_CONDITION, FileBackend, ScsiDisk, SenseKey, fixed_sense
 
 __all__ = ["SCSI_CLASS_ID", "STORVSC", "StorVsc", "StorVsp"]
 
 SCSI_CLASS_ID = uuid.UUID("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")  # spec §5
-PAGE = 4096
 SLOT_BYTES = 128 * 1024  # the largest I/O one request carries
 SLOTS = 32  # requests in flight at once (queue depth)
 _ACCEPTED = (V.VstorVersion.WIN10, V.VstorVersion.WIN8_1, V.VstorVersion.WIN8)
@@ -73,7 +73,6 @@ class StorVsp(Vsp):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None
         self.version: int | None = None
         self.ready = False
         self.disk: ScsiDisk | None = None
@@ -84,7 +83,7 @@ class StorVsp(Vsp):
         self._replies: dict[tuple[bytes, int], bytes] = {}  # see _fast
 
     def accept(self) -> int:
-        from ..storage.disk import open_image
+        from ..disk import open_image
 
         path, size = self.config.get("path"), int(self.config.get("size", 0))
         try:
@@ -119,7 +118,7 @@ class StorVsp(Vsp):
         disk = self.disk
         assert disk is not None
         fd, block_count = self.image.fd, disk.block_count
-        grants = self.partition.grants if self.partition is not None else None
+        grants = self.res.memory  # the pages the children granted
         views_of = grants.views_packed if grants is not None else None
         replies = self._replies
         counters = self.counters
@@ -265,12 +264,12 @@ class StorVsp(Vsp):
         if r.byte_count < req.data_transfer_length:
             raise DeviceError(f"GPA range of {r.byte_count} bytes for a "
                               f"{req.data_transfer_length}-byte transfer")
-        grants = self.partition.grants if self.partition is not None else None
+        grants = self.res.memory  # the pages the children granted
         views = grants.views(self.child, r.pfns) if grants is not None else None
         if views is None:
             raise DeviceError("an SRB names pages the child did not grant")
         off, left = r.byte_offset, r.byte_count
-        if not off and left == len(views) * PAGE:
+        if not off and left == len(views) * PAGE_SIZE:
             return views  # whole pages (the usual case): the views as they are
         out = []
         for v in views:
@@ -322,7 +321,7 @@ class StorVsp(Vsp):
     def _publish(self) -> None:
         """Hand the root's storage host our live counters (it copies them into
         each report), once per VSP rather than a copy per request."""
-        host = getattr(self.partition, "storage", None)
+        host = self.res.service  # the root's storage host
         if host is not None:
             host.scsi_stats.setdefault(self.child, {})[int(self.config.get("disk", 0))] = \
                 self.counters
@@ -348,7 +347,6 @@ class StorVsc(Vsc):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None
         self.ready = False
         self.version = 0
         self.size_bytes = 0
@@ -366,11 +364,11 @@ class StorVsc(Vsc):
         return bytes(120)  # a zeroed properties struct (Linux)
 
     def on_open(self) -> None:
-        alloc = self.partition.vmbus.alloc
-        pages = SLOTS * SLOT_BYTES // PAGE
+        alloc = self.res.memory  # the guest page allocator
+        pages = SLOTS * SLOT_BYTES // PAGE_SIZE
         self.pool_pfn = alloc.alloc(pages)
         self.pool = alloc.view_of(self.pool_pfn, pages)
-        st, gid = self.partition.hv.share_pages(list(range(self.pool_pfn,
+        st, gid = self.res.hypercalls.share_pages(list(range(self.pool_pfn,
                                                            self.pool_pfn + pages)))
         if st != 0:
             raise DeviceError(f"cannot share the I/O pool (status {st})")
@@ -411,7 +409,7 @@ class StorVsc(Vsc):
                 return
             self.ready = True
             self.log("storvsc ready", version=f"{self.version:#06x}", bytes=self.size_bytes)
-            self.partition.report_soon()
+            self.res.report_soon()
 
     def _completes(self) -> V.VstorOperation:
         return {"begin": V.VstorOperation.BEGIN_INITIALIZATION,
@@ -443,8 +441,8 @@ class StorVsc(Vsc):
             if hdr is None:  # (the GPA-direct header: made once per slot and size)
                 if len(self._headers) >= 4 * SLOTS:
                     self._headers.clear()
-                first = self.pool_pfn + slot * (SLOT_BYTES // PAGE)
-                pages = -(-nbytes // PAGE)
+                first = self.pool_pfn + slot * (SLOT_BYTES // PAGE_SIZE)
+                pages = -(-nbytes // PAGE_SIZE)
                 hdr = self._headers[key] = build_gpa_direct_header(
                     (GpaRange(nbytes, 0, tuple(range(first, first + pages))),))
             ok = ch.outgoing.try_write_gpa_direct(payload, hdr, trans_id=tid,
@@ -574,14 +572,14 @@ class StorVsc(Vsc):
         if self.pool is not None:
             self.pool.release()
             self.pool = None
-        if self.pool_grant and self.partition is not None:
+        if self.pool_grant and self.res.hypercalls is not None:
             try:
-                self.partition.hv.revoke_grant(self.pool_grant)
+                self.res.hypercalls.revoke_grant(self.pool_grant)
             except (OSError, TimeoutError):
                 pass
             self.pool_grant = 0
-        if self.pool_pfn and self.partition is not None:
-            self.partition.vmbus.alloc.free(self.pool_pfn)
+        if self.pool_pfn and self.res.memory is not None:
+            self.res.memory.free(self.pool_pfn)
             self.pool_pfn = 0
 
     def stats(self) -> dict[str, Any]:
@@ -592,4 +590,6 @@ class StorVsc(Vsc):
 STORVSC = register(DeviceClass(
     "storvsc", SCSI_CLASS_ID, StorVsp, StorVsc, send_ring_pages=33, recv_ring_pages=33,
     description="synthetic SCSI disk (storvsc/storvsp, VSTOR over VMBus)",
+    hypercalls=("share_pages", "revoke_grant"),  # the VSC's I/O pool
+    disk_bus="scsi",  # one controller per scsi disk of a child
 ))

@@ -1,6 +1,8 @@
 """Disks in a child: one block API over an emulated IDE disk or a synthetic SCSI disk.
 
-Layer: partitions (child).  ``StorageGuest`` belongs to a child's runtime.
+Layer: partitions (child).  The child's composition root builds
+``StorageGuest`` and hands it the ``intercept``, ``root`` and ``workload``
+(device "disk") messages.
 
 * ``ide``: the supervisor hands the child its intercept link at boot
   (``intercept`` frame); every port access of ``IdeDriver`` then traps (this
@@ -8,7 +10,7 @@ Layer: partitions (child).  ``StorageGuest`` belongs to a child's runtime.
   in the child's own memory: 128 KiB of data and a page for the PRD table,
   shared with the root once (the grant the worker may DMA into).
 * ``scsi``: the storvsc VSC on the child's storage channel
-  (partitions/devices/storvsc.py) sends SRBs as GPA-direct packets naming
+  (partitions/devices/storage/scsi/device.py) sends SRBs as GPA-direct packets naming
   pages of a buffer pool the child shared at open time.
 
 ``BlockDevice`` is what workloads and tests use: ``read(lba, count)``,
@@ -30,9 +32,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from hv.intercept import InterceptClient
 from hv.memory import PAGE_SIZE
 
-from ..storage.ide_driver import DmaBuffer, IdeDriver
+from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
+    from hv.hypercalls import Frame
+    from partitions.child.guestmem import PageAllocator
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["BlockDevice", "IdeBlock", "StorageGuest"]
@@ -91,8 +95,13 @@ class IdeBlock:
 
 
 class StorageGuest:
-    def __init__(self, rt: PartitionRuntime, disks: list[dict[str, Any]]) -> None:
+    def __init__(self, rt: PartitionRuntime, disks: list[dict[str, Any]],
+                 alloc: PageAllocator | None = None, bus: Any = None) -> None:
+        """``alloc``: the guest page allocator (DMA buffers come from it);
+        ``bus``: the child's VMBus end (its storvsc channel is the SCSI disk)."""
         self.rt = rt
+        self.alloc = alloc
+        self.bus = bus
         self.disks = [d for d in disks if isinstance(d, dict)]
         ide = [d for d in self.disks if d.get("bus") == "ide"]
         self.ide_size = int(ide[0].get("size", 0)) if ide else 0
@@ -105,16 +114,34 @@ class StorageGuest:
         self.prd: memoryview = memoryview(b"")  # the page holding the driver's PRD table
         self.dma_data_gpa = 0
 
+    # -- the runtime's messages ----------------------------------------------------------------
+    def on_intercept_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        """``intercept``: the child's end of its intercept link (adopted)."""
+        if self.on_intercept(fr.fds):
+            fr.fds = []  # adopted
+
+    def on_root_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        if obj.get("state") == "up":
+            self.share_dma()  # a new root: its worker needs our DMA pages again
+
+    def on_workload_frame(self, obj: dict[str, Any], fr: Frame) -> bool:
+        """``workload`` for the device "disk" (True: taken); others are not ours."""
+        if obj.get("device") != "disk":
+            return False
+        args = obj.get("args")
+        self.workload(str(obj.get("action")), args if isinstance(args, dict) else {})
+        return True
+
     # -- the IDE path ------------------------------------------------------------------------
     def on_intercept(self, fds: list[int]) -> bool:
         if len(fds) != 3 or self.client is not None:
             return False
         self.client = InterceptClient(*fds)
-        alloc = self.rt.vmbus.alloc if self.rt.vmbus is not None else None
+        alloc = self.alloc
         if alloc is None:
-            from ..guestmem import PageAllocator
+            from partitions.child.guestmem import PageAllocator
 
-            alloc = PageAllocator(self.rt.memory)
+            alloc = self.alloc = PageAllocator(self.rt.memory)
         self.dma_pfn = alloc.alloc(self.dma_pages)
         self.prd = prd = alloc.view_of(self.dma_pfn, 1)
         self.dma_data = alloc.view_of(self.dma_pfn + 1, self.dma_pages - 1)
@@ -148,7 +175,7 @@ class StorageGuest:
         return out
 
     def _scsi(self) -> BlockDevice | None:
-        bus = self.rt.vmbus
+        bus = self.bus
         if bus is None:
             return None
         for gc in bus.channels.values():

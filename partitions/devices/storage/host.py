@@ -1,6 +1,8 @@
 """Disks in the root: the children's IDE device workers, and their statistics.
 
-Layer: partitions (root).  ``StorageHost`` belongs to the root's runtime.
+Layer: partitions (root).  The root's composition root builds
+``StorageHost`` and hands it the ``intercept`` / ``intercept.stop``
+messages (``on_intercept_frame``) and the children's grants (``on_memory``).
 
 * For a child with an ``ide`` disk the supervisor sends the root an
   ``intercept`` frame with the worker's end of the child's intercept link
@@ -27,12 +29,17 @@ from typing import TYPE_CHECKING, Any
 from hv.hypercalls import send_frame
 from hv.memory import MemoryMessage
 
+from .ide import IDE_PORTS
+
 if TYPE_CHECKING:
+    from hv.hypercalls import Frame
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["StorageHost"]
 
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the checkout holding the three packages (this file is partitions/devices/storage/host.py)
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 
 @dataclass
@@ -56,6 +63,14 @@ class StorageHost:
         self._last: Any = None
 
     # -- IDE workers -----------------------------------------------------------------------
+    def on_intercept_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        """``intercept``: the worker's end of a child's intercept link (start
+        its worker; the fds are passed on, ours close after); ``intercept.stop``."""
+        if obj.get("op") == "intercept":
+            self.start_worker(obj, fr.fds)
+        elif isinstance(obj.get("child"), int):
+            self.stop_worker(obj["child"])
+
     def start_worker(self, obj: dict[str, Any], fds: list[int]) -> bool:
         """Start the device worker for a child (adopts nothing: the fds are
         passed on and closed by the caller)."""
@@ -110,7 +125,10 @@ class StorageHost:
                 continue  # (the worker serves a child's I/O: take nothing on trust)
             if obj.get("op") == "ready" and not w.ready:
                 w.ready = True
-                self.rt.send({"op": "intercept.attached", "child": w.child})
+                # the ports the worker serves: the supervisor routes the child's
+                # accesses to them (and only them) to it from now on
+                self.rt.send({"op": "intercept.attached", "child": w.child,
+                              "ports": [list(span) for span in IDE_PORTS]})
             elif obj.get("op") == "stats":
                 w.stats = {k: int(v) for k, v in obj.items() if isinstance(v, int)}
                 self.rt.report_soon()

@@ -1,6 +1,6 @@
 """The VSTOR protocol (storvsc/storvsp): byte-exact packets, sans-IO.
 
-Layer: partitions/storage (pure Python, no I/O).  Spec §8.1; names follow
+Layer: partitions/devices/storage (pure Python, no I/O).  Spec §8.1; names follow
 Linux ``drivers/scsi/storvsc_drv.c`` (``vstor_packet``, ``vmscsi_request``,
 ``vmstorage_channel_properties``, ``vmstorage_protocol_version``) and OpenVMM
 ``storvsp_protocol``.

@@ -1,7 +1,8 @@
 """VMBus in a child partition: the channel-management client and the VSCs.
 
-Layer: partitions, over vmbus (``VmbusClient``, ``Channel``) and the hv
-client helpers.  ``VmbusGuest`` is plugged into a child's ``PartitionRuntime``:
+Layer: partitions (child), over vmbus (``VmbusClient``, ``Channel``) and the
+hv client helpers.  The child's composition root (partitions/child/__main__.py)
+plugs ``VmbusGuest`` into its runtime:
 
 1. ``connect``: INITIATE_CONTACT (newest version first; connection ID 4 from
    5.0 on), REQUESTOFFERS.
@@ -25,22 +26,32 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
+from hv.memory import MemoryMessage, MemoryOp
+from partitions.devices import (
+    DeviceClass,
+    DeviceError,
+    DeviceResources,
+    Vsc,
+    by_class_id,
+    device_spec,
+)
+from partitions.reporting import channel_stats, make_packet_tracer, message_event
 from vmbus import protocol as P
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.client import ClientChannel, ClientState, VmbusClient
 from vmbus.doorbell import Doorbell
 from vmbus.errors import RingCorruptError
 
-from .devices import DeviceClass, DeviceError, Vsc, by_class_id, device_spec
 from .guestmem import OutOfGuestMemory, PageAllocator
-from .vmbus_host import channel_stats, make_packet_tracer, message_event
 
 if TYPE_CHECKING:
-    from .runtime import PartitionRuntime
+    from hv.hypercalls import Frame
+    from partitions.runtime import PartitionRuntime
 
 __all__ = ["VmbusGuest"]
 
@@ -65,11 +76,18 @@ class GuestChannel:
 
 
 class VmbusGuest:
-    """A child's VMBus (the client's ``ClientNotifier``)."""
+    """A child's VMBus (the client's ``ClientNotifier``).
 
-    def __init__(self, rt: PartitionRuntime, devices: list[Any]) -> None:
+    ``alloc``: the guest page allocator the rings come from (default: a new
+    one over the partition's memory).  ``resources(device_class)``: what a
+    VSC is given (the composition root decides)."""
+
+    def __init__(self, rt: PartitionRuntime, devices: list[Any],
+                 alloc: PageAllocator | None = None,
+                 resources: Callable[[DeviceClass], DeviceResources] | None = None) -> None:
         self.rt = rt
-        self.alloc = PageAllocator(rt.memory)
+        self.alloc = alloc if alloc is not None else PageAllocator(rt.memory)
+        self.resources = resources or (lambda dc: DeviceResources(log=rt.log))
         self.wanted: dict[str, dict[str, Any]] = {}
         for entry in devices:
             try:
@@ -84,6 +102,7 @@ class VmbusGuest:
         self.tracing = False
         self.errors = 0
         self.on_channel_open: list[Any] = []  # callbacks(GuestChannel): tests, benchmarks
+        self._last_report: Any = None
 
     # -- actions -----------------------------------------------------------------
     def connect(self) -> None:
@@ -112,6 +131,18 @@ class VmbusGuest:
             except P.ProtocolError:
                 pass
         self.client.handle_bytes(payload)
+
+    def on_doorbells_frame(self, obj: dict[str, Any], fr: Frame) -> None:
+        """The runtime's ``doorbells`` message: adopt its fds."""
+        if self.on_doorbells(obj, fr.fds):
+            fr.fds = []  # adopted
+
+    def on_memory_change(self, op: int, msg: MemoryMessage) -> None:
+        """Pages the host ballooned out are the allocator's no more."""
+        if op == MemoryOp.BALLOON:
+            lost = sum(self.alloc.withdraw(seg.gpa_pfn, seg.npages) for seg in msg.segments)
+            if lost:
+                self.rt.log("the host took pages in use", level="error", pages=lost)
 
     def on_doorbells(self, obj: dict[str, Any], fds: list[int]) -> bool:
         """The supervisor's doorbells for channel ``relid`` (adopts the fds)."""
@@ -271,8 +302,8 @@ class VmbusGuest:
         finally:
             buf.release()
         gc.channel = chan
-        gc.vsc = gc.device.vsc(chan, gc.config, self.rt.log)
-        gc.vsc.partition = self.rt  # devices that need the partition (dynamic memory)
+        gc.vsc = gc.device.vsc(chan, gc.config, self.rt.log,
+                               resources=self.resources(gc.device))
         gc.vsc.tracer = make_packet_tracer(self.rt, "root", relid) if self.tracing else None
         gc.state = "open"
         gc.opened_at = time.monotonic()
@@ -381,6 +412,13 @@ class VmbusGuest:
             gc.npages = 0
 
     # -- status and tracing ----------------------------------------------------------
+    def send_report(self) -> None:
+        """The runtime's report tick: channel status, when it changed."""
+        chans = self.report()
+        if chans != self._last_report:
+            self._last_report = chans
+            self.rt.send({"op": "report", "channels": chans})
+
     def report(self) -> list[dict[str, Any]]:
         out = []
         for relid, gc in sorted(self.channels.items()):

@@ -9,7 +9,7 @@ Protocol: spec §7, messages in ``dm_protocol``.  Roles, as in Hyper-V:
   that are the child's and not shared); unballoon maps ballooned pages back.
 * the **DM VSP** (root) drives the protocol: version and capabilities, the
   child's pressure reports, one hot-add / balloon / unballoon at a time;
-  ``partitions/root/balancer.py`` decides when.
+  ``partitions/devices/dynmem/balancer.py`` decides when.
 * the **DM VSC** (child) answers: it hands hot-added pages to its page
   allocator at once, gives its highest free pages to the balloon, and
   reports its committed pages every second.
@@ -27,10 +27,10 @@ from typing import Any
 
 from hv.hypercalls import MAX_MEMORY_RANGES, HvStatus
 from hv.memory import PAGE_SIZE
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import Packet, PacketType
 
-from . import dm_protocol as D
-from .base import DeviceClass, DeviceError, Vsc, Vsp, register
+from . import protocol as D
 
 __all__ = ["DYNMEM", "OP_TIMEOUT_S", "STATUS_EVERY_S", "DmVsc", "DmVsp"]
 
@@ -55,7 +55,6 @@ class DmVsp(Vsp):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None  # PartitionRuntime, set by the root's VMBus host
         self.version: int | None = None
         self.ready = False
         self.committed_pages = 0
@@ -110,9 +109,9 @@ class DmVsp(Vsp):
             self.committed_pages = msg.num_committed
             self.avail_pages = msg.num_avail
             self.reports += 1
-            bus = getattr(self.partition, "vmbus", None)
-            if bus is not None and hasattr(bus, "dm_status"):
-                bus.dm_status(self)
+            mm = self.res.service  # the root's MemoryManager (manager.py)
+            if mm is not None:
+                mm.on_status(self)
         elif isinstance(msg, D.HotAddResponse):
             self._hot_add_done(msg, tid)
         elif isinstance(msg, D.BalloonResponse):
@@ -124,7 +123,7 @@ class DmVsp(Vsp):
             raise DeviceError(f"{msg.TYPE.name} is not a message a guest sends")
 
     def _settings(self) -> dict[str, Any]:
-        mm = getattr(getattr(self.partition, "vmbus", None), "memory", None)
+        mm = self.res.service
         return mm.settings.get(self.child, {}) if mm is not None else {}
 
     # -- operations (root side) ----------------------------------------------------------
@@ -149,8 +148,7 @@ class DmVsp(Vsp):
         self._tid = self._tid + 1 & 0xFFFFFFFF or 1
         op = {"kind": kind, "tid": self._tid, "done": done, "t0": time.monotonic(), **extra}
         self.op = op
-        if self.partition is not None:
-            self.partition.call_later(OP_TIMEOUT_S, lambda: self._timeout(op))
+        self.res.call_later(OP_TIMEOUT_S, lambda: self._timeout(op))
         return op
 
     def _timeout(self, op: dict[str, Any]) -> None:
@@ -196,7 +194,7 @@ class DmVsp(Vsp):
         op = self._start("hot-add", done, bytes=nbytes)
         if op is None:
             return
-        st, start, count = self.partition.hv.memory_hot_add(self.child, nbytes)
+        st, start, count = self.res.hypercalls.memory_hot_add(self.child, nbytes)
         if st != HvStatus.SUCCESS:
             self._finish(False, error=self._why(st, "hot-add", nbytes))
             return
@@ -209,7 +207,7 @@ class DmVsp(Vsp):
     def _host_takes(self, ranges: list[tuple[int, int]]) -> bool:
         """Ask the supervisor to take ``ranges`` (pages the child does not
         know it has) out of the child; whether it did."""
-        st, _ = self.partition.hv.memory_balloon(self.child, ranges)
+        st, _ = self.res.hypercalls.memory_balloon(self.child, ranges)
         return st == HvStatus.SUCCESS
 
     def _give_back(self, start: int, count: int) -> None:
@@ -260,7 +258,7 @@ class DmVsp(Vsp):
         st, taken = HvStatus.SUCCESS, 0
         for i in range(0, len(ranges), MAX_MEMORY_RANGES):
             chunk = ranges[i : i + MAX_MEMORY_RANGES]
-            st, _n = self.partition.hv.memory_balloon(self.child, chunk)
+            st, _n = self.res.hypercalls.memory_balloon(self.child, chunk)
             if st != HvStatus.SUCCESS:
                 break
             taken += sum(n for _, n in chunk)  # each call is all or nothing
@@ -279,7 +277,7 @@ class DmVsp(Vsp):
         op = self._start("unballoon", done)
         if op is None:
             return
-        st, ranges = self.partition.hv.memory_unballoon(self.child, max_bytes // PAGE_SIZE)
+        st, ranges = self.res.hypercalls.memory_unballoon(self.child, max_bytes // PAGE_SIZE)
         if st != HvStatus.SUCCESS:
             self._finish(False, error=self._why(st, "unballoon", max_bytes))
             return
@@ -329,7 +327,6 @@ class DmVsc(Vsc):
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.partition: Any = None  # PartitionRuntime, set by the child's VMBus guest
         self._vi = 0  # index into _VERSIONS
         self.state = "version"
         self._tid = 0
@@ -346,7 +343,7 @@ class DmVsc(Vsc):
 
     @property
     def alloc(self) -> Any:
-        return self.partition.vmbus.alloc
+        return self.res.memory  # the guest page allocator
 
     def _new_tid(self) -> int:
         self._tid = self._tid + 1 & 0xFFFFFFFF
@@ -409,7 +406,7 @@ class DmVsc(Vsc):
         if self.closed or self.state != "ready":
             return
         self._send(self.status())
-        self.partition.call_later(STATUS_EVERY_S, self._report)
+        self.res.call_later(STATUS_EVERY_S, self._report)
 
     def _report_now(self) -> None:
         if self.state == "ready" and not self.closed:
@@ -418,9 +415,8 @@ class DmVsc(Vsc):
     # -- hot-add and balloon ---------------------------------------------------------------
     def _hot_add(self, rng: D.PageRange, tid: int) -> None:
         t0 = time.monotonic()
-        rt = self.partition
         if not self._mapped(rng):
-            rt.pump_link()  # the supervisor mapped it before the root asked us
+            self.res.pump_link()  # the supervisor mapped it before the root asked us
         if not self._mapped(rng):
             self.log("hot-add of pages that are not mapped", level="warning",
                      start=rng.start, count=rng.count)
@@ -435,13 +431,13 @@ class DmVsc(Vsc):
         self.hot_adds += 1
         self.hot_added_pages += rng.count
         self._send(D.HotAddResponse(rng.count, 1), tid)
-        rt.send({"op": "memory", "guest_visible_bytes": rt.memory.visible_bytes})
+        self.res.notify({"op": "memory", "guest_visible_bytes": self.alloc.view.visible_bytes})
         self.log("hot-add", pages=rng.count, start=rng.start, ms=self.last_hot_add_ms)
         self._report_now()
 
     def _mapped(self, rng: D.PageRange) -> bool:
         return any(first <= rng.start and rng.end <= first + n
-                   for first, n in self.partition.memory.ranges)
+                   for first, n in self.alloc.view.ranges)
 
     def _balloon(self, pages: int, tid: int) -> None:
         runs = self.alloc.take_highest(pages)
@@ -504,7 +500,7 @@ class DmVsc(Vsc):
             if b["hold"] <= 0:
                 b["phase"], b["hold"] = "grow", 0
         self._report_now()
-        self.partition.call_later(b["period"], lambda: self._tick(b))
+        self.res.call_later(b["period"], lambda: self._tick(b))
 
     def _grab(self, pages: int) -> int:
         got, chunk = 0, 512  # 2 MiB runs
@@ -553,7 +549,7 @@ class DmVsc(Vsc):
         self._free_workload()
 
     def stats(self) -> dict[str, Any]:
-        a = self.alloc if self.partition is not None else None
+        a = self.alloc
         return {"state": self.state, "max_pages": self.max_pages, "hot_adds": self.hot_adds,
                 "hot_added_pages": self.hot_added_pages, "balloons": self.balloons,
                 "ballooned_pages": a.ballooned_pages if a else 0,  # in the balloon now
@@ -567,4 +563,5 @@ class DmVsc(Vsc):
 DYNMEM = register(DeviceClass(
     "dynmem", D.DM_CLASS_ID, DmVsp, DmVsc, send_ring_pages=8, recv_ring_pages=8,
     description="Dynamic Memory (hv_balloon): hot-add, balloon, pressure reports",
+    hypercalls=("memory_hot_add", "memory_balloon", "memory_unballoon"),  # the VSP's
 ))

@@ -1,6 +1,6 @@
 """A SCSI direct-access disk (LUN 0) over a backing store: CDB in, status + sense out.
 
-Layer: partitions/storage (pure Python; I/O only through the backend).  The
+Layer: partitions/devices/storage (pure Python; I/O only through the backend).  The
 target of the synthetic SCSI controller (spec §8.1): a storvsp hands it the
 CDB of an EXECUTE_SRB and the guest's data buffer, and sends back the status,
 the byte count and the sense data.  Layouts follow SPC-4 (INQUIRY, VPD pages,
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .disk import DiskImageError, preadv_into, pwritev_from
+from ..disk import DiskImageError, preadv_into, pwritev_from
 
 __all__ = [
     "CHECK_CONDITION",

@@ -1,6 +1,6 @@
 """An emulated IDE disk: one ATA channel, one device, PIO and bus-master DMA (sans-IO).
 
-Layer: partitions/storage (root side).  Issue 7's "trapped" storage path: every
+Layer: partitions/devices/storage (root side).  Issue 7's "trapped" storage path: every
 port access the child makes is trapped by the supervisor and handed to a worker
 in the root, which calls ``IdeController.io_read`` / ``io_write``.  This module
 is only the device model: no processes, no sockets; the guest's memory comes in
@@ -55,7 +55,7 @@ from typing import Protocol
 
 from hv.memory import GuestMemoryError
 
-from .disk import (
+from ..disk import (
     SECTOR_SIZE,
     DiskImage,
     DiskImageError,
@@ -67,6 +67,7 @@ from .disk import (
 
 __all__ = [
     "BM_BASE",
+    "IDE_PORTS",
     "MAX_PRD_ENTRIES",
     "MODEL",
     "PRD_ENTRY",
@@ -88,6 +89,10 @@ __all__ = [
 PRIMARY_BASE = 0x1F0
 PRIMARY_CTRL = 0x3F6
 BM_BASE = 0xC000
+#: The ports this controller claims, as (first port, count): the primary
+#: channel's task file, its device control / alternate status, the bus master.
+#: The root hands them to hv's intercept routing (hv knows no device's ports).
+IDE_PORTS = ((PRIMARY_BASE, 8), (PRIMARY_CTRL, 1), (BM_BASE, 8))
 #: A PRD table longer than this is refused (Linux builds at most 128-256 entries).
 MAX_PRD_ENTRIES = 512
 PRD_ENTRY = struct.Struct("<IHH")  # physical address u32, byte count u16 (0 = 64 KiB), flags u16

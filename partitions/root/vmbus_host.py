@@ -1,8 +1,9 @@
 """VMBus in the root partition: one channel-management server per child, and the VSPs.
 
-Layer: partitions, over vmbus (``VmbusServer``, ``Channel``) and the hv
-client helpers (hypercalls, grants).  ``VmbusHost`` is plugged into the
-root's ``PartitionRuntime``: SynIC messages from children (their
+Layer: partitions (root), over vmbus (``VmbusServer``, ``Channel``) and the
+hv client helpers (hypercalls, grants).  The root's composition root
+(partitions/root/__main__.py) plugs ``VmbusHost`` into its runtime: SynIC
+messages from children (their
 OriginationId names the child; nobody can forge it) go to that child's
 ``VmbusServer``; the server's decisions come back here as notifier calls:
 
@@ -26,26 +27,34 @@ raises out of this module.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
-from hv.memory import GpaError
+from hv.memory import PAGE_SIZE, GpaError
+from partitions.devices import (
+    DEVICES,
+    DeviceClass,
+    DeviceError,
+    DeviceResources,
+    Vsp,
+    device_spec,
+    disk_offers,
+)
+from partitions.reporting import channel_stats, make_packet_tracer, message_event
 from vmbus import protocol as P
 from vmbus.channel import Channel
 from vmbus.doorbell import Doorbell
 from vmbus.errors import RingCorruptError
 from vmbus.server import GpadlState, ServerChannel, ServerGpadl, VmbusServer
 
-from .devices import DeviceClass, DeviceError, Vsp, device_spec
-from .devices.base import DEVICES
-
 if TYPE_CHECKING:
-    from .runtime import PartitionRuntime
+    from hv.memory import GrantTable
+    from partitions.runtime import PartitionRuntime
 
 __all__ = ["GRANT_WAIT_S", "VmbusHost"]
 
@@ -159,7 +168,7 @@ class ChildBus:
 
     def validate_gpadl(self, relid: int, g: ServerGpadl) -> None:
         # Each refusal is one protocol error (complete_gpadl logs it).
-        if g.byte_offset != 0 or g.byte_count != g.pages * 4096:
+        if g.byte_offset != 0 or g.byte_count != g.pages * PAGE_SIZE:
             self.server.complete_gpadl(g.gpadl, False, "is not whole pages")
             return
         if len(set(g.pfns)) != len(g.pfns):
@@ -181,9 +190,7 @@ class ChildBus:
                 if gid in self.gpadl_grants]
 
     def _match(self, g: ServerGpadl) -> bool:
-        grants = self.rt.grants
-        assert grants is not None
-        gid = grants.find(self.child, g.pfns, exclude=self.gpadl_grants.values())
+        gid = self.host.grants.find(self.child, g.pfns, exclude=self.gpadl_grants.values())
         if gid is None:
             return False
         self.gpadl_grants[g.gpadl] = gid
@@ -215,8 +222,7 @@ class ChildBus:
     def _open(self, ch: ServerChannel, userdata: bytes) -> int:
         relid = ch.relid
         gid = self.gpadl_grants.get(ch.ring_gpadl)
-        grants = self.rt.grants
-        gm = grants.get(gid) if grants is not None and gid is not None else None
+        gm = self.host.grants.get(gid) if gid is not None else None
         if gm is None:
             return 1
         try:
@@ -239,8 +245,8 @@ class ChildBus:
             peer.close()
             self.protocol_error(f"ring buffer refused: {e}", relid)
             return 1
-        vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata))
-        vsp.partition = self.rt  # devices that need the partition (dynamic memory)
+        vsp = dc.vsp(chan, cfg, self.rt.log, child=self.child, userdata=bytes(userdata),
+                     resources=self.host.resources(dc, self.child))
         try:
             status = int(vsp.accept())
         except Exception as e:
@@ -337,37 +343,32 @@ class ChildBus:
         return out
 
 
-def channel_stats(chan: Channel | None) -> dict[str, Any]:
-    """The status keys of a channel (zeros when it is not open)."""
-    if chan is None or chan.closed:
-        return {"packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0,
-                "out_ring_fill": None, "in_ring_fill": None, "signals_sent": 0,
-                "signals_suppressed": 0}
-    return chan.stats()
-
-
 class VmbusHost:
-    """The root's VMBus: a ``ChildBus`` per child, fed by the runtime."""
+    """The root's VMBus: a ``ChildBus`` per child, fed by the runtime.
 
-    def __init__(self, rt: PartitionRuntime, children: list[dict[str, Any]]) -> None:
+    ``grants``: the root's table of the pages children shared with it (ring
+    GPADLs must be exactly one grant's pages).  ``resources(device_class,
+    child)``: what a VSP is given (the composition root decides)."""
+
+    def __init__(self, rt: PartitionRuntime, children: list[dict[str, Any]],
+                 grants: GrantTable,
+                 resources: Callable[[DeviceClass, int], DeviceResources] | None = None) -> None:
         self.rt = rt
+        self.grants = grants
+        self.resources = resources or (lambda dc, child: DeviceResources(log=rt.log))
         self.buses: dict[int, ChildBus] = {}
         self.tracing = False
         self.unknown = 0  # messages from partitions that are not our children
+        self._last_report: Any = None
+        self._last_errors: Any = None
         for c in children:
             try:
                 cid, name = int(c["id"]), str(c["name"])
             except (KeyError, TypeError, ValueError):
                 continue
             devices = list(c.get("devices") if isinstance(c.get("devices"), list) else [])
-            for d in c.get("disks") or []:  # a synthetic SCSI controller per scsi disk
-                if isinstance(d, dict) and d.get("bus") == "scsi":
-                    devices.append({"type": "storvsc", "disk": d.get("index", 0),
-                                    "path": d.get("path"), "size": d.get("size", 0)})
+            devices += disk_offers(c.get("disks"))  # e.g. a SCSI controller per scsi disk
             self.buses[cid] = ChildBus(self, cid, name, devices)
-        from .root.memory import MemoryManager
-
-        self.memory = MemoryManager(self, children)
 
     # -- from the runtime --------------------------------------------------------
     def on_message(self, origin: int, message_type: int, payload: bytes) -> None:
@@ -412,10 +413,6 @@ class VmbusHost:
         if bus is not None and obj.get("state") == "down":
             bus.child_down()
             self.rt.report_soon()
-
-    def dm_status(self, vsp: Any) -> None:
-        """A child's Dynamic Memory pressure report (from its DM VSP)."""
-        self.memory.on_status(vsp)
 
     def rescind(self, child: int, relid: int) -> None:
         bus = self.buses.get(child)
@@ -463,6 +460,18 @@ class VmbusHost:
                          f"and {packets} packets in {now - hc.window_start:.2f} s")
 
     # -- status and tracing --------------------------------------------------------
+    def send_report(self) -> None:
+        """The runtime's report tick: channel status and protocol error
+        counts to the supervisor, each when it changed."""
+        chans = self.report()
+        if chans != self._last_report:
+            self._last_report = chans
+            self.rt.send({"op": "report", "channels": chans})
+        errors = self.error_counts()
+        if errors != self._last_errors:
+            self._last_errors = errors
+            self.rt.send({"op": "vmbus.errors", "errors": errors})
+
     def report(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for bus in self.buses.values():
@@ -494,34 +503,3 @@ class VmbusHost:
         for bus in self.buses.values():
             for relid in list(bus.channels):
                 bus.close_channel(bus.server.channels[relid], "root stopping")
-
-
-def message_event(direction: str, peer: str, msg: P.Message) -> dict[str, Any]:
-    """A decoded control message as a trace event."""
-    fields: dict[str, Any] = {}
-    # dataclasses.fields, not __dataclass_fields__: that also lists the ClassVars
-    # (TYPE, _LAYOUT, a struct.Struct that json cannot encode)
-    for k in (f.name for f in dataclasses.fields(msg)):
-        v = getattr(msg, k)
-        if isinstance(v, bytes):
-            if not any(v):
-                continue
-            v = v[:32].hex() + ("..." if len(v) > 32 else "")
-        elif isinstance(v, uuid.UUID):
-            v = str(v)
-        if v in (0, "") and k not in ("child_relid", "status", "version_supported"):
-            continue
-        fields[k] = v
-    return {"dir": direction, "peer": peer, "what": msg.TYPE.name, "fields": fields}
-
-
-def make_packet_tracer(rt: PartitionRuntime, peer: str, relid: int) -> Any:
-    def tracer(direction: str, p: Any) -> None:
-        if isinstance(p, tuple):
-            ptype, flags, tid, length = p
-        else:
-            ptype, flags, tid, length = p.packet_type, p.flags, p.trans_id, len(p.payload)
-        rt.trace({"dir": direction, "peer": peer, "relid": relid, "what": "packet",
-                  "type": int(ptype), "flags": int(flags), "trans_id": int(tid),
-                  "len": int(length)})
-    return tracer

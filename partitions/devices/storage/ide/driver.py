@@ -1,6 +1,6 @@
 """The guest side of the emulated IDE disk: a small polling ATA driver (sans-IO).
 
-Layer: partitions/storage (child side).  It drives the channel the way a simple
+Layer: partitions/devices/storage (child side).  It drives the channel the way a simple
 real driver does (OSDev's PIO driver, Linux libata-sff's bus-master path): wait
 for BSY to clear, program the task file, poll status for DRQ and move 256 words
 per sector through the data port; for DMA, write a PRD table into its own DMA
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from ..disk import SECTOR_SIZE
 from .ata import (
     BM_BASE,
     PRD_ENTRY,
@@ -40,7 +41,6 @@ from .ata import (
     DevCtl,
     Status,
 )
-from .disk import SECTOR_SIZE
 
 __all__ = ["DirectPortIO", "DmaBuffer", "IdeDriver", "IdeError", "Identity", "PortIO"]
 

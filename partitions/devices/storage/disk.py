@@ -1,6 +1,6 @@
 """Raw disk images on the host, and positioned vectored I/O into caller buffers.
 
-Layer: partitions/storage (host side, no guest state).  A disk image is a plain
+Layer: partitions/devices/storage (host side, no guest state).  A disk image is a plain
 sparse file whose size is a multiple of 512 bytes; ``open_image`` creates it on
 first use (``ftruncate``: no blocks are allocated until written) and refuses one
 whose size differs from what the caller configured, so a disk never silently

@@ -15,7 +15,7 @@ children are served by memory weight, highest first, and a child is never
 given more than the host can give.
 
 ``plan`` is pure: it takes the children's state and the host's available
-bytes and returns the actions; ``partitions/vmbus_host.py`` carries them out
+bytes and returns the actions; ``manager.py`` carries them out
 through the DM VSPs (one operation per child at a time) and the supervisor
 enforces the limits again, whatever the balancer or a child says.
 """

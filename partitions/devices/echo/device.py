@@ -25,9 +25,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import Packet, PacketType
-
-from .base import DeviceClass, DeviceError, Vsc, Vsp, register
 
 __all__ = ["ECHO", "ECHO_CLASS_ID", "MODE_ECHO", "MODE_SINK", "EchoVsc", "EchoVsp"]
 
