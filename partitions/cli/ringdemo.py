@@ -33,6 +33,8 @@ CRC_EVERY = 64  # the consumer checks the CRC of every 64th packet (crc32 is slo
 _END = 0xFFFFFFFFFFFFFFFF  # the sequence number of a phase's end marker
 WAIT_S = 5.0  # no wait in the demo blocks longer than this
 
+__all__ = ["PhaseResult", "consume", "run"]
+
 
 @dataclass
 class PhaseResult:
