@@ -48,8 +48,9 @@ class Rig:
     """A StorVsc and a StorVsp over one in-process channel, pool granted."""
 
     def __init__(self, image: str, size: int) -> None:
+        from hv.abi import PAGE_SIZE as PAGE
         from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
-        from partitions.devices.storvsc import PAGE, SLOT_BYTES, SLOTS, StorVsc, StorVsp
+        from partitions.devices.storvsc import SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer
         from vmbus.doorbell import Doorbell
 

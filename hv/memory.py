@@ -60,11 +60,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .hypercalls import Frame, FrameKind, HvStatus, WireError
+from .abi import PAGE_SHIFT, PAGE_SIZE, HvStatus
+from .hypercalls import Frame, FrameKind, WireError
 
 __all__ = [
     "MAX_RANGES",
-    "PAGE_SIZE",
     "GpaError",
     "Grant",
     "GrantError",
@@ -80,8 +80,6 @@ __all__ = [
     "format_bytes",
 ]
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 MAX_RANGES = 64  # memfd ranges per partition (fds are a finite resource)
 MAX_GRANTS = 1024  # live grants per partition
 MAX_SEGMENTS = 4096  # segments per MEMORY message (fits a 64 KiB frame)

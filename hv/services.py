@@ -37,11 +37,15 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.hypercalls import (
+from hv.abi import (
     FLAGS_PER_SINT,
+    ROOT_EVENT_BASE,
+    ROOT_MESSAGE_BASE,
     VMBUS_EVENT_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID_4,
+)
+from hv.hypercalls import (
     Connection,
     ConnectionKind,
     Frame,
@@ -50,10 +54,7 @@ from hv.hypercalls import (
 from hv.memory import GuestMemory
 from hv.synic import SynicHost
 
-__all__ = ["ROOT_EVENT_BASE", "ROOT_MESSAGE_BASE", "BootGrant", "CpuSettings", "Services"]
-
-ROOT_MESSAGE_BASE = 0x10000  # + child id: root -> child messages
-ROOT_EVENT_BASE = 0x20000  # + child id: root -> child events
+__all__ = ["BootGrant", "CpuSettings", "Services"]
 
 
 @dataclass

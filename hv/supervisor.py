@@ -55,6 +55,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from hv.abi import HOST_RESERVE_BYTES, PAGE_SIZE
 from hv.config import ClusterConfig, ConfigError, PartitionConfig, load_config
 from hv.control import PROTOCOL_VERSION, ControlError, LineReader, encode
 from hv.hypercalls import Frame, FrameKind
@@ -1115,7 +1116,6 @@ class Supervisor:
         """Hot-add to or balloon a running child through its Dynamic Memory
         channel: the root's DM VSP runs the protocol, the supervisor maps or
         takes back the pages; the answer comes when the guest has answered."""
-        from hv.hypercalls import HOST_RESERVE_BYTES
         from hv.memory import format_bytes
 
         if "name" not in req:
@@ -1124,7 +1124,7 @@ class Supervisor:
         nbytes = req.get("bytes")
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ControlError("bytes must be a positive integer", "invalid")
-        if nbytes % 4096:
+        if nbytes % PAGE_SIZE:
             raise ControlError(f"bytes must be a multiple of 4096, got {nbytes}", "invalid")
         if p.cfg.role != "child":
             raise ControlError(f"{p.name} is the root: dynamic memory is for children", "invalid")

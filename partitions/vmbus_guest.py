@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
+from hv.abi import HV_MESSAGE_TYPE_VMBUS, HvStatus
 from vmbus import protocol as P
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.client import ClientChannel, ClientState, VmbusClient

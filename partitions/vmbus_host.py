@@ -33,7 +33,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
+from hv.abi import (
+    HV_MESSAGE_TYPE_VMBUS,
+    PAGE_SIZE,
+    ROOT_MESSAGE_BASE,
+    VMBUS_EVENT_CONNECTION_ID,
+    HvStatus,
+)
 from hv.memory import GpaError
 from vmbus import protocol as P
 from vmbus.channel import Channel
@@ -88,7 +94,7 @@ class ChildBus:
         self.name = name
         self.server = VmbusServer(self)
         conns = self.rt.connections.get("to_child_message", {})
-        self.conn = int(conns.get(str(child_id), 0x10000 + child_id))
+        self.conn = int(conns.get(str(child_id), ROOT_MESSAGE_BASE + child_id))
         self.offers: dict[int, tuple[DeviceClass, dict[str, Any]]] = {}
         self.channels: dict[int, HostChannel] = {}
         self.gpadl_grants: dict[int, int] = {}  # gpadl handle -> grant id
@@ -107,7 +113,7 @@ class ChildBus:
             inst = uuid.uuid5(_INSTANCE_NS, f"{self.rt.cluster}/{name}/{i}/{dname}")
             self.offers[relid] = (dc, cfg)
             self.server.offer(P.OfferChannel(dc.class_id, inst, child_relid=relid,
-                                             connection_id=2))
+                                             connection_id=VMBUS_EVENT_CONNECTION_ID))
 
     # -- ServerNotifier --------------------------------------------------------
     def send(self, msg: P.Message) -> None:
@@ -159,7 +165,7 @@ class ChildBus:
 
     def validate_gpadl(self, relid: int, g: ServerGpadl) -> None:
         # Each refusal is one protocol error (complete_gpadl logs it).
-        if g.byte_offset != 0 or g.byte_count != g.pages * 4096:
+        if g.byte_offset != 0 or g.byte_count != g.pages * PAGE_SIZE:
             self.server.complete_gpadl(g.gpadl, False, "is not whole pages")
             return
         if len(set(g.pfns)) != len(g.pfns):

@@ -27,8 +27,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hv.abi import PAGE_SIZE
 from hv.intercept import InterceptClient
-from hv.memory import PAGE_SIZE
 
 from ..storage.ide_driver import DmaBuffer, IdeDriver
 

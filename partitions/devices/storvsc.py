@@ -30,6 +30,7 @@ import time
 import uuid
 from typing import Any
 
+from hv.abi import PAGE_SIZE
 from vmbus.packet import GpaRange, Packet, PacketType, build_gpa_direct_header
 from vmbus.ring import PacketBatch
 
@@ -40,7 +41,6 @@ from .base import DeviceClass, DeviceError, Vsc, Vsp, register
 __all__ = ["SCSI_CLASS_ID", "STORVSC", "StorVsc", "StorVsp"]
 
 SCSI_CLASS_ID = uuid.UUID("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")  # spec §5
-PAGE = 4096
 SLOT_BYTES = 128 * 1024  # the largest I/O one request carries
 SLOTS = 32  # requests in flight at once (queue depth)
 _ACCEPTED = (V.VstorVersion.WIN10, V.VstorVersion.WIN8_1, V.VstorVersion.WIN8)
@@ -270,7 +270,7 @@ class StorVsp(Vsp):
         if views is None:
             raise DeviceError("an SRB names pages the child did not grant")
         off, left = r.byte_offset, r.byte_count
-        if not off and left == len(views) * PAGE:
+        if not off and left == len(views) * PAGE_SIZE:
             return views  # whole pages (the usual case): the views as they are
         out = []
         for v in views:
@@ -367,7 +367,7 @@ class StorVsc(Vsc):
 
     def on_open(self) -> None:
         alloc = self.partition.vmbus.alloc
-        pages = SLOTS * SLOT_BYTES // PAGE
+        pages = SLOTS * SLOT_BYTES // PAGE_SIZE
         self.pool_pfn = alloc.alloc(pages)
         self.pool = alloc.view_of(self.pool_pfn, pages)
         st, gid = self.partition.hv.share_pages(list(range(self.pool_pfn,
@@ -443,8 +443,8 @@ class StorVsc(Vsc):
             if hdr is None:  # (the GPA-direct header: made once per slot and size)
                 if len(self._headers) >= 4 * SLOTS:
                     self._headers.clear()
-                first = self.pool_pfn + slot * (SLOT_BYTES // PAGE)
-                pages = -(-nbytes // PAGE)
+                first = self.pool_pfn + slot * (SLOT_BYTES // PAGE_SIZE)
+                pages = -(-nbytes // PAGE_SIZE)
                 hdr = self._headers[key] = build_gpa_direct_header(
                     (GpaRange(nbytes, 0, tuple(range(first, first + pages))),))
             ok = ch.outgoing.try_write_gpa_direct(payload, hdr, trans_id=tid,

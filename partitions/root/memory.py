@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from hv.abi import PAGE_SIZE
 from hv.hypercalls import _host_available
-from hv.memory import PAGE_SIZE
 
 from ..runtime import REPORT_EVERY_S
 from .balancer import ChildMemory, plan

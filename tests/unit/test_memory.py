@@ -14,9 +14,9 @@ import textwrap
 import pytest
 
 from hv import hypercalls as H
+from hv.abi import PAGE_SIZE
 from hv.hypercalls import Frame, FrameDecoder, FrameKind, HvStatus, HypercallRouter, WireError
 from hv.memory import (
-    PAGE_SIZE,
     GpaError,
     GrantError,
     GrantTable,
