@@ -61,7 +61,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .abi import PAGE_SHIFT, PAGE_SIZE, HvStatus
-from .hypercalls import Frame, FrameKind, WireError
+from .wire import Frame, FrameKind, WireError
 
 __all__ = [
     "MAX_RANGES",

@@ -8,7 +8,7 @@ reads accounting back.  Behind it:
 - hv/memory.py ``GuestMemory``: the partition's memfd ranges (startup range
   at GPA 0), sent as one MEMORY (MAP) frame at boot;
 - hv/synic.py ``SynicHost``: its message page, event flags, interrupt and EOM;
-- hv/hypercalls.py ``HypercallRouter``: HvPostMessage / HvSignalEvent with
+- hv/router.py ``HypercallRouter``: HvPostMessage / HvSignalEvent with
   permission checks over the cluster's connections (below);
 - hv/cpu.py ``CpuArbiter``: weight / limit / reserve (cgroup v2, v1, or a
   userspace credit scheduler); without that module, CPU settings are kept
@@ -45,14 +45,10 @@ from hv.abi import (
     VMBUS_MESSAGE_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID_4,
 )
-from hv.hypercalls import (
-    Connection,
-    ConnectionKind,
-    Frame,
-    HypercallRouter,
-)
 from hv.memory import GuestMemory
+from hv.router import Connection, ConnectionKind, HypercallRouter
 from hv.synic import SynicHost
+from hv.wire import Frame
 
 __all__ = ["BootGrant", "CpuSettings", "Services"]
 

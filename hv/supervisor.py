@@ -58,11 +58,11 @@ from typing import Any
 from hv.abi import HOST_RESERVE_BYTES, PAGE_SIZE
 from hv.config import ClusterConfig, ConfigError, PartitionConfig, load_config
 from hv.control import PROTOCOL_VERSION, ControlError, LineReader, encode
-from hv.hypercalls import Frame, FrameKind
 from hv.jsonlog import JsonLog
 from hv.link import SupervisorEnd, WireError, decode_runtime, runtime_frame, socketpair
 from hv.rundir import Manifest, RunDir, process_title
 from hv.services import CpuSettings, Services
+from hv.wire import Frame, FrameKind
 
 __all__ = ["SCHEMA_VERSION", "PartitionState", "Supervisor", "main"]
 

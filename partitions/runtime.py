@@ -16,7 +16,7 @@ can see, then sleep in a selector on its link and its SynIC interrupt until
 something arrives: an idle partition uses no CPU.  A ``stop`` message, or the
 link closing, ends it with exit status 0.
 
-The wire is hv/link.py's (frames of hv/hypercalls.py).  ``HvClient`` makes
+The wire is hv/link.py's (frames of hv/wire.py).  ``HvClient`` makes
 hypercalls; frames that arrive while it waits for a reply are kept for the
 loop.  SynIC messages and event flags are handed to ``on_synic`` (the VMBus
 layer plugs in there); until something does, they are counted and dropped.
@@ -43,12 +43,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hv.hypercalls import Frame, FrameKind, HypercallClient, WireError, send_frame
+from hv.client import HypercallClient
 from hv.jsonlog import JsonLog
 from hv.link import decode_runtime, runtime_frame
 from hv.memory import GrantTable, GuestMemoryView, MemoryMessage, MemoryOp
 from hv.proc import die_with_parent
 from hv.synic import SynicGuest, SynicMessage
+from hv.wire import Frame, FrameKind, WireError, send_frame
 
 __all__ = ["BOOT_TIMEOUT_S", "HvClient", "PartitionRuntime", "main"]
 
@@ -61,7 +62,7 @@ TRACE_MAX_EVENTS = 150  # per flush (one link frame); the rest are counted as dr
 
 class HvClient(HypercallClient):
     """Hypercalls from this partition over its link: ``post_message``,
-    ``signal_event``, ``share_pages``, ``revoke_grant`` (hv.hypercalls), each
+    ``signal_event``, ``share_pages``, ``revoke_grant`` (hv.client), each
     returning the HvStatus the supervisor answered."""
 
 

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hv.abi import PAGE_SIZE
-from hv.hypercalls import _host_available
+from hv.proc import host_available
 
 from ..runtime import REPORT_EVERY_S
 from .balancer import ChildMemory, plan
@@ -50,7 +50,7 @@ class MemoryManager:
         self._last_balance = 0.0
         self._status_due: dict[int, DmVsp] = {}  # child -> its VSP, to report
         self.actions = 0
-        self.host_available = _host_available
+        self.host_available = host_available
 
     # -- finding a child's DM VSP ----------------------------------------------------------
     def vsp(self, child: int) -> DmVsp | None:

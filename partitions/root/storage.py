@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import send_frame
 from hv.memory import MemoryMessage
+from hv.wire import send_frame
 
 if TYPE_CHECKING:
     from partitions.runtime import PartitionRuntime

@@ -40,13 +40,8 @@ import struct
 import time
 from typing import Any
 
-from hv.hypercalls import (
-    HV_MESSAGE_TYPE_VMBUS,
-    VMBUS_EVENT_CONNECTION_ID,
-    FrameKind,
-    HvStatus,
-    result_status,
-)
+from hv.abi import HV_MESSAGE_TYPE_VMBUS, VMBUS_EVENT_CONNECTION_ID, HvStatus
+from hv.wire import FrameKind, result_status
 from vmbus import protocol as P
 from vmbus.protocol import MessageType
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_memory import deliver  # a MEMORY frame over a socketpair
 
-from hv.hypercalls import HvStatus
+from hv.abi import HvStatus
 from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
 from partitions.devices import dm_protocol as D
 from partitions.devices.dynmem import DmVsc, DmVsp

@@ -13,9 +13,8 @@ import textwrap
 
 import pytest
 
-from hv import hypercalls as H
-from hv.abi import PAGE_SIZE
-from hv.hypercalls import Frame, FrameDecoder, FrameKind, HvStatus, HypercallRouter, WireError
+from hv import wire as W
+from hv.abi import PAGE_SIZE, HvStatus
 from hv.memory import (
     GpaError,
     GrantError,
@@ -28,6 +27,8 @@ from hv.memory import (
     MemoryOp,
     MemorySegment,
 )
+from hv.router import HypercallRouter
+from hv.wire import Frame, FrameDecoder, FrameKind, WireError
 
 MiB = 1 << 20
 ROOT, CHILD1, CHILD2 = 0, 1, 2
@@ -38,9 +39,9 @@ def deliver(msg: MemoryMessage, view):
     apply what arrives to ``view`` (a GuestMemoryView or a GrantTable)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        H.send_frame(a, msg.frame())
+        W.send_frame(a, msg.frame())
         b.settimeout(5)
-        (frame,) = H.recv_frames(b, FrameDecoder())
+        (frame,) = W.recv_frames(b, FrameDecoder())
         return view.apply_frame(frame)
     finally:
         a.close()
