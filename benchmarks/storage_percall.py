@@ -49,7 +49,8 @@ class Rig:
 
     def __init__(self, image: str, size: int) -> None:
         from hv.abi import PAGE_SIZE as PAGE
-        from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
+        from hv.memwire import MemoryMessage, MemoryOp, MemorySegment
+        from hv.partition_memory import GrantTable
         from partitions.devices.storvsc import SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer
         from vmbus.doorbell import Doorbell

@@ -13,7 +13,7 @@ kind       direction               body
 =========  ======================  ===================================================
 1 HYPERCALL partition -> supervisor hypercall input value + input block (hv.wire)
 2 REPLY     supervisor -> partition hypercall output value + output block
-3 MEMORY    supervisor -> partition MAP / BALLOON / GRANT / ... with memfds (hv.memory)
+3 MEMORY    supervisor -> partition MAP / BALLOON / GRANT / ... with memfds (hv.memwire)
 0x100       both                    a runtime message: one UTF-8 JSON object
 RUNTIME
 =========  ======================  ===================================================

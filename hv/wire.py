@@ -228,7 +228,7 @@ _KNOWN_FLAGS = FLAG_NO_REPLY_ON_SUCCESS
 class FrameKind(enum.IntEnum):
     HYPERCALL = 1  # partition -> supervisor
     REPLY = 2  # supervisor -> partition
-    MEMORY = 3  # supervisor -> partition: ranges, balloon, grants (hv.memory)
+    MEMORY = 3  # supervisor -> partition: ranges, balloon, grants (hv.memwire)
     # kinds >= 0x100 belong to the partition runtime (control, status, ...)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 
 from hv.abi import PAGE_SIZE
-from hv.memory import GuestMemoryView
+from hv.partition_memory import GuestMemoryView
 
 __all__ = ["OutOfGuestMemory", "PageAllocator"]
 

@@ -46,7 +46,8 @@ from typing import Any
 from hv.client import HypercallClient
 from hv.jsonlog import JsonLog
 from hv.link import decode_runtime, runtime_frame
-from hv.memory import GrantTable, GuestMemoryView, MemoryMessage, MemoryOp
+from hv.memwire import MemoryMessage, MemoryOp
+from hv.partition_memory import GrantTable, GuestMemoryView
 from hv.proc import die_with_parent
 from hv.synic import SynicGuest, SynicMessage
 from hv.wire import Frame, FrameKind, WireError, send_frame

@@ -40,7 +40,7 @@ from hv.abi import (
     VMBUS_EVENT_CONNECTION_ID,
     HvStatus,
 )
-from hv.memory import GpaError
+from hv.partition_memory import GpaError
 from vmbus import protocol as P
 from vmbus.channel import Channel
 from vmbus.doorbell import Doorbell

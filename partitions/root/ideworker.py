@@ -33,7 +33,7 @@ from typing import Any
 
 from hv.intercept import OUT, InterceptServer
 from hv.jsonlog import JsonLog
-from hv.memory import GpaError, GrantTable
+from hv.partition_memory import GpaError, GrantTable
 from hv.proc import die_with_parent
 from hv.wire import FrameDecoder, WireError, recv_frames
 

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hv.memory import MemoryMessage
+from hv.memwire import MemoryMessage
 from hv.wire import send_frame
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ ROGUE_SCRIPT = textwrap.dedent(
     from hv.abi import HvStatus
     from hv.client import HypercallClient
     from hv.wire import FrameKind
-    from hv.memory import GuestMemoryView
+    from hv.partition_memory import GuestMemoryView
     from hv.synic import SynicGuest
 
     sock_fd, page_fd, irq_fd, eom_fd = map(int, sys.argv[1:5])

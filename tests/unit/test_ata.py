@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv.memory import GpaError
+from hv.partition_memory import GpaError
 from partitions.storage import ata as A
 from partitions.storage.ata import BmCmd, BmStatus, Command, Error, IdeController, Status
 from partitions.storage.disk import (

@@ -12,7 +12,8 @@ import pytest
 from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.abi import HvStatus
-from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
+from hv.memory import GuestMemory, GuestMemoryError, MemoryLimitError
+from hv.partition_memory import GuestMemoryView
 from partitions.devices import dm_protocol as D
 from partitions.devices.dynmem import DmVsc, DmVsp
 from partitions.guestmem import PageAllocator

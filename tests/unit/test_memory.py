@@ -15,18 +15,9 @@ import pytest
 
 from hv import wire as W
 from hv.abi import PAGE_SIZE, HvStatus
-from hv.memory import (
-    GpaError,
-    GrantError,
-    GrantTable,
-    GuestMemory,
-    GuestMemoryError,
-    GuestMemoryView,
-    MemoryLimitError,
-    MemoryMessage,
-    MemoryOp,
-    MemorySegment,
-)
+from hv.memory import GrantError, GuestMemory, GuestMemoryError, MemoryLimitError
+from hv.memwire import MemoryMessage, MemoryOp, MemorySegment
+from hv.partition_memory import GpaError, GrantTable, GuestMemoryView
 from hv.router import HypercallRouter
 from hv.wire import Frame, FrameDecoder, FrameKind, WireError
 

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
+from hv.memwire import MemoryMessage, MemoryOp, MemorySegment
+from hv.partition_memory import GrantTable
 from partitions.devices.base import DeviceError
 from partitions.devices.storvsc import StorVsc, StorVsp
 from partitions.storage import vstor as V
