@@ -1,6 +1,6 @@
 """The hypervisor services as the supervisor sees them: one narrow facade.
 
-Layer: hv.  The supervisor (hv/supervisor.py) asks this module to set a
+Layer: hv.  The supervisor (hv/supervisor/) asks this module to set a
 partition up before its process starts (memory, SynIC, router entry, CPU
 group), hands it every hypercall frame, tells it when a partition exits, and
 reads accounting back.  Behind it:

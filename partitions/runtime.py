@@ -1,7 +1,7 @@
 """The partition side of the cluster: bootstrap, the hypercall client, the idle loop.
 
 Layer: partitions.  ``python -m partitions.root`` and ``python -m
-partitions.child`` both run ``main`` here; the supervisor (hv/supervisor.py)
+partitions.child`` both run ``main`` here; the supervisor (hv/supervisor/)
 starts them with their partition link as fd 3 (hv/link.py)::
 
     python -m partitions.child --cluster NAME --partition child1 --id 1 --fd 3 \\
