@@ -59,7 +59,11 @@ from hv.synic import sealed_memfd
 __all__ = [
     "IDE_PORTS",
     "IN",
+    "OP",
     "OUT",
+    "PORT",
+    "REQ",
+    "SIZE",
     "SPIN_NS",
     "InterceptClient",
     "InterceptRoute",

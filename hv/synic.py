@@ -88,6 +88,7 @@ __all__ = [
     "SynicMessage",
     "decode_hv_message",
     "encode_hv_message",
+    "sealed_memfd",
 ]
 
 EVENT_PAGE_OFFSET = PAGE_SIZE
