@@ -2,8 +2,8 @@
 wake latency, and CPU share accuracy.
 
 Latency: three processes.  The sender (this process, first CPU) issues the
-hypercall through hv.hypercalls' wire (``HypercallClient``) to a mini
-supervisor process (unpinned: hv.hypercalls router + hv.synic SynicHost, a
+hypercall through hv.wire's frames (``HypercallClient``, hv/client.py) to a mini
+supervisor process (unpinned: hv.router + hv.synic SynicHost, a
 selector loop, exactly the objects the real supervisor wires), which
 delivers into the receiver partition's SynIC (message slot, or event flag +
 interrupt eventfd).  The receiver (second CPU) blocks on its SynIC interrupt,
@@ -37,8 +37,9 @@ import psutil
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from hv.abi import HvStatus
+from hv.client import HypercallClient
 from hv.cpu import CpuArbiter, CpuSettings, detect_mechanism
-from hv.hypercalls import HvStatus, HypercallClient
 
 NOT_USED_OK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 SENDER, RECEIVER = 1, 2
@@ -50,9 +51,10 @@ SUPERVISOR = textwrap.dedent(
     import selectors, socket, sys
     from hv.proc import die_with_parent
     die_with_parent()
-    from hv import hypercalls as H
-    from hv.hypercalls import Connection, ConnectionKind, Frame, FrameDecoder, HypercallRouter
+    from hv import wire as W
+    from hv.router import Connection, ConnectionKind, HypercallRouter
     from hv.synic import SynicHost
+    from hv.wire import Frame, FrameDecoder
 
     a_fd, b_fd = int(sys.argv[1]), int(sys.argv[2])
     a = socket.socket(fileno=a_fd)
@@ -64,7 +66,7 @@ SUPERVISOR = textwrap.dedent(
     router.add_partition(2, syn_b)
     router.add_connection(Connection(0x10, 2, ConnectionKind.MESSAGE, {1}))
     router.add_connection(Connection(0x20, 2, ConnectionKind.EVENT, {1}, flag_base=9))
-    H.send_frame(b, Frame(0x100, 0, b"synic", list(syn_b.handles())))
+    W.send_frame(b, Frame(0x100, 0, b"synic", list(syn_b.handles())))
     b.close()
     sel = selectors.DefaultSelector()
     sel.register(a, selectors.EVENT_READ, "a")
@@ -75,13 +77,13 @@ SUPERVISOR = textwrap.dedent(
             if key.data == "eom":
                 syn_b.service()
                 continue
-            frames = H.recv_frames(a, dec)
+            frames = W.recv_frames(a, dec)
             if frames is None:
                 sys.exit(0)
             for f in frames:
                 reply = router.handle_frame(1, f)
                 if reply is not None:
-                    H.send_frame(a, reply)
+                    W.send_frame(a, reply)
     """
 )
 
@@ -90,13 +92,13 @@ RECEIVER_SCRIPT = textwrap.dedent(
     import os, socket, struct, sys, time
     from hv.proc import die_with_parent
     die_with_parent()
-    from hv import hypercalls as H
+    from hv import wire as W
     from hv.synic import SynicGuest
     boot_fd, pipe_fd, cpu = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     os.sched_setaffinity(0, {cpu})
     boot = socket.socket(fileno=boot_fd)
     boot.settimeout(10)
-    (frame,) = H.recv_frames(boot, H.FrameDecoder())
+    (frame,) = W.recv_frames(boot, W.FrameDecoder())
     boot.close()
     g = SynicGuest(*frame.fds)
     os.write(pipe_fd, struct.pack("<q", 0))  # ready
@@ -245,7 +247,7 @@ def test_hypercall_latency(benchmark, kind, bench_cfg):
         "calls_per_op": n,
         "samples": len(lats),
         "pinning": {"sender_cpu": cfg.cpus[0], "receiver_cpu": cfg.cpus[1], "supervisor": None},
-        "wire": "hv.hypercalls frames over SOCK_SEQPACKET, reply awaited",
+        "wire": "hv.wire frames over SOCK_SEQPACKET, reply awaited",
         **_pct(lats, ""),
         **_pct(rtts, "hypercall_rtt_"),
     }

@@ -47,8 +47,9 @@ class Rig:
     """A StorVsc and a StorVsp over one in-process channel, pool granted."""
 
     def __init__(self, image: str, size: int) -> None:
-        from hv.memory import PAGE_SIZE as PAGE
-        from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
+        from hv.abi import PAGE_SIZE as PAGE
+        from hv.memwire import MemoryMessage, MemoryOp, MemorySegment
+        from hv.partition_memory import GrantTable
         from partitions.devices.framework import DeviceResources
         from partitions.devices.storage.scsi.device import SLOT_BYTES, SLOTS, StorVsc, StorVsp
         from vmbus.channel import Channel, init_channel_buffer

@@ -41,26 +41,26 @@ from pydantic import (
     model_validator,
 )
 
+from hv.abi import PAGE_SIZE
 from hv.rundir import NAME_RE
 
 __all__ = [
     "DEFAULT_CONFIG_TOML",
     "NAME_RE",
-    "PAGE_BYTES",
     "ClusterConfig",
     "ConfigError",
     "CpuConfig",
+    "DiskConfig",
     "MemoryConfig",
     "PartitionConfig",
     "default_config",
+    "disk_path",
     "dump_toml",
     "format_size",
     "load_config",
     "parse_config",
     "parse_size",
 ]
-
-PAGE_BYTES = 4096
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -91,7 +91,7 @@ def parse_size(value: object) -> int:
         raise ValueError(f"{value!r} is not a size like 512M, 2G or 1073741824")
     if n <= 0:
         raise ValueError(f"{value!r}: a size must be positive")
-    if n % PAGE_BYTES:
+    if n % PAGE_SIZE:
         raise ValueError(f"{value!r} is not a whole number of 4 KiB pages")
     return n
 

@@ -1,6 +1,6 @@
 """The control protocol: JSON lines over the cluster's Unix control socket.
 
-Layer: hv.  The supervisor serves it (hv/supervisor.py); the ``viridian`` CLI
+Layer: hv.  The supervisor serves it (hv/supervisor/requests.py); the ``viridian`` CLI
 is one client, tests and scripts are others (``ControlClient`` below, or any
 language: ``socat - UNIX-CONNECT:$RUN/control.sock``).
 

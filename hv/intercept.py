@@ -53,11 +53,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hv._atomic import SharedWords
+from hv.abi import PAGE_SIZE
 from hv.synic import sealed_memfd
 
 __all__ = [
     "IN",
+    "OP",
     "OUT",
+    "PORT",
+    "REQ",
+    "SIZE",
     "SPIN_NS",
     "InterceptClient",
     "InterceptRoute",
@@ -68,7 +73,6 @@ __all__ = [
 IN, OUT = 1, 2
 REQ, DONE, OP, PORT, SIZE, VALUE, RESULT, STATUS, IRQS = range(0, 36, 4)
 SLOT_BYTES = 64
-PAGE = 4096
 SPIN_NS = 50_000  # spin before blocking, as a channel's reader does
 STATUS_DONE, STATUS_NO_DEVICE = 0, 1
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
@@ -108,12 +112,12 @@ class Slot:
         if fd is None:
             # sealed: the child holds this fd and must not truncate it under the
             # supervisor's mapping (a SIGBUS there would take the supervisor down)
-            fd = sealed_memfd(PAGE, "viridian-intercept")
-        elif os.fstat(fd).st_size < PAGE:
+            fd = sealed_memfd(PAGE_SIZE, "viridian-intercept")
+        elif os.fstat(fd).st_size < PAGE_SIZE:
             os.close(fd)
             raise ValueError("an intercept page must be 4096 bytes")
         self.fd = fd
-        self.map = mmap.mmap(fd, PAGE, mmap.MAP_SHARED)
+        self.map = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED)
         self.w = SharedWords(self.map)
 
     def spin(self, word: int, want: int, spin_ns: int = SPIN_NS) -> bool:

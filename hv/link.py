@@ -5,15 +5,15 @@ process as fd 3.  Identity is the socket: whatever arrives on a partition's
 link is from that partition, so no partition can speak as another.
 
 It is an ``AF_UNIX``/``SOCK_SEQPACKET`` pair carrying the frames of
-hv/hypercalls.py (16-byte header: length, kind, fd count, flags, sequence),
+hv/wire.py (16-byte header: length, kind, fd count, flags, sequence),
 with file descriptors riding along (SCM_RIGHTS).  Frame kinds:
 
 =========  ======================  ===================================================
 kind       direction               body
 =========  ======================  ===================================================
-1 HYPERCALL partition -> supervisor hypercall input value + input block (hv.hypercalls)
+1 HYPERCALL partition -> supervisor hypercall input value + input block (hv.wire)
 2 REPLY     supervisor -> partition hypercall output value + output block
-3 MEMORY    supervisor -> partition MAP / BALLOON / GRANT / ... with memfds (hv.memory)
+3 MEMORY    supervisor -> partition MAP / BALLOON / GRANT / ... with memfds (hv.memwire)
 0x100       both                    a runtime message: one UTF-8 JSON object
 RUNTIME
 =========  ======================  ===================================================
@@ -38,7 +38,7 @@ import json
 import socket
 from typing import Any
 
-from hv.hypercalls import Frame, FrameDecoder, FrameWriter, WireError, recv_frames
+from hv.wire import Frame, FrameDecoder, FrameWriter, WireError, recv_frames
 
 __all__ = ["KIND_RUNTIME", "SupervisorEnd", "WireError", "decode_runtime", "runtime_frame",
            "socketpair"]

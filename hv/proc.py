@@ -1,4 +1,4 @@
-"""Process helpers shared by the supervisor and every partition process.
+"""Process and host helpers shared by the supervisor and every partition process.
 
 Layer: hv (lowest Python layer).  Nothing here knows about VMBus.
 """
@@ -9,7 +9,7 @@ import ctypes
 import os
 import signal
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "host_available"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,3 +27,15 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+def host_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (what the host can still give)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -49,7 +49,9 @@ __all__ = [
     "Leftovers",
     "Manifest",
     "RunDir",
+    "cluster_processes",
     "list_clusters",
+    "process_title",
     "runtime_base",
 ]
 

@@ -1,6 +1,6 @@
 """The hypervisor services as the supervisor sees them: one narrow facade.
 
-Layer: hv.  The supervisor (hv/supervisor.py) asks this module to set a
+Layer: hv.  The supervisor (hv/supervisor/) asks this module to set a
 partition up before its process starts (memory, SynIC, router entry, CPU
 group), hands it every hypercall frame, tells it when a partition exits, and
 reads accounting back.  Behind it:
@@ -8,7 +8,7 @@ reads accounting back.  Behind it:
 - hv/memory.py ``GuestMemory``: the partition's memfd ranges (startup range
   at GPA 0), sent as one MEMORY (MAP) frame at boot;
 - hv/synic.py ``SynicHost``: its message page, event flags, interrupt and EOM;
-- hv/hypercalls.py ``HypercallRouter``: HvPostMessage / HvSignalEvent with
+- hv/router.py ``HypercallRouter``: HvPostMessage / HvSignalEvent with
   permission checks over the cluster's connections (below);
 - hv/cpu.py ``CpuArbiter``: weight / limit / reserve (cgroup v2, v1, or a
   userspace credit scheduler); without that module, CPU settings are kept
@@ -37,23 +37,20 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.hypercalls import (
+from hv.abi import (
     FLAGS_PER_SINT,
+    ROOT_EVENT_BASE,
+    ROOT_MESSAGE_BASE,
     VMBUS_EVENT_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID,
     VMBUS_MESSAGE_CONNECTION_ID_4,
-    Connection,
-    ConnectionKind,
-    Frame,
-    HypercallRouter,
 )
 from hv.memory import GuestMemory
+from hv.router import Connection, ConnectionKind, HypercallRouter
 from hv.synic import SynicHost
+from hv.wire import Frame
 
-__all__ = ["ROOT_EVENT_BASE", "ROOT_MESSAGE_BASE", "BootGrant", "CpuSettings", "Services"]
-
-ROOT_MESSAGE_BASE = 0x10000  # + child id: root -> child messages
-ROOT_EVENT_BASE = 0x20000  # + child id: root -> child events
+__all__ = ["BootGrant", "CpuSettings", "Services"]
 
 
 @dataclass

@@ -65,16 +65,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._atomic import SharedWords
-from .eventfd import EventFd
-from .hypercalls import (
+from .abi import (
     FLAGS_PER_SINT,
     HV_MESSAGE_SIZE,
     MAX_PAYLOAD,
+    PAGE_SIZE,
     PORT_BUFFER_COUNT,
     SINT_COUNT,
     VMBUS_SINT,
     HvStatus,
 )
+from .eventfd import EventFd
 
 __all__ = [
     "EVENT_PAGE_OFFSET",
@@ -87,11 +88,11 @@ __all__ = [
     "SynicMessage",
     "decode_hv_message",
     "encode_hv_message",
+    "sealed_memfd",
 ]
 
-PAGE = 4096
-EVENT_PAGE_OFFSET = PAGE
-SYNIC_BYTES = 2 * PAGE
+EVENT_PAGE_OFFSET = PAGE_SIZE
+SYNIC_BYTES = 2 * PAGE_SIZE
 MESSAGE_PENDING = 0x01  # MessageFlags bit0
 _PENDING_IN_WORD = MESSAGE_PENDING << 8  # the flags byte is byte 1 of the u32 at +4
 _HDR = struct.Struct("<IBBHQ")  # MessageType, PayloadSize, MessageFlags, reserved, OriginationId

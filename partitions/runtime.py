@@ -6,7 +6,7 @@ partitions.child`` both run ``main`` here, each with its *composition root*
 that knows which features a role has.  This module knows none: features
 register the runtime messages they own (``on``), the memory frames they take
 (``take_memory``), and what they do at start, on reports, on tracing and at
-close.  The supervisor (hv/supervisor.py) starts a partition with its link
+close.  The supervisor (hv/supervisor/) starts a partition with its link
 as fd 3 (hv/link.py)::
 
     python -m partitions.child --cluster NAME --partition child1 --id 1 --fd 3 \\
@@ -21,7 +21,7 @@ can see, then sleep in a selector on its link and its SynIC interrupt until
 something arrives: an idle partition uses no CPU.  A ``stop`` message, or the
 link closing, ends it with exit status 0.
 
-The wire is hv/link.py's (frames of hv/hypercalls.py).  ``HvClient`` makes
+The wire is hv/link.py's (frames of hv/wire.py).  ``HvClient`` makes
 hypercalls; frames that arrive while it waits for a reply are kept for the
 loop.  SynIC messages go to the message sinks features registered
 (``on_message``: the VMBus end), then messages and event flags to
@@ -49,12 +49,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hv.hypercalls import Frame, FrameKind, HypercallClient, WireError, send_frame
+from hv.client import HypercallClient
 from hv.jsonlog import JsonLog
 from hv.link import decode_runtime, runtime_frame
-from hv.memory import GuestMemoryView, MemoryMessage
+from hv.memwire import MemoryMessage
+from hv.partition_memory import GuestMemoryView
 from hv.proc import die_with_parent
 from hv.synic import SynicGuest, SynicMessage
+from hv.wire import Frame, FrameKind, WireError, send_frame
 
 __all__ = ["BOOT_TIMEOUT_S", "REPORT_EVERY_S", "Handler", "HvClient", "PartitionRuntime", "main"]
 
@@ -72,7 +74,7 @@ Handler = Callable[[dict[str, Any], Frame], "bool | None"]
 
 class HvClient(HypercallClient):
     """Hypercalls from this partition over its link: ``post_message``,
-    ``signal_event``, ``share_pages``, ``revoke_grant`` (hv.hypercalls), each
+    ``signal_event``, ``share_pages``, ``revoke_grant`` (hv.wire), each
     returning the HvStatus the supervisor answered."""
 
 

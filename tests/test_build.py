@@ -13,6 +13,7 @@ import _cffi_backend
 import pytest
 
 import vmbus.ring
+from hv.abi import PAGE_SIZE
 from vmbus import _ring_cffi
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -20,6 +21,11 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 def test_abi_stamp_matches() -> None:
     assert _ring_cffi.lib.VMBR_ABI_VERSION == vmbus.ring.ABI_VERSION
+
+
+def test_the_c_page_is_the_abi_page() -> None:
+    # the C ring keeps its own VMBR_PAGE_BYTES; Python's page size is hv.abi's
+    assert _ring_cffi.lib.VMBR_PAGE_BYTES == vmbus.ring.PAGE_BYTES == PAGE_SIZE
 
 
 def test_module_is_api_mode_compiled_extension() -> None:

@@ -19,6 +19,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
+from hv.abi import VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_CONNECTION_ID_4
+
 from . import protocol as P
 from .protocol import Message, MessageType, ProtocolError, Version
 
@@ -26,8 +28,6 @@ __all__ = ["ClientChannel", "ClientChannelState", "ClientNotifier", "ClientState
 
 #: Linux hands out GPADL handles from a counter starting here.
 FIRST_GPADL_HANDLE = 0xE1E10
-MESSAGE_CONNECTION_ID = 1
-MESSAGE_CONNECTION_ID_4 = 4
 
 
 class ClientState(enum.Enum):
@@ -81,7 +81,7 @@ class VmbusClient:
         self.versions = tuple(versions or sorted(Version, reverse=True))
         self.state = ClientState.DISCONNECTED
         self.version: int | None = None
-        self.msg_conn_id = MESSAGE_CONNECTION_ID
+        self.msg_conn_id = VMBUS_MESSAGE_CONNECTION_ID
         self.channels: dict[int, ClientChannel] = {}
         self.pending_gpadls: dict[int, int] = {}  # gpadl -> relid, awaiting CREATED
         self.gpadls: dict[int, int] = {}  # created gpadl -> relid
@@ -97,7 +97,8 @@ class VmbusClient:
     def _contact(self) -> None:
         v = self.versions[self._attempt]
         self.state = ClientState.CONNECTING
-        conn = MESSAGE_CONNECTION_ID_4 if v >= Version.WIN10_V5 else MESSAGE_CONNECTION_ID
+        conn = (VMBUS_MESSAGE_CONNECTION_ID_4 if v >= Version.WIN10_V5
+                else VMBUS_MESSAGE_CONNECTION_ID)
         self.n.send(
             P.InitiateContact.v5(v) if v >= Version.WIN10_V5 else P.InitiateContact(v), conn
         )

@@ -16,6 +16,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from hv.abi import PAGE_SIZE
+
 from .errors import RingCorruptError
 
 __all__ = [
@@ -34,7 +36,6 @@ __all__ = [
 
 DESCRIPTOR_BYTES = 16
 FLAG_COMPLETION_REQUESTED = 1
-PAGE_BYTES = 4096
 
 #: The 16-byte descriptor: type, offset8, len8, flags, trans_id.
 DESCRIPTOR = struct.Struct("<HHHHQ")
@@ -62,7 +63,7 @@ class GpaRange:
 
     @staticmethod
     def pages_spanned(byte_offset: int, byte_count: int) -> int:
-        return (byte_offset + byte_count + PAGE_BYTES - 1) // PAGE_BYTES
+        return (byte_offset + byte_count + PAGE_SIZE - 1) // PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,7 @@ def build_gpa_direct_header(ranges: list[GpaRange] | tuple[GpaRange, ...]) -> by
         raise ValueError("a GPA-direct packet needs at least one range")
     parts = [_U32X2.pack(0, len(ranges))]
     for r in ranges:
-        if not 0 <= r.byte_offset < PAGE_BYTES or r.byte_count <= 0:
+        if not 0 <= r.byte_offset < PAGE_SIZE or r.byte_count <= 0:
             raise ValueError(f"bad GPA range {r}: byte_offset must be < 4096, byte_count > 0")
         if len(r.pfns) != GpaRange.pages_spanned(r.byte_offset, r.byte_count):
             raise ValueError(f"GPA range {r} must list exactly the pages it spans")
@@ -109,7 +110,7 @@ def _parse_gpa_direct(raw: bytes, start: int, end: int) -> tuple[GpaRange, ...]:
         if end - pos < 8:
             raise RingCorruptError("gpa_direct_header", count, "range_cnt exceeds the header")
         byte_count, byte_offset = _U32X2.unpack_from(raw, pos)
-        if byte_offset >= PAGE_BYTES or byte_count == 0:
+        if byte_offset >= PAGE_SIZE or byte_count == 0:
             raise RingCorruptError(
                 "gpa_direct_header", byte_offset, f"bad range ({byte_count} bytes at {byte_offset})"
             )

@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from hv.abi import PAGE_SIZE
+
 from .errors import VmbusError
 
 __all__ = [
@@ -404,7 +406,7 @@ def gpadl_messages(
     if not pfns:
         raise ValueError("a GPADL needs at least one page")
     if byte_count is None:
-        byte_count = len(pfns) * 4096 - byte_offset
+        byte_count = len(pfns) * PAGE_SIZE - byte_offset
     range_buflen = 8 + 8 * len(pfns)
     first = pfns[:GPADL_HEADER_MAX_PFNS]
     head = struct.pack("<II", byte_count, byte_offset) + struct.pack(f"<{len(first)}Q", *first)

@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hv.abi import PAGE_SIZE, VMBUS_MESSAGE_CONNECTION_ID
+
 from . import protocol as P
 from .protocol import Message, MessageType, ProtocolError, Version
 
@@ -41,10 +43,6 @@ __all__ = [
 ]
 
 SUPPORTED_VERSIONS = tuple(sorted(Version, reverse=True))
-#: The connection ID children post to after INITIATE_CONTACT (from 5.0 on).
-MESSAGE_CONNECTION_ID = 1
-#: Children post INITIATE_CONTACT for versions >= 5.0 to connection ID 4.
-MESSAGE_CONNECTION_ID_4 = 4
 #: How many pages a GPADL may have (an emulation limit: 1 GiB of 4 KiB pages).
 MAX_GPADL_PAGES = 1 << 18
 #: GPADLs one child may have at once (as many as it may have grants).
@@ -125,7 +123,7 @@ class ServerNotifier(Protocol):
 class VmbusServer:
     """Channel management for one child partition (sans-IO)."""
 
-    def __init__(self, notifier: ServerNotifier, msg_conn_id: int = MESSAGE_CONNECTION_ID):
+    def __init__(self, notifier: ServerNotifier, msg_conn_id: int = VMBUS_MESSAGE_CONNECTION_ID):
         self.n = notifier
         self.version: int | None = None
         self.msg_conn_id = msg_conn_id
@@ -277,8 +275,8 @@ class VmbusServer:
             self._fail_channel(ch, "GPADL range too short")
         byte_count, byte_offset = struct.unpack_from("<II", msg.tail)
         pages = (msg.range_buflen - 8) // 8
-        spanned = (byte_offset + byte_count + 4095) // 4096
-        if byte_count == 0 or byte_offset >= 4096 or spanned != pages:
+        spanned = (byte_offset + byte_count + PAGE_SIZE - 1) // PAGE_SIZE
+        if byte_count == 0 or byte_offset >= PAGE_SIZE or spanned != pages:
             self._fail_channel(ch, "GPADL range and page count disagree")
         if pages > MAX_GPADL_PAGES:
             self._fail_channel(ch, f"GPADL of {pages} pages is too large")

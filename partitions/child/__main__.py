@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import Frame
+from hv.wire import Frame
 from partitions.runtime import PartitionRuntime, main
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import bisect
 
-from hv.memory import PAGE_SIZE, GuestMemoryView
+from hv.abi import PAGE_SIZE
+from hv.partition_memory import GuestMemoryView
 
 __all__ = ["OutOfGuestMemory", "PageAllocator"]
 

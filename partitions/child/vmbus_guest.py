@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
-from hv.memory import MemoryMessage, MemoryOp
+from hv.abi import HV_MESSAGE_TYPE_VMBUS, HvStatus
+from hv.memwire import MemoryMessage, MemoryOp
 from partitions.devices import (
     DeviceClass,
     DeviceError,
@@ -50,7 +50,7 @@ from vmbus.errors import RingCorruptError
 from .guestmem import OutOfGuestMemory, PageAllocator
 
 if TYPE_CHECKING:
-    from hv.hypercalls import Frame
+    from hv.wire import Frame
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["VmbusGuest"]

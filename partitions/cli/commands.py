@@ -60,13 +60,15 @@ def ringdemo(seconds: float, sizes: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from hv.abi import PAGE_SIZE
+
     from . import ringdemo as ring
 
     size_list = _parse_sizes(sizes)
     console = Console()
     console.print(
         f"[bold]viridian ringdemo[/]: a producer (this process) and a consumer process share "
-        f"one VMBus ring ({(ring.RING_BYTES - 4096) >> 20} MiB of data, a memfd) and two "
+        f"one VMBus ring ({(ring.RING_BYTES - PAGE_SIZE) >> 20} MiB of data, a memfd) and two "
         "eventfd doorbells."
     )
     t_start = time.perf_counter()

@@ -22,12 +22,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hv.abi import PAGE_SIZE
 from hv.proc import die_with_parent
 from vmbus.doorbell import Doorbell
 from vmbus.ring import IncomingRing, OutgoingRing, init_ring, packet_bytes
 from vmbus.shm import SharedMemory
 
-RING_BYTES = 4096 + (1 << 20)
+RING_BYTES = PAGE_SIZE + (1 << 20)  # the control page + 1 MiB of data
 _HDR = struct.Struct("<QII")  # sequence number, body bytes, crc32 of the body
 CRC_EVERY = 64  # the consumer checks the CRC of every 64th packet (crc32 is slow)
 _END = 0xFFFFFFFFFFFFFFFF  # the sequence number of a phase's end marker

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import Frame
-from hv.memory import MemoryMessage, MemoryOp
+from hv.memwire import MemoryMessage, MemoryOp
+from hv.wire import Frame
 from partitions.root.grants import RootGrants
 from partitions.runtime import PartitionRuntime, main
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hv.memory import GrantTable, MemoryMessage, MemoryOp
+from hv.memwire import MemoryMessage, MemoryOp
+from hv.partition_memory import GrantTable
 
 if TYPE_CHECKING:
-    from hv.hypercalls import Frame
+    from hv.wire import Frame
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["RootGrants"]

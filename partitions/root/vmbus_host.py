@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import HV_MESSAGE_TYPE_VMBUS, HvStatus
-from hv.memory import PAGE_SIZE, GpaError
+from hv.abi import HV_MESSAGE_TYPE_VMBUS, PAGE_SIZE, HvStatus
+from hv.partition_memory import GpaError
 from partitions.devices import (
     DEVICES,
     DeviceClass,
@@ -53,7 +53,7 @@ from vmbus.errors import RingCorruptError
 from vmbus.server import GpadlState, ServerChannel, ServerGpadl, VmbusServer
 
 if TYPE_CHECKING:
-    from hv.memory import GrantTable
+    from hv.partition_memory import GrantTable
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["GRANT_WAIT_S", "VmbusHost"]

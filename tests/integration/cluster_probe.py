@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hv.hypercalls import VMBUS_EVENT_CONNECTION_ID, VMBUS_MESSAGE_CONNECTION_ID
-from hv.services import ROOT_EVENT_BASE, ROOT_MESSAGE_BASE
+from hv.abi import (
+    ROOT_EVENT_BASE,
+    ROOT_MESSAGE_BASE,
+    VMBUS_EVENT_CONNECTION_ID,
+    VMBUS_MESSAGE_CONNECTION_ID,
+)
 
 
 def run(rt: Any) -> None:

@@ -40,13 +40,8 @@ import struct
 import time
 from typing import Any
 
-from hv.hypercalls import (
-    HV_MESSAGE_TYPE_VMBUS,
-    VMBUS_EVENT_CONNECTION_ID,
-    FrameKind,
-    HvStatus,
-    result_status,
-)
+from hv.abi import HV_MESSAGE_TYPE_VMBUS, VMBUS_EVENT_CONNECTION_ID, HvStatus
+from hv.wire import FrameKind, result_status
 from vmbus import protocol as P
 from vmbus.protocol import MessageType
 
@@ -319,7 +314,7 @@ class Rogue:
         """Count (and remove) the failure replies of pipelined hypercalls."""
         hv = self.rt.hv
         try:
-            hv._read_some(0.0)
+            hv.read_available(1)  # one read, no waiting
         except ConnectionError:
             pass
         keep, counts = [], self.extra.setdefault("failed", {})

@@ -309,7 +309,7 @@ def test_foreground_up_stops_cleanly_on_sigint(env: Env) -> None:
 def test_hypercalls_between_real_partitions(env: Env) -> None:
     """child1 -> root messages and events are delivered; a child cannot reach another
     child's connections nor share pages it does not own (statuses, nothing more)."""
-    from hv.hypercalls import HvStatus
+    from hv.abi import HvStatus
 
     env.env["VIRIDIAN_PARTITION_HOOK"] = "cluster_probe:run"
     here = str(Path(__file__).resolve().parent)

@@ -1,6 +1,6 @@
 """A rogue partition, as a real process, against the hypervisor services.
 
-The test process plays the supervisor (hv.hypercalls router, hv.synic,
+The test process plays the supervisor (hv.router, hv.synic,
 hv.memory, driven by a small selector loop; the real supervisor process
 wires the same objects) and the root partition's SynIC.  The rogue child
 gets its own socket, SynIC and memory, and then tries what it must not:
@@ -24,29 +24,26 @@ import time
 
 import pytest
 
-from hv import hypercalls as H
-from hv.hypercalls import (
-    Connection,
-    ConnectionKind,
-    FrameDecoder,
-    HvStatus,
-    HypercallRouter,
-    WireError,
-)
+from hv import wire as W
+from hv.abi import HvStatus
 from hv.memory import GuestMemory
+from hv.router import Connection, ConnectionKind, HypercallRouter
 from hv.synic import SynicGuest, SynicHost
+from hv.wire import FrameDecoder, WireError
 
 ROOT, CHILD1, ROGUE = 0, 1, 2
 MiB = 1 << 20
 
 ROGUE_SCRIPT = textwrap.dedent(
     """
-    import json, os, socket, sys
+    import json, os, socket, struct, sys
     from hv.proc import die_with_parent
     die_with_parent()
-    from hv import hypercalls as H
-    from hv.hypercalls import FrameKind, HypercallClient, HvStatus
-    from hv.memory import GuestMemoryView
+    from hv import wire as W
+    from hv.abi import HvStatus
+    from hv.client import HypercallClient
+    from hv.wire import FrameKind
+    from hv.partition_memory import GuestMemoryView
     from hv.synic import SynicGuest
 
     sock_fd, page_fd, irq_fd, eom_fd = map(int, sys.argv[1:5])
@@ -92,12 +89,12 @@ ROGUE_SCRIPT = textwrap.dedent(
     out["bad_code"] = s(hc.call(0x4242, b"")[0])
     # a hypercall frame carrying an fd: the supervisor must not keep it
     ev = os.eventfd(0)
-    body = H._U64.pack(H.encode_control(0x5D)) + H.encode_signal_event(0x10, 0)
-    H.send_frame(sock, H.Frame(FrameKind.HYPERCALL, 999, body, [ev]))
+    body = struct.pack("<Q", W.encode_control(0x5D)) + W.encode_signal_event(0x10, 0)
+    W.send_frame(sock, W.Frame(FrameKind.HYPERCALL, 999, body, [ev]))
     while True:
         got = [f for f in hc.poll(5.0) if f.kind == FrameKind.REPLY and f.seq == 999]
         if got:
-            out["with_fd"] = int(H.result_status(int.from_bytes(got[0].body[:8], "little")))
+            out["with_fd"] = int(W.result_status(int.from_bytes(got[0].body[:8], "little")))
             break
     os.close(ev)
     # garbage on its hypercall channel: a frame with a 2 GiB length
@@ -138,7 +135,7 @@ class MiniSupervisor:
                 pid_, dec = key.data
                 sock = key.fileobj
                 try:
-                    frames = H.recv_frames(sock, dec)
+                    frames = W.recv_frames(sock, dec)
                 except BlockingIOError:
                     continue
                 except WireError as e:  # a broken partition: drop its connection, carry on
@@ -154,7 +151,7 @@ class MiniSupervisor:
                     reply = self.router.handle_frame(pid_, f)
                     if reply is not None:
                         sock.setblocking(True)
-                        H.send_frame(sock, reply)
+                        W.send_frame(sock, reply)
                         sock.setblocking(False)
 
     def close(self) -> None:
@@ -188,7 +185,7 @@ def test_rogue_partition_gets_statuses_and_nothing_else():
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = None
     try:
-        H.send_frame(mine, memr.map_message().frame())  # its memory, before it starts
+        W.send_frame(mine, memr.map_message().frame())  # its memory, before it starts
         fds = (theirs.fileno(), *rogue_syn.handles())
         proc = subprocess.Popen(
             [sys.executable, "-c", ROGUE_SCRIPT, *(str(f) for f in fds)],

@@ -228,7 +228,7 @@ def test_malformed_and_out_of_order_control_messages(env: Env) -> None:
 @pytest.mark.parametrize("scenario", ["flood_garbage", "flood_contact", "flood_signals",
                                       "flood_gpadl"])
 def test_message_and_signal_floods(env: Env, scenario: str) -> None:
-    from hv.hypercalls import PORT_BUFFER_COUNT
+    from hv.abi import PORT_BUFFER_COUNT
     from vmbus.server import MAX_PENDING_GPADLS
 
     rogue = Rogue(env, scenario)

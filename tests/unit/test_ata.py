@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv.memory import GpaError
+from hv.partition_memory import GpaError
 from partitions.devices.storage.disk import (
     DiskImage,
     DiskImageError,

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from test_memory import deliver  # a MEMORY frame over a socketpair
 
-from hv.hypercalls import HvStatus
-from hv.memory import GuestMemory, GuestMemoryError, GuestMemoryView, MemoryLimitError
+from hv.abi import HvStatus
+from hv.memory import GuestMemory, MemoryLimitError
+from hv.memwire import GuestMemoryError
+from hv.partition_memory import GuestMemoryView
 from partitions.child.guestmem import PageAllocator
 from partitions.devices.dynmem import protocol as D
 from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan

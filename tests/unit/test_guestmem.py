@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from test_memory import deliver  # a MEMORY frame over a socketpair
 
-from hv.memory import GuestMemory, GuestMemoryView
+from hv.memory import GuestMemory
+from hv.partition_memory import GuestMemoryView
 from partitions.child.guestmem import OutOfGuestMemory, PageAllocator
 
 MiB = 1 << 20

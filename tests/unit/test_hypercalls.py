@@ -14,21 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv import hypercalls as H
-from hv.hypercalls import (
-    Connection,
-    ConnectionKind,
-    Frame,
-    FrameDecoder,
-    FrameKind,
-    FrameWriter,
-    HvStatus,
-    HypercallClient,
-    HypercallCode,
-    HypercallRouter,
-    Privilege,
-    WireError,
-)
+from hv import wire as W
+from hv.abi import POST_MESSAGE_INPUT_SIZE, HvStatus, HypercallCode, Privilege
+from hv.client import HypercallClient
+from hv.router import Connection, ConnectionKind, HypercallRouter
+from hv.wire import Frame, FrameDecoder, FrameKind, FrameWriter, WireError
 
 ROOT, CHILD1, CHILD2 = 0, 1, 2
 
@@ -59,57 +49,57 @@ def test_status_and_call_codes_are_the_spec_values():
 def test_post_message_input_bytes():
     # ConnectionId 1 @0, RsvdZ @4, MessageType 1 @8, PayloadSize 8 @12, Message[240] @16:
     # a REQUESTOFFERS (msgtype 3) header as the payload, zero padded.
-    raw = H.encode_post_message(0x000001, 1, bytes.fromhex("0300000000000000"))
+    raw = W.encode_post_message(0x000001, 1, bytes.fromhex("0300000000000000"))
     want = bytes.fromhex(
         "01000000" "00000000" "01000000" "08000000" "0300000000000000"
     ) + bytes(232)
-    assert len(raw) == 256 == H.POST_MESSAGE_INPUT_SIZE
+    assert len(raw) == 256 == POST_MESSAGE_INPUT_SIZE
     assert raw == want
-    pm = H.decode_post_message(want)
+    pm = W.decode_post_message(want)
     assert (pm.connection_id, pm.rsvdz, pm.message_type, pm.payload_size) == (1, 0, 1, 8)
     assert pm.payload == bytes.fromhex("0300000000000000")
 
 
 def test_post_message_full_payload_and_wrong_length():
     payload = bytes(range(240))
-    raw = H.encode_post_message(0xABCDEF, 0x7FFFFFFF, payload)
+    raw = W.encode_post_message(0xABCDEF, 0x7FFFFFFF, payload)
     assert raw[:16] == bytes.fromhex("efcdab00" "00000000" "ffffff7f" "f0000000")
     assert raw[16:] == payload
     with pytest.raises(ValueError):
-        H.encode_post_message(1, 1, bytes(241))
+        W.encode_post_message(1, 1, bytes(241))
     with pytest.raises(ValueError):
-        H.decode_post_message(raw[:255])
+        W.decode_post_message(raw[:255])
 
 
 def test_signal_event_input_bytes():
     # ConnectionId u32 @0, FlagNumber u16 @4, RsvdZ u16 @6
-    raw = H.encode_signal_event(0x123456, 5)
+    raw = W.encode_signal_event(0x123456, 5)
     assert raw == bytes.fromhex("56341200" "0500" "0000")
-    assert H.decode_signal_event(raw) == (0x123456, 5, 0)
+    assert W.decode_signal_event(raw) == (0x123456, 5, 0)
     with pytest.raises(ValueError):
-        H.decode_signal_event(raw + b"\0")
+        W.decode_signal_event(raw + b"\0")
 
 
 def test_control_and_result_values():
     # input value: code bits 0-15, fast bit 16, rep count bits 32-43
-    assert H.encode_control(0x5C) == 0x5C
-    assert H.encode_control(0x5D, fast=True) == 0x1005D
-    assert H.encode_control(0x8001, rep_count=3) == 0x0000000300008001
-    c = H.decode_control(0x0FFF_0FFF_0001_005C)
+    assert W.encode_control(0x5C) == 0x5C
+    assert W.encode_control(0x5D, fast=True) == 0x1005D
+    assert W.encode_control(0x8001, rep_count=3) == 0x0000000300008001
+    c = W.decode_control(0x0FFF_0FFF_0001_005C)
     assert (c.code, c.fast, c.rep_count, c.rep_start, c.reserved) == (0x5C, True, 0xFFF, 0xFFF, 0)
-    assert H.decode_control(1 << 27).reserved and H.decode_control(1 << 63).reserved
+    assert W.decode_control(1 << 27).reserved and W.decode_control(1 << 63).reserved
     # output value: status bits 0-15, reps completed bits 32-43
-    assert H.encode_result(HvStatus.INSUFFICIENT_BUFFERS) == 0x13
-    assert H.encode_result(HvStatus.SUCCESS, 2) == 0x2_0000_0000
-    assert H.result_status(0x2_0000_0013) is HvStatus.INSUFFICIENT_BUFFERS
-    assert H.result_status(0x77) == 0x77
+    assert W.encode_result(HvStatus.INSUFFICIENT_BUFFERS) == 0x13
+    assert W.encode_result(HvStatus.SUCCESS, 2) == 0x2_0000_0000
+    assert W.result_status(0x2_0000_0013) is HvStatus.INSUFFICIENT_BUFFERS
+    assert W.result_status(0x77) == 0x77
 
 
 def test_frame_header_bytes():
     # length u32 (header included), kind u16, nfds u8, flags u8, seq u64, body
     f = Frame(FrameKind.HYPERCALL, seq=0x0102030405060708, body=b"\xaa\xbb", flags=1)
     assert f.encode() == bytes.fromhex("12000000" "0100" "00" "01" "0807060504030201" "aabb")
-    req = H.request_signal_event(2, 0, seq=9)
+    req = W.request_signal_event(2, 0, seq=9)
     assert req == bytes.fromhex("20000000" "0100" "00" "00" "0900000000000000") + (
         bytes.fromhex("5d00000000000000") + bytes.fromhex("02000000" "0000" "0000")
     )
@@ -241,27 +231,27 @@ def test_connection_validation():
 
 
 def _call(r, caller, code, inp, **kw):
-    result, out = r.call(caller, H.encode_control(code, **kw), inp)
-    return H.result_status(result), out
+    result, out = r.call(caller, W.encode_control(code, **kw), inp)
+    return W.result_status(result), out
 
 
 def test_call_decodes_the_spec_inputs(net):
     r, syn = net
-    st, _ = _call(r, CHILD1, 0x5C, H.encode_post_message(1, 1, b"abc"))
+    st, _ = _call(r, CHILD1, 0x5C, W.encode_post_message(1, 1, b"abc"))
     assert st == HvStatus.SUCCESS and syn[ROOT].posts[-1][2] == b"abc"
-    st, _ = _call(r, CHILD1, 0x5D, H.encode_signal_event(0x10, 1))
+    st, _ = _call(r, CHILD1, 0x5D, W.encode_signal_event(0x10, 1))
     assert st == HvStatus.SUCCESS and syn[ROOT].flags == [(2, 65)]
 
 
 def test_call_rejects_malformed_inputs(net):
     r, syn = net
-    good = H.encode_post_message(1, 1, b"abc")
+    good = W.encode_post_message(1, 1, b"abc")
     cases = [
         (0x5C, good[:-1], HvStatus.INVALID_HYPERCALL_INPUT),  # wrong length
         (0x5C, good[:4] + b"\x01" + good[5:], HvStatus.INVALID_HYPERCALL_INPUT),  # RsvdZ
         (0x5C, b"\x01\x00\x00\x01" + good[4:], HvStatus.INVALID_HYPERCALL_INPUT),  # id bit 24
         (0x5C, good[:12] + b"\xf1\x00\x00\x00" + good[16:], HvStatus.INVALID_PARAMETER),  # 241
-        (0x5D, H.encode_signal_event(0x10)[:6] + b"\x01\x00", HvStatus.INVALID_HYPERCALL_INPUT),
+        (0x5D, W.encode_signal_event(0x10)[:6] + b"\x01\x00", HvStatus.INVALID_HYPERCALL_INPUT),
         (0x5D, b"\x10\x00\x00\x00\x00\x00", HvStatus.INVALID_HYPERCALL_INPUT),
         (0x1234, b"", HvStatus.INVALID_HYPERCALL_CODE),
         (0x8001, b"\x00" * 8, HvStatus.INVALID_HYPERCALL_INPUT),  # share 0 pages
@@ -270,9 +260,9 @@ def test_call_rejects_malformed_inputs(net):
         assert _call(r, CHILD1, code, inp)[0] == status, (hex(code), status)
     assert _call(r, CHILD1, 0x5C, good, rep_count=1)[0] == HvStatus.INVALID_HYPERCALL_INPUT
     result, _ = r.call(CHILD1, 0x5C | 1 << 27, good)  # reserved control bit
-    assert H.result_status(result) == HvStatus.INVALID_HYPERCALL_INPUT
+    assert W.result_status(result) == HvStatus.INVALID_HYPERCALL_INPUT
     result, _ = r.call(CHILD1, 0x5C | 1 << 17, good)  # variable header size
-    assert H.result_status(result) == HvStatus.INVALID_HYPERCALL_INPUT
+    assert W.result_status(result) == HvStatus.INVALID_HYPERCALL_INPUT
     assert nothing_happened(syn)
 
 
@@ -291,16 +281,16 @@ def test_call_never_raises(control, inp):
 def test_handle_frame_echoes_seq_closes_fds_and_honours_no_reply(net):
     r, _syn = net
     fd = os.eventfd(0)
-    req = Frame(FrameKind.HYPERCALL, 77, H.encode_request(0x5C, b"")[16:], [fd])
+    req = Frame(FrameKind.HYPERCALL, 77, W.encode_request(0x5C, b"")[16:], [fd])
     reply = r.handle_frame(CHILD1, req)
     assert reply.kind == FrameKind.REPLY and reply.seq == 77
-    assert H.result_status(int.from_bytes(reply.body[:8], "little")) == 3
+    assert W.result_status(int.from_bytes(reply.body[:8], "little")) == 3
     with pytest.raises(OSError):
         os.fstat(fd)  # a partition's fd is never kept
-    quiet = H.encode_request(0x5D, H.encode_signal_event(0x10), seq=5, reply=False)
+    quiet = W.encode_request(0x5D, W.encode_signal_event(0x10), seq=5, reply=False)
     assert r.handle_bytes(CHILD1, quiet) is None
-    bad = H.encode_request(0x5D, H.encode_signal_event(0x20), seq=6, reply=False)
-    assert H.decode_reply(r.handle_bytes(CHILD1, bad)) == HvStatus.INVALID_CONNECTION_ID
+    bad = W.encode_request(0x5D, W.encode_signal_event(0x20), seq=6, reply=False)
+    assert W.decode_reply(r.handle_bytes(CHILD1, bad)) == HvStatus.INVALID_CONNECTION_ID
     with pytest.raises(WireError):
         r.handle_frame(CHILD1, Frame(FrameKind.REPLY, 1, bytes(8)))
     with pytest.raises(WireError):
@@ -376,19 +366,19 @@ def test_frames_and_fds_over_a_socketpair(kind):
     a, b = socket.socketpair(socket.AF_UNIX, kind)
     ev = os.eventfd(0)
     try:
-        H.send_frame(a, Frame(FrameKind.MEMORY, 3, b"grant", [ev]))
-        H.send_frame(a, Frame(FrameKind.HYPERCALL, 4, b"next"))
+        W.send_frame(a, Frame(FrameKind.MEMORY, 3, b"grant", [ev]))
+        W.send_frame(a, Frame(FrameKind.HYPERCALL, 4, b"next"))
         dec = FrameDecoder()
         got: list[Frame] = []
         b.settimeout(5)
         while len(got) < 2:
-            got += H.recv_frames(b, dec)
+            got += W.recv_frames(b, dec)
         assert [(f.seq, f.body, len(f.fds)) for f in got] == [(3, b"grant", 1), (4, b"next", 0)]
         os.eventfd_write(got[0].fds[0], 1)  # the received fd is the same eventfd
         assert os.eventfd_read(ev) == 1
         got[0].close_fds()
         a.close()
-        assert H.recv_frames(b, dec) is None  # end of stream
+        assert W.recv_frames(b, dec) is None  # end of stream
     finally:
         os.close(ev)
         a.close()
@@ -412,7 +402,7 @@ def test_frame_writer_never_blocks_and_bounds_its_queue():
         b.settimeout(5)
         while len(got) < 41:
             w.flush(a)
-            got += H.recv_frames(b, dec)
+            got += W.recv_frames(b, dec)
         assert [f.seq for f in got[:41]] == list(range(1, 42))
         assert len(got[0].fds) == 1
         got[0].close_fds()
@@ -433,7 +423,7 @@ def test_client_against_a_router_thread(net):
         b.settimeout(0.05)
         while not stop.is_set():
             try:
-                frames = H.recv_frames(b, dec)
+                frames = W.recv_frames(b, dec)
             except TimeoutError:
                 continue
             if frames is None:
@@ -441,9 +431,9 @@ def test_client_against_a_router_thread(net):
             for f in frames:
                 reply = r.handle_frame(CHILD1, f)
                 if f.seq == 2:  # an unsolicited frame before the reply
-                    H.send_frame(b, Frame(0x100, 0, b"runtime"))
+                    W.send_frame(b, Frame(0x100, 0, b"runtime"))
                 if reply is not None:
-                    H.send_frame(b, reply)
+                    W.send_frame(b, reply)
 
     t = threading.Thread(target=supervisor, daemon=True)
     t.start()
@@ -480,7 +470,7 @@ def test_poll_zero_reads_frames_already_waiting():
     try:
         client = HypercallClient(a, timeout=1)
         assert client.poll(0) == []
-        H.send_frame(b, Frame(0x100, 0, b"stop"))
+        W.send_frame(b, Frame(0x100, 0, b"stop"))
         frames = client.poll(0)  # no time to wait, but the frame is there
         assert [(f.kind, f.body) for f in frames] == [(0x100, b"stop")]
         client.close()
@@ -495,7 +485,7 @@ def test_poll_zero_reads_frames_already_waiting():
 def _doorbell_request(child: int, relid: int, seq: int = 7) -> Frame:
     import struct
 
-    body = struct.pack("<Q", H.encode_control(HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS))
+    body = struct.pack("<Q", W.encode_control(HypercallCode.VIRIDIAN_CHANNEL_DOORBELLS))
     return Frame(FrameKind.HYPERCALL, seq, body + struct.pack("<II", child, relid))
 
 
@@ -505,7 +495,7 @@ def test_channel_doorbells_reach_root_and_child_and_connect_them(net):
     r, _syn = net
     reply = r.handle_frame(ROOT, _doorbell_request(CHILD1, 3))
     assert reply is not None and reply.kind == FrameKind.REPLY and reply.seq == 7
-    assert H.result_status(int.from_bytes(reply.body[:8], "little")) == HvStatus.SUCCESS
+    assert W.result_status(int.from_bytes(reply.body[:8], "little")) == HvStatus.SUCCESS
     assert len(reply.fds) == 2 and reply.close_after_send
     [(to, frame)] = r.take_outbox()
     assert to == CHILD1 and len(frame.fds) == 2 and frame.close_after_send
@@ -533,10 +523,10 @@ def test_channel_doorbells_only_for_the_root_and_a_live_child(net):
     ]:
         reply = r.handle_frame(caller, _doorbell_request(child, 1))
         assert reply is not None and not reply.fds
-        assert H.decode_reply_output(reply.encode())[0] == want, (caller, child)
+        assert W.decode_reply_output(reply.encode())[0] == want, (caller, child)
         assert r.take_outbox() == []
     r.set_synic(CHILD1, None)  # down (restarting)
     reply = r.handle_frame(ROOT, _doorbell_request(CHILD1, 1))
-    assert H.decode_reply_output(reply.encode())[0] == HvStatus.INVALID_PARTITION_ID
+    assert W.decode_reply_output(reply.encode())[0] == HvStatus.INVALID_PARTITION_ID
     assert r.denied(CHILD1) == 1 and r.denied(CHILD2) == 1
     del syn

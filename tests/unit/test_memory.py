@@ -13,21 +13,13 @@ import textwrap
 
 import pytest
 
-from hv import hypercalls as H
-from hv.hypercalls import Frame, FrameDecoder, FrameKind, HvStatus, HypercallRouter, WireError
-from hv.memory import (
-    PAGE_SIZE,
-    GpaError,
-    GrantError,
-    GrantTable,
-    GuestMemory,
-    GuestMemoryError,
-    GuestMemoryView,
-    MemoryLimitError,
-    MemoryMessage,
-    MemoryOp,
-    MemorySegment,
-)
+from hv import wire as W
+from hv.abi import PAGE_SIZE, HvStatus
+from hv.memory import GrantError, GuestMemory, MemoryLimitError
+from hv.memwire import GuestMemoryError, MemoryMessage, MemoryOp, MemorySegment
+from hv.partition_memory import GpaError, GrantTable, GuestMemoryView
+from hv.router import HypercallRouter
+from hv.wire import Frame, FrameDecoder, FrameKind, WireError
 
 MiB = 1 << 20
 ROOT, CHILD1, CHILD2 = 0, 1, 2
@@ -38,9 +30,9 @@ def deliver(msg: MemoryMessage, view):
     apply what arrives to ``view`` (a GuestMemoryView or a GrantTable)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        H.send_frame(a, msg.frame())
+        W.send_frame(a, msg.frame())
         b.settimeout(5)
-        (frame,) = H.recv_frames(b, FrameDecoder())
+        (frame,) = W.recv_frames(b, FrameDecoder())
         return view.apply_frame(frame)
     finally:
         a.close()

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv.memory import GrantTable, MemoryMessage, MemoryOp, MemorySegment
+from hv.memwire import MemoryMessage, MemoryOp, MemorySegment
+from hv.partition_memory import GrantTable
 from partitions.devices.framework import DeviceError, DeviceResources
 from partitions.devices.storage.scsi import vstor as V
 from partitions.devices.storage.scsi.device import StorVsc, StorVsp

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 from hv import _atomic
-from hv.hypercalls import HvStatus
+from hv.abi import HvStatus
 from hv.synic import (
     EVENT_PAGE_OFFSET,
     SYNIC_BYTES,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hv.hypercalls import HOST_RESERVE_BYTES, HOT_ADD_ALIGN_BYTES
+from hv.abi import HOST_RESERVE_BYTES, HOT_ADD_ALIGN_BYTES
 
 __all__ = ["ADD_SLACK", "BLOCK_BYTES", "Action", "ChildMemory", "plan"]
 

@@ -25,8 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hv.hypercalls import MAX_MEMORY_RANGES, HvStatus
-from hv.memory import PAGE_SIZE
+from hv.abi import MAX_MEMORY_RANGES, PAGE_SIZE, HvStatus
 from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import Packet, PacketType
 

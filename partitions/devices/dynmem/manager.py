@@ -23,14 +23,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import _host_available
-from hv.memory import PAGE_SIZE
+from hv.abi import PAGE_SIZE
+from hv.proc import host_available
 from partitions.runtime import REPORT_EVERY_S
 
 from .balancer import ChildMemory, plan
 
 if TYPE_CHECKING:
-    from hv.hypercalls import Frame
+    from hv.wire import Frame
     from partitions.devices.dynmem.device import DmVsp
     from partitions.root.vmbus_host import VmbusHost
 
@@ -53,7 +53,7 @@ class MemoryManager:
         self._last_balance = 0.0
         self._status_due: dict[int, DmVsp] = {}  # child -> its VSP, to report
         self.actions = 0
-        self.host_available = _host_available
+        self.host_available = host_available
 
     # -- finding a child's DM VSP ----------------------------------------------------------
     def vsp(self, child: int) -> DmVsp | None:

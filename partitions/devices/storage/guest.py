@@ -29,13 +29,13 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hv.abi import PAGE_SIZE
 from hv.intercept import InterceptClient
-from hv.memory import PAGE_SIZE
 
 from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
-    from hv.hypercalls import Frame
+    from hv.wire import Frame
     from partitions.child.guestmem import PageAllocator
     from partitions.runtime import PartitionRuntime
 

@@ -26,13 +26,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hv.hypercalls import send_frame
-from hv.memory import MemoryMessage
+from hv.memwire import MemoryMessage
+from hv.wire import send_frame
 
 from .ide import IDE_PORTS
 
 if TYPE_CHECKING:
-    from hv.hypercalls import Frame
+    from hv.wire import Frame
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["StorageHost"]

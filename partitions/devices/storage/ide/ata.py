@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from hv.memory import GuestMemoryError
+from hv.memwire import GuestMemoryError
 
 from ..disk import (
     SECTOR_SIZE,

@@ -31,11 +31,11 @@ import sys
 import time
 from typing import Any
 
-from hv.hypercalls import FrameDecoder, WireError, recv_frames
 from hv.intercept import OUT, InterceptServer
 from hv.jsonlog import JsonLog
-from hv.memory import GpaError, GrantTable
+from hv.partition_memory import GpaError, GrantTable
 from hv.proc import die_with_parent
+from hv.wire import FrameDecoder, WireError, recv_frames
 
 from ..disk import open_image
 from .ata import IdeController

@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import Any
 
-from hv.memory import PAGE_SIZE
+from hv.abi import PAGE_SIZE
 from partitions.devices.framework import DeviceClass, DeviceError, Vsc, Vsp, register
 from vmbus.packet import GpaRange, Packet, PacketType, build_gpa_direct_header
 from vmbus.ring import PacketBatch
