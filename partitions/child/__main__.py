@@ -6,7 +6,7 @@ that knows what a child has (partitions/runtime.py knows none of it):
 * its VMBus end, ``VmbusGuest`` (partitions/child/vmbus_guest.py): the
   channel-management client and the VSCs of the devices its config lists
   and of those its disks bring (``DeviceClass.disk_bus``), over the guest
-  page allocator (partitions/child/guestmem.py);
+  page allocator (partitions/guestmem.py);
 * its disks, ``StorageGuest`` (partitions/devices/storage/guest.py): the
   emulated IDE disk through its intercept link, the SCSI disk through the
   storvsc VSC, and the ``disk`` workload.
@@ -67,10 +67,10 @@ def compose(rt: PartitionRuntime) -> None:
                 and s.close())
 
     def start() -> None:
-        from partitions.child.guestmem import PageAllocator
         from partitions.child.vmbus_guest import VmbusGuest
         from partitions.devices import DeviceClass, DeviceResources, Hypercalls, disk_clients
         from partitions.devices.storage.guest import StorageGuest
+        from partitions.guestmem import PageAllocator
 
         alloc = PageAllocator(rt.memory)  # rings, DMA buffers, Dynamic Memory: one allocator
 

@@ -40,14 +40,13 @@ from partitions.devices import (
     by_class_id,
     device_spec,
 )
+from partitions.guestmem import OutOfGuestMemory, PageAllocator
 from partitions.reporting import channel_stats, make_packet_tracer, message_event
 from vmbus import protocol as P
 from vmbus.channel import Channel, init_channel_buffer
 from vmbus.client import ClientChannel, ClientState, VmbusClient
 from vmbus.doorbell import Doorbell
 from vmbus.errors import RingCorruptError
-
-from .guestmem import OutOfGuestMemory, PageAllocator
 
 if TYPE_CHECKING:
     from hv.wire import Frame

@@ -129,7 +129,7 @@ class DeviceResources:
         hypercalls: the hypercalls it may make (``Hypercalls``), or None.
         memory: its memory access: in the root, the pages children granted
             (``hv.memory.GrantTable``: ``views(child, pfns)``); in a child,
-            its guest page allocator (``partitions.child.guestmem.PageAllocator``:
+            its guest page allocator (``partitions.guestmem.PageAllocator``:
             ``alloc``, ``view_of``, ``free``; ``view``, the memory it sees).
         call_later: ``call_later(delay, fn)``: a timer on the partition's loop.
         report_soon: the device's status changed (a report follows).

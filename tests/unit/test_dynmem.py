@@ -15,11 +15,11 @@ from hv.abi import HvStatus
 from hv.memory import GuestMemory, MemoryLimitError
 from hv.memwire import GuestMemoryError
 from hv.partition_memory import GuestMemoryView
-from partitions.child.guestmem import PageAllocator
 from partitions.devices.dynmem import protocol as D
 from partitions.devices.dynmem.balancer import BLOCK_BYTES, ChildMemory, plan
 from partitions.devices.dynmem.device import DmVsc, DmVsp
 from partitions.devices.framework import DeviceResources
+from partitions.guestmem import PageAllocator
 
 MiB = 1 << 20
 PAGE = 4096

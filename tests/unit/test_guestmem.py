@@ -7,7 +7,7 @@ from test_memory import deliver  # a MEMORY frame over a socketpair
 
 from hv.memory import GuestMemory
 from hv.partition_memory import GuestMemoryView
-from partitions.child.guestmem import OutOfGuestMemory, PageAllocator
+from partitions.guestmem import OutOfGuestMemory, PageAllocator
 
 MiB = 1 << 20
 

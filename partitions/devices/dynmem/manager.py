@@ -21,7 +21,7 @@ channels there) and hands it the ``dm`` and ``dm.settings`` messages
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hv.abi import PAGE_SIZE
 from hv.proc import host_available
@@ -32,17 +32,25 @@ from .balancer import ChildMemory, plan
 if TYPE_CHECKING:
     from hv.wire import Frame
     from partitions.devices.dynmem.device import DmVsp
-    from partitions.root.vmbus_host import VmbusHost
 
-__all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "MemoryManager"]
+__all__ = ["BALANCE_EVERY_S", "STATUS_EVERY_S", "ChildBuses", "MemoryManager"]
 
 BALANCE_EVERY_S = 0.5
 STATUS_EVERY_S = REPORT_EVERY_S  # dm.status frames to the supervisor, at most this often
 _SETTINGS = ("startup", "minimum", "maximum", "buffer", "weight", "dynamic")
 
 
+class ChildBuses(Protocol):
+    """What the manager needs of the root's VMBus host (partitions.root's
+    ``VmbusHost``, which the composition root hands it): each child's bus
+    (``name``, ``channels``) and the partition runtime."""
+
+    buses: dict[int, Any]
+    rt: Any
+
+
 class MemoryManager:
-    def __init__(self, host: VmbusHost, children: list[dict[str, Any]]) -> None:
+    def __init__(self, host: ChildBuses, children: list[dict[str, Any]]) -> None:
         self.host = host
         self.rt = host.rt
         self.settings: dict[int, dict[str, Any]] = {}

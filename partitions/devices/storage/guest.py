@@ -36,7 +36,7 @@ from .ide.driver import DmaBuffer, IdeDriver
 
 if TYPE_CHECKING:
     from hv.wire import Frame
-    from partitions.child.guestmem import PageAllocator
+    from partitions.guestmem import PageAllocator
     from partitions.runtime import PartitionRuntime
 
 __all__ = ["BlockDevice", "IdeBlock", "StorageGuest"]
@@ -139,7 +139,7 @@ class StorageGuest:
         self.client = InterceptClient(*fds)
         alloc = self.alloc
         if alloc is None:
-            from partitions.child.guestmem import PageAllocator
+            from partitions.guestmem import PageAllocator
 
             alloc = self.alloc = PageAllocator(self.rt.memory)
         self.dma_pfn = alloc.alloc(self.dma_pages)
