@@ -340,7 +340,7 @@ class Supervisor(ControlRequests):
         p.timer = self._timers.call_later(BOOT_TIMEOUT_S, lambda: self._boot_timeout(p))
         self._set_state(p, PartitionState.STARTING)
 
-    # -- emulated devices: trapped port I/O (hv/intercept.py) -----------------------------
+    # -- emulated devices: trapped port I/O (hv/intercept/) -----------------------------
 
     def _disks(self, p: Partition) -> list[dict[str, Any]]:
         from hv.config import disk_path
@@ -351,7 +351,7 @@ class Supervisor(ControlRequests):
     def _start_intercepts(self, p: Partition) -> None:
         """The child's emulated IDE controller: its intercept link (to the
         child) and its worker link (to the root, which runs the worker)."""
-        from hv.intercept import InterceptRoute
+        from hv.intercept.route import InterceptRoute
 
         self._stop_intercepts(p)
         route = p.route = InterceptRoute()  # its ports: the root's, when its worker attaches

@@ -67,7 +67,7 @@ class Partition:
     channels: list[dict[str, Any]] = field(default_factory=list)  # its last report
     hypercalls: int = 0  # frames it sent the supervisor (none per channel packet)
     demand: dict[str, int] | None = None  # its DM pressure report, as the root relayed it
-    route: Any = None  # hv.intercept.InterceptRoute while it runs with an ide disk
+    route: Any = None  # hv.intercept.route.InterceptRoute while it runs with an ide disk
     disk_stats: list[dict[str, Any]] = field(default_factory=list)  # the root's report
     vmbus_errors: int = 0  # the root's count of this child's VMBus protocol errors
     tracers: set[int] = field(default_factory=set)  # control connections tracing it

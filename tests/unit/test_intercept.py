@@ -10,7 +10,10 @@ import threading
 
 import pytest
 
-from hv.intercept import IN, OUT, InterceptClient, InterceptRoute, InterceptServer
+from hv.intercept import IN, OUT
+from hv.intercept.client import InterceptClient
+from hv.intercept.route import InterceptRoute
+from hv.intercept.server import InterceptServer
 
 
 class Rig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hv.config import default_config
-from hv.intercept import InterceptRoute
+from hv.intercept.route import InterceptRoute
 from hv.rundir import RunDir
 from hv.supervisor import Supervisor
 from partitions.devices.storage.ide import IDE_PORTS

@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hv.abi import PAGE_SIZE
-from hv.intercept import InterceptClient
+from hv.intercept.client import InterceptClient
 
 from .ide.driver import DmaBuffer, IdeDriver
 

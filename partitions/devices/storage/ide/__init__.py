@@ -1,5 +1,5 @@
 """The emulated IDE disk: the controller (ata.py), the child's driver (driver.py),
-the root's device worker (worker.py), every register access trapped (hv/intercept.py)."""
+the root's device worker (worker.py), every register access trapped (hv/intercept/)."""
 
 from .ata import IDE_PORTS as IDE_PORTS
 

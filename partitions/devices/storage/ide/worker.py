@@ -9,7 +9,7 @@ starts one of these per child that has an ``ide`` disk::
 
 fds: the worker's intercept slot page, its request eventfd and its done
 eventfd (from the supervisor, via the root), and a socket to the root.  Each
-trapped port access of the child arrives in the slot (hv/intercept.py); the
+trapped port access of the child arrives in the slot (hv/intercept/); the
 worker runs it through ``IdeController`` and answers; the supervisor resumes
 the child.  DMA goes straight between the image and the child's pages: the
 root forwards every grant the child makes (MEMORY frames with the child's
@@ -31,7 +31,8 @@ import sys
 import time
 from typing import Any
 
-from hv.intercept import OUT, InterceptServer
+from hv.intercept import OUT
+from hv.intercept.server import InterceptServer
 from hv.jsonlog import JsonLog
 from hv.partition_memory import GpaError, GrantTable
 from hv.proc import die_with_parent
