@@ -1,6 +1,7 @@
 """The partition link: the socketpair the supervisor makes for exactly one partition.
 
-Layer: hv.  The supervisor keeps one end and hands the other to the partition
+Layer: hv, shared by both sides (the supervisor's non-blocking end is
+hv/supervisor/link_end.py).  The supervisor keeps one end and hands the other to the partition
 process as fd 3.  Identity is the socket: whatever arrives on a partition's
 link is from that partition, so no partition can speak as another.
 
@@ -38,10 +39,9 @@ import json
 import socket
 from typing import Any
 
-from hv.wire import Frame, FrameDecoder, FrameWriter, WireError, recv_frames
+from hv.wire import Frame, WireError
 
-__all__ = ["KIND_RUNTIME", "SupervisorEnd", "WireError", "decode_runtime", "runtime_frame",
-           "socketpair"]
+__all__ = ["KIND_RUNTIME", "WireError", "decode_runtime", "runtime_frame", "socketpair"]
 
 KIND_RUNTIME = 0x100
 
@@ -65,52 +65,3 @@ def decode_runtime(frame: Frame) -> dict[str, Any] | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-class SupervisorEnd:
-    """The supervisor's end of one partition link: never blocks on the partition.
-
-    ``send`` queues a frame and writes what the socket takes; when it returns
-    False the caller waits for the socket to be writable and calls ``flush``.
-    A partition that stops reading makes ``send`` raise ``WireError`` once
-    1 MiB is queued.
-    """
-
-    __slots__ = ("decoder", "sock", "writer")
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.decoder = FrameDecoder()
-        self.writer = FrameWriter()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, frame: Frame) -> bool:
-        """Queue ``frame`` and flush; True when nothing is left queued.
-
-        Raises:
-            WireError: the partition is not reading.
-            OSError: the partition is gone.
-        """
-        self.writer.push(frame)
-        return self.writer.flush(self.sock)
-
-    def flush(self) -> bool:
-        return self.writer.flush(self.sock)
-
-    def recv(self) -> list[Frame] | None:
-        """Frames completed by one read, or None when the partition closed its end.
-
-        Raises:
-            BlockingIOError: nothing to read.
-            WireError: a malformed frame (the link is unusable afterwards).
-        """
-        return recv_frames(self.sock, self.decoder)
-
-    def close(self) -> None:
-        self.writer.close()
-        self.decoder.close()
-        self.sock.close()
-

@@ -47,9 +47,10 @@ from typing import Any
 from hv.config import ClusterConfig, ConfigError, load_config
 from hv.control import encode
 from hv.jsonlog import JsonLog
-from hv.link import SupervisorEnd, WireError, decode_runtime, runtime_frame, socketpair
+from hv.link import WireError, decode_runtime, runtime_frame, socketpair
 from hv.rundir import Manifest, RunDir, process_title
 from hv.services import CpuSettings, Services
+from hv.supervisor.link_end import SupervisorEnd
 from hv.wire import Frame, FrameKind
 
 from .partition import DISK_STAT_KEYS, Partition, PartitionState

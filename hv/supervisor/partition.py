@@ -17,8 +17,8 @@ from typing import Any
 
 from hv.config import PartitionConfig
 from hv.jsonlog import JsonLog
-from hv.link import SupervisorEnd
 from hv.services import CpuSettings
+from hv.supervisor.link_end import SupervisorEnd
 
 __all__ = ["DISK_COUNTERS", "DISK_STAT_KEYS", "Partition", "PartitionState"]
 
