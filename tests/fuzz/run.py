@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the fuzz harnesses of tests/fuzz/ under atheris (coverage-guided libFuzzer).
 
-    python tests/fuzz/run.py NAME [--runs N | --seconds S]   one harness
+    python tests/fuzz/run.py NAME [--runs N] [--seconds S]   one harness
     python tests/fuzz/run.py --all --seconds 10              each, in turn (CI's smoke)
     python tests/fuzz/run.py NAME --repro FILE...            replay saved inputs
     python tests/fuzz/run.py --list
@@ -72,7 +72,10 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
     if args.repro:
         cmd += [str(Path(f).resolve()) for f in args.repro]
     else:
-        cmd += [f"-runs={args.runs}"] if args.runs else [f"-max_total_time={args.seconds}"]
+        if args.runs:
+            cmd.append(f"-runs={args.runs}")
+        if args.seconds or not args.runs:
+            cmd.append(f"-max_total_time={args.seconds or 10}")
         cmd += [str(corpus), str(seeds)]
     res = Result(name)
     t0 = time.monotonic()
@@ -103,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help="harnesses (fuzz_NAME.py); --list shows them")
     ap.add_argument("--all", action="store_true", help="every harness, one after another")
     ap.add_argument("--list", action="store_true")
-    how = ap.add_mutually_exclusive_group()
-    how.add_argument("--runs", type=int, help="stop after this many inputs")
-    how.add_argument("--seconds", type=int, default=10, help="stop after this long (10)")
-    how.add_argument("--repro", nargs="+", metavar="FILE", help="replay these inputs")
+    ap.add_argument("--runs", type=int, help="stop after this many inputs")
+    ap.add_argument("--seconds", type=int,
+                    help="stop after this long (default 10 s unless --runs; both: the first)")
+    ap.add_argument("--repro", nargs="+", metavar="FILE", help="replay these inputs")
     ap.add_argument("--timeout", type=int, default=1, help="seconds one input may take (1)")
     ap.add_argument("--rss-limit-mb", type=int, default=2048)
     ap.add_argument("--max-len", type=int, default=8192, help="longest input (8192 bytes)")
