@@ -991,7 +991,7 @@ class Supervisor:
 
     def _find(self, ref: object) -> Partition:
         if (isinstance(ref, int) and not isinstance(ref, bool)) or (
-                isinstance(ref, str) and ref.isdigit()):
+                isinstance(ref, str) and ref.isascii() and ref.isdigit()):  # (not "²")
             i = int(ref)  # type: ignore[arg-type]
             if 0 <= i < len(self.parts):
                 return self.parts[i]
