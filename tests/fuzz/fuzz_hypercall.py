@@ -60,9 +60,10 @@ class _Memory:
         self.r = r
         self.grants = 0
 
-    def _maybe_fail(self) -> None:
+    def _maybe_fail(self, *raises: type[Exception]) -> None:
+        """Fail the way the real GuestMemory may (``raises``), if the input says so."""
         e = self.r.pick(FAILURES)
-        if e is not None:
+        if e is not None and isinstance(e, raises):
             raise e
 
     def _msg(self, pfn: int = 0x40000, n: int = 1) -> Any:
@@ -71,7 +72,7 @@ class _Memory:
 
     def share_with_root(self, caller: int, pfns: Any) -> Any:
         assert 1 <= len(pfns) <= H.MAX_SHARE_PAGES
-        self._maybe_fail()
+        self._maybe_fail(GrantError)
         self.grants += 1
         return SimpleNamespace(grant_id=self.grants,
                                frame=lambda: Frame(FrameKind.MEMORY, 0, b"g"))
@@ -81,12 +82,12 @@ class _Memory:
 
     def hot_add(self, nbytes: int, align_bytes: int) -> Any:
         assert nbytes > 0 and nbytes % 4096 == 0
-        self._maybe_fail()
+        self._maybe_fail(GuestMemoryError)
         return self._msg(n=nbytes // 4096)
 
     def balloon(self, ranges: Any) -> Any:
         assert 1 <= len(ranges) <= H.MAX_MEMORY_RANGES
-        self._maybe_fail()
+        self._maybe_fail(GuestMemoryError)
         return self._msg()
 
     def ballooned_runs(self, max_pages: int, max_ranges: int) -> list[tuple[int, int]]:
@@ -94,7 +95,7 @@ class _Memory:
         return [(0x100 + 2 * i, 1) for i in range(min(max_pages, max_ranges, self.r.below(4)))]
 
     def unballoon(self, ranges: Any) -> Any:
-        self._maybe_fail()
+        self._maybe_fail(GuestMemoryError)
         return self._msg()
 
 
