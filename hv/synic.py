@@ -195,7 +195,9 @@ class SynicHost:
             raise
         self.enabled = True
         self._queues: list[deque[_Queued]] = [deque() for _ in range(SINT_COUNT)]
-        self._in_slot: list[Hashable | None] = [None] * SINT_COUNT
+        # the message each slot holds until the partition frees it (not its port:
+        # a port may be None, the default)
+        self._in_slot: list[_Queued | None] = [None] * SINT_COUNT
         self._pending_set = [False] * SINT_COUNT
         self._buffers: Counter[Hashable] = Counter()
         # statistics
@@ -261,8 +263,9 @@ class SynicHost:
                     self._pending_set[sint] = True
                     continue  # read MessageType again: freed meanwhile?
                 return
-            if self._in_slot[sint] is not None:  # the partition consumed it
-                self._release(self._in_slot[sint])
+            held = self._in_slot[sint]
+            if held is not None:  # the partition consumed it
+                self._release(held.port)
                 self._in_slot[sint] = None
                 self.delivered += 1
             if not queue:
@@ -277,7 +280,7 @@ class SynicHost:
                 m[base + 16 + n : base + HV_MESSAGE_SIZE] = bytes(MAX_PAYLOAD - n)
             words.store(base + 4, n | (_PENDING_IN_WORD if more else 0))
             words.store(base, msg.message_type)  # publish
-            self._in_slot[sint] = msg.port
+            self._in_slot[sint] = msg
             self._pending_set[sint] = more
             self.interrupt.signal()
             return
@@ -335,8 +338,9 @@ class SynicHost:
             for msg in q:
                 self._release(msg.port)
             q.clear()
-            if self._in_slot[sint] is not None:
-                self._release(self._in_slot[sint])
+            held = self._in_slot[sint]
+            if held is not None:
+                self._release(held.port)
                 self._in_slot[sint] = None
         return n
 

@@ -273,8 +273,9 @@ class FrameDecoder:
     ``feed(data, fds)`` with what one ``recvmsg`` returned; it returns the
     frames completed so far.  Raises ``WireError`` on a bad header, an
     oversized frame, unknown flag bits, or a frame that claims fds that did
-    not arrive; after an error every queued fd is closed and the decoder
-    refuses more input.  Bounded: it never buffers more than one frame.
+    not arrive; after an error every queued fd is closed (those of frames
+    the same call completed too) and the decoder refuses more input.
+    Bounded: it never buffers more than one frame.
     """
 
     __slots__ = ("_broken", "_buf", "_fds", "max_fds", "max_frame")
@@ -295,6 +296,15 @@ class FrameDecoder:
             self._fail("too many fds queued")
         self._buf += data
         out: list[Frame] = []
+        try:
+            self._frames(out)
+        except WireError:
+            for fr in out:  # completed before the error: their fds go with them
+                fr.close_fds()
+            raise
+        return out
+
+    def _frames(self, out: list[Frame]) -> None:
         while len(self._buf) >= FRAME_HEADER_SIZE:
             length, kind, nfds, flags, seq = _FRAME_HDR.unpack_from(self._buf)
             if not FRAME_HEADER_SIZE <= length <= self.max_frame:
@@ -316,7 +326,6 @@ class FrameDecoder:
         if not self._buf and self._fds:
             # fds that no frame claimed: a confused or rogue peer
             self._fail(f"{len(self._fds)} fds arrived with no frame claiming them")
-        return out
 
     def _fail(self, why: str) -> None:
         self._broken = True

@@ -31,7 +31,7 @@ from hv.services import CpuSettings, Services
 
 from .partition import DISK_COUNTERS, Partition, PartitionState
 
-__all__ = ["DM_REQUEST_TIMEOUT_S", "SCHEMA_VERSION", "ControlRequests"]
+__all__ = ["DM_REQUEST_TIMEOUT_S", "SCHEMA_VERSION", "ControlConnection", "ControlRequests"]
 
 SCHEMA_VERSION = 1
 _WATCH_BUFFER_MAX = 4 << 20
@@ -39,7 +39,7 @@ DM_REQUEST_TIMEOUT_S = 15.0  # a memory request the root does not answer in time
 
 
 @dataclass(eq=False)
-class _Conn:
+class ControlConnection:
     sock: socket.socket
     reader: LineReader = field(default_factory=LineReader)
     out: bytearray = field(default_factory=bytearray)
@@ -61,7 +61,7 @@ class ControlRequests:
     services: Services | None
     stopping: bool
     _by_name: dict[str, Partition]
-    _conns: dict[int, _Conn]
+    _conns: dict[int, ControlConnection]
     _listener: socket.socket | None
     _sel: selectors.BaseSelector
     _timers: Any  # the lifecycle's timer heap: call_later(delay, fn), cancel(handle)
@@ -186,11 +186,11 @@ class ControlRequests:
             except BlockingIOError:
                 return
             s.setblocking(False)
-            c = _Conn(s)
+            c = ControlConnection(s)
             self._conns[s.fileno()] = c
             self._sel.register(s, selectors.EVENT_READ, lambda _f, c=c: self._on_conn(c))
 
-    def _on_conn(self, c: _Conn) -> None:
+    def _on_conn(self, c: ControlConnection) -> None:
         try:
             data = c.sock.recv(65536)
         except BlockingIOError:
@@ -214,7 +214,7 @@ class ControlRequests:
                     self._send(c, self._handle(c, item))
         self._flush(c)
 
-    def _send(self, c: _Conn, obj: dict[str, Any]) -> None:
+    def _send(self, c: ControlConnection, obj: dict[str, Any]) -> None:
         if obj:
             c.out += encode(obj)
             if len(c.out) > _WATCH_BUFFER_MAX:  # a client that does not read: let it go
@@ -223,7 +223,7 @@ class ControlRequests:
             else:
                 self._flush(c)
 
-    def _flush(self, c: _Conn) -> None:
+    def _flush(self, c: ControlConnection) -> None:
         if c.sock.fileno() < 0:
             return
         while c.out:
@@ -243,10 +243,10 @@ class ControlRequests:
             if self._sel.get_key(c.sock).events != events:
                 self._sel.modify(c.sock, events, lambda _f, c=c: self._on_conn_ready(c))
 
-    def _on_conn_ready(self, c: _Conn) -> None:
+    def _on_conn_ready(self, c: ControlConnection) -> None:
         self._on_conn(c) if not c.out else self._flush(c)
 
-    def _drop(self, c: _Conn) -> None:
+    def _drop(self, c: ControlConnection) -> None:
         fd = c.sock.fileno()
         if fd < 0:
             return
@@ -259,7 +259,7 @@ class ControlRequests:
 
     # -- tracing and relays ---------------------------------------------------------------
 
-    def _handle_trace(self, c: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+    def _handle_trace(self, c: ControlConnection, req: dict[str, Any]) -> dict[str, Any]:
         """Stream a partition's decoded control messages and packet headers to
         this connection until it closes (the partition traces only while
         someone listens)."""
@@ -271,7 +271,7 @@ class ControlRequests:
         self._tell(p, {"op": "trace", "on": True})
         return {"ok": True, "name": p.name, "state": str(p.state), "tracing": True}
 
-    def _untrace(self, c: _Conn) -> None:
+    def _untrace(self, c: ControlConnection) -> None:
         pid_, c.tracing = c.tracing, None
         if pid_ is None or not 0 <= pid_ < len(self.parts):
             return
@@ -312,7 +312,7 @@ class ControlRequests:
 
     def _find(self, ref: object) -> Partition:
         if (isinstance(ref, int) and not isinstance(ref, bool)) or (
-                isinstance(ref, str) and ref.isdigit()):
+                isinstance(ref, str) and ref.isascii() and ref.isdigit()):  # (not "²")
             i = int(ref)  # type: ignore[arg-type]
             if 0 <= i < len(self.parts):
                 return self.parts[i]
@@ -320,7 +320,7 @@ class ControlRequests:
             return self._by_name[ref]
         raise ControlError(f"no such partition: {ref}", "not_found")
 
-    def _handle(self, c: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+    def _handle(self, c: ControlConnection, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         try:
             if op == "ping":
@@ -388,7 +388,7 @@ class ControlRequests:
 
     # -- dynamic memory and settings ------------------------------------------------------
 
-    def _handle_memory(self, c: _Conn, op: str, req: dict[str, Any]) -> dict[str, Any]:
+    def _handle_memory(self, c: ControlConnection, op: str, req: dict[str, Any]) -> dict[str, Any]:
         """Hot-add to or balloon a running child through its Dynamic Memory
         channel: the root's DM VSP runs the protocol, the supervisor maps or
         takes back the pages; the answer comes when the guest has answered."""

@@ -68,3 +68,13 @@ def test_vmbus_error_counts_come_from_the_root_as_integers_only(sup):
         sup._on_partition_message(root, {"op": "vmbus.errors", "errors": {child1.name: bad}})
     sup._on_partition_message(root, {"op": "vmbus.errors", "errors": "not a dict"})
     assert child1.vmbus_errors == 51
+
+
+@pytest.mark.parametrize("ref", ["\u00b2", "\u0661", "1\u0662", " 1", "1.0", True])
+def test_a_partition_is_named_by_ascii_digits_only(sup, ref):
+    # Found writing tests/fuzz/fuzz_control.py: str.isdigit() is true for "²"
+    # (int() then raised out of the request handler: no answer at all) and
+    # for other scripts' digits (ARABIC-INDIC DIGIT ONE named child1).
+    ans = sup._handle(None, {"op": "partition.stop", "name": ref})
+    assert ans == {"ok": False, "error": f"no such partition: {ref}", "code": "not_found"}
+    assert sup._find("1") is sup._find(1) is sup.parts[1]

@@ -119,6 +119,19 @@ def test_slot_consumed_without_eom_is_reaped_by_the_next_post(pair):
         assert host.post(2, 1, b"b", 0, "p") == HvStatus.SUCCESS
 
 
+def test_a_message_of_the_default_port_frees_its_buffer_when_taken(pair):
+    # Found by tests/fuzz/fuzz_synic.py: a message posted with port=None (the
+    # default) was taken for an empty slot once delivered, so its buffer was
+    # never given back and the 17th such message was refused.
+    host, guest = pair
+    for i in range(40):
+        assert host.post(2, 1, b"%d" % i, 0) == HvStatus.SUCCESS, i
+        assert guest.read_message().payload == b"%d" % i
+    assert host.buffers_in_use(None) == 0
+    host.post(2, 1, b"held", 0)
+    assert host.drop_queued() == 0 and host.buffers_in_use(None) == 0
+
+
 def test_pending_is_set_when_a_message_queues_behind_an_occupied_slot(pair):
     host, guest = pair
     host.post(2, 1, b"first", 0, "p")
