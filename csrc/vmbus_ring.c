@@ -75,6 +75,9 @@ _Static_assert(VMBR_WRITE_SIGNAL <= VMBR_W4_STATUS_MASK &&
 /* whole-packet readers: lengths are multiples of 8, bit 0 is the signal */
 _Static_assert(VMBR_READ_SIGNAL == 1 && VMBR_DESC_BYTES % 8 == 0 && VMBR_MAX_PACKET_BYTES % 8 == 0,
                "packet lengths leave bit 0 free");
+_Static_assert(VMBR_DRAIN_SIGNAL == VMBR_READ_SIGNAL,
+               "vmbr_drain and vmbr_drain_into pass vmbr_commit_read's answer on");
+_Static_assert(VMBR_READ_SIGNAL < 8, "lengths are len8 * 8: bits 0-2 are free");
 _Static_assert(VMBR_DRAIN_SIGNAL != VMBR_DRAIN_EXT_NEXT && VMBR_DRAIN_SIGNAL > 0 &&
                VMBR_DRAIN_EXT_NEXT > 0, "drain statuses distinct from 0 and each other");
 /* the packed io results */
@@ -93,7 +96,7 @@ _Static_assert(VMBR_XCHG_ANSWER_LIMIT == (uint64_t)VMBR_IO_END_MASK + 1,
 _Static_assert(VMBR_XCHG_UNSENT == VMBR_BIT(55) && VMBR_XCHG_SIGNAL == VMBR_BIT(56) &&
                VMBR_XCHG_READ == VMBR_BIT(57), "one bit each, above the io flags");
 _Static_assert((VMBR_XCHG_READ | VMBR_XCHG_SIGNAL | VMBR_XCHG_UNSENT | VMBR_IO_BROKEN |
-                VMBR_IO_EXT_NEXT | VMBR_IO_SIGNAL | (uint64_t)VMBR_IO_AUX_MASK << 32 |
+                VMBR_IO_EXT_NEXT | VMBR_IO_SIGNAL | (uint64_t)VMBR_IO_AUX_MASK << VMBR_IO_AUX_SHIFT |
                 VMBR_IO_END_MASK) < VMBR_BIT(63), "never the sign bit");
 
 #define SHARED(r, off) ((_Atomic uint32_t *)((r)->base + (off)))

@@ -113,7 +113,9 @@
  *                                 taken (its header is checked on the batch
  *                                 path); nothing consumed
  *   bit  54     VMBR_IO_BROKEN    drain_io: the ring broke after the packets
- *                                 of this batch (deliver them, then fail)
+ *                                 of this batch (deliver them, then fail);
+ *                                 exchange_io (with VMBR_XCHG_READ): the read
+ *                                 broke the ring, nothing taken
  * Every flag lies above every field: a result 0 < rc < VMBR_IO_SIGNAL is one
  * plain answer with nothing else to do, the callers' one-comparison path.
  */

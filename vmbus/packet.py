@@ -164,8 +164,9 @@ class Packet:
 
     The ring's readers, which make one Packet per packet read, skip
     ``__init__`` (a Python frame, ~40 ns) and set the three slots directly:
-    ``data`` (the bytes the packet lies in), ``start`` (where its descriptor
-    begins in them) and ``payload``.
+    ``data`` (the bytes the packet lies in: often a whole read-ahead batch,
+    other packets included, so read ``payload`` or ``raw()``, not ``data``),
+    ``start`` (where its descriptor begins in them) and ``payload``.
     """
 
     __slots__ = ("data", "payload", "start")

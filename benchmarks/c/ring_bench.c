@@ -298,7 +298,7 @@ static void write_one(struct stream *s, const char *src)
     for (;;) {
         int64_t rc = vmbr_write(&s->r, VMBR_PKT_DATA_INBAND, 0, src, s->size);
         if (rc > 0) {
-            if (rc == 2)
+            if (rc == VMBR_WRITE_SIGNAL)
                 bell_ring(s->data_bell);
             return;
         }
@@ -318,7 +318,7 @@ static void write_chunk(struct stream *s, const char *blob, const uint32_t *lens
                                       lens + done, cnt - done, &w);
         if (rc < 0)
             fail("vmbr_write_batch");
-        if (rc == 2)
+        if (rc == VMBR_WRITE_SIGNAL)
             bell_ring(s->data_bell);
         done += w;
         if (done < cnt && !wait_writable(&s->r, s->need, s->space_bell, s->spin_ns))
@@ -368,7 +368,7 @@ static uint64_t consume(struct stream *s, char *out, uint32_t cap, uint32_t *sta
             if (rc < 0)
                 fail("vmbr_drain");
             if (cnt) {
-                if (rc & 1)
+                if (rc & VMBR_READ_SIGNAL)
                     bell_ring(s->space_bell);
                 for (uint32_t j = 0; check && j < cnt; j++)
                     if (starts[2 * j + 2] - starts[2 * j] != want ||
@@ -383,10 +383,10 @@ static uint64_t consume(struct stream *s, char *out, uint32_t cap, uint32_t *sta
             if (rc < 0)
                 fail("vmbr_read");
             if (rc > 0) {
-                if (rc & 1)
+                if (rc & VMBR_READ_SIGNAL)
                     bell_ring(s->space_bell);
                 last = get_u64(out + VMBR_DESC_BYTES);
-                if (check && ((uint32_t)(rc & ~1) != want || last != got))
+                if (check && ((uint32_t)(rc & ~VMBR_READ_SIGNAL) != want || last != got))
                     (*bad)++;
                 got++;
                 continue;
@@ -507,7 +507,7 @@ static void rt_write(struct vmbr_ring *r, int bell, const char *p, uint64_t id)
     int64_t rc = vmbr_write(r, VMBR_PKT_DATA_INBAND, id, p, PP_BYTES);
     if (rc <= 0)
         fail("ping-pong write");
-    if (rc == 2)
+    if (rc == VMBR_WRITE_SIGNAL)
         bell_ring(bell);
 }
 
@@ -520,7 +520,7 @@ static uint64_t rt_read(struct vmbr_ring *r, int bell, uint64_t spin_ns, char *p
         if (rc < 0)
             fail("ping-pong read");
         if (rc > 0) {
-            if (rc & 1)
+            if (rc & VMBR_READ_SIGNAL)
                 bell_ring(*peer_bell);
             return get_u64(pkt + 8);
         }

@@ -14,8 +14,9 @@ assertions).  The second part is the regression tests of issue 14:
   signal bit of the packed result, and one >= 128 KiB the "type 7/9, not
   taken" bit: C had consumed a packet that Python then never delivered.
 
-Each path that decodes a packed result is driven with both: a signal owed,
-and every offset8 from the smallest to the largest a packet may have.
+Only ``read`` had the losses; every other read path is driven through the
+same cases as a guard: a signal owed, and offset8 on both sides of the
+64 KiB, 128 KiB and 256 KiB edges up to 65535.
 """
 
 from __future__ import annotations
@@ -33,10 +34,6 @@ from vmbus.ring import IncomingRing, OutgoingRing, init_ring
 MAX_OFFSET8 = 0xFFFF  # a u16 (spec §2.1)
 
 
-def bits(mask: int, shift: int = 0) -> int:
-    return mask << shift
-
-
 # ------------------------------------------------------------ the vocabulary
 
 
@@ -45,7 +42,7 @@ def test_writer_statuses_are_distinct_and_fit_write4s_status_field() -> None:
     assert len(statuses) == 3 and max(statuses) <= lib.VMBR_W4_STATUS_MASK
     # write4's count (at most 4) sits wholly above the status field
     assert lib.VMBR_W4_STATUS_MASK < 1 << lib.VMBR_W4_COUNT_SHIFT
-    assert (4 << lib.VMBR_W4_COUNT_SHIFT) >> lib.VMBR_W4_COUNT_SHIFT == 4
+    assert (4 << lib.VMBR_W4_COUNT_SHIFT) & lib.VMBR_W4_STATUS_MASK == 0
 
 
 def test_type_flags_keep_type_and_flags_apart() -> None:
@@ -59,15 +56,14 @@ def test_type_flags_keep_type_and_flags_apart() -> None:
 
 def test_read_signal_bit_is_below_every_packet_length() -> None:
     # packet lengths are multiples of 8: bit 0 is free for the signal
-    assert lib.VMBR_READ_SIGNAL == 1 and lib.VMBR_DESC_BYTES % 8 == 0
-    assert lib.VMBR_READ_SIGNAL & lib.VMBR_MAX_PACKET_BYTES == 0
+    assert lib.VMBR_READ_SIGNAL < 8  # lengths are len8 * 8: bits 0-2 are free
     assert lib.VMBR_DRAIN_SIGNAL == lib.VMBR_READ_SIGNAL
     assert lib.VMBR_DRAIN_EXT_NEXT not in (0, lib.VMBR_DRAIN_SIGNAL)
 
 
 def test_io_fields_and_flags_cannot_collide() -> None:
-    end = bits(lib.VMBR_IO_END_MASK)
-    aux = bits(lib.VMBR_IO_AUX_MASK, lib.VMBR_IO_AUX_SHIFT)
+    end = lib.VMBR_IO_END_MASK
+    aux = lib.VMBR_IO_AUX_MASK << lib.VMBR_IO_AUX_SHIFT
     flags = [lib.VMBR_IO_SIGNAL, lib.VMBR_IO_EXT_NEXT, lib.VMBR_IO_BROKEN]
     xchg = [lib.VMBR_XCHG_UNSENT, lib.VMBR_XCHG_SIGNAL, lib.VMBR_XCHG_READ]
     fields = [end, aux, *flags, *xchg]
@@ -267,3 +263,25 @@ def test_a_long_header_answer_is_not_mistaken_for_a_type_7_or_9() -> None:
         assert p is not None and p.packet_type is PacketType.DATA_INBAND
         assert p.payload == payload and p.raw()[16:24] == b"\xee" * 8
         assert inc.read(db, 1.0).payload == second
+
+
+def test_an_exchange_whose_read_breaks_the_ring_raises_after_sending() -> None:
+    """vmbr_exchange_io never returns a negative: a read that finds the ring
+    broken is VMBR_XCHG_READ | VMBR_IO_BROKEN, and exchange raises."""
+    from ringtools import desc
+
+    from vmbus.errors import RingCorruptError
+
+    a, b = bytearray(8192), bytearray(8192)
+    init_ring(a)
+    init_ring(b)
+    out, inc = OutgoingRing(a), IncomingRing(b)
+    inc.bind_reply_ring(out)
+    peer = IncomingRing(a)
+    peer.mask_interrupts()  # the request owes no signal: C goes on to the read
+    forge(b, desc(5, 2, 3) + bytes(8) + bytes(8))  # packet type 5: not a ring's
+    rc = lib.vmbr_exchange_io(inc._r, b"request!", 8)
+    assert rc == lib.VMBR_XCHG_READ | lib.VMBR_IO_BROKEN
+    assert peer.try_read_payload() == b"request!"  # it was sent
+    with Doorbell() as db, pytest.raises(RingCorruptError, match="bad_packet_type"):
+        inc.exchange(b"again!!!", db, 1.0)
