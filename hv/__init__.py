@@ -41,9 +41,7 @@ A partition's side:
 - ``partition_memory``: ``GuestMemoryView`` (its own memory) and the root's
   ``GrantTable``.
 
-``hypercalls`` is a transitional re-export of the old import path (see its
-docstring).  Public names live in the modules; importing ``hv`` imports none
-of them.
+Public names live in the modules; importing ``hv`` imports none of them.
 """
 
 __all__: list[str] = []

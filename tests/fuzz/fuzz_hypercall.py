@@ -22,8 +22,9 @@ from typing import Any
 from _fuzzlib import Reader, Writer, instrumented, main
 
 with instrumented():
-    from hv import hypercalls as H
+    from hv import abi, wire
     from hv import link as L
+    from hv import router as R
     from hv.abi import HvStatus, HypercallCode
     from hv.memory import GrantError, MemoryLimitError
     from hv.memwire import GuestMemoryError
@@ -42,12 +43,12 @@ class _Synic:
 
     def post(self, sint: int, message_type: int, payload: bytes, origination_id: int,
              port: Any) -> HvStatus:
-        assert 0 <= sint < 16 and 0 < message_type < 1 << 31 and len(payload) <= H.MAX_PAYLOAD
+        assert 0 <= sint < 16 and 0 < message_type < 1 << 31 and len(payload) <= abi.MAX_PAYLOAD
         self.posts += 1
         return HvStatus.SUCCESS if self.posts % 17 else HvStatus.INSUFFICIENT_BUFFERS
 
     def signal_event(self, sint: int, flag: int) -> HvStatus:
-        assert 0 <= sint < 16 and 0 <= flag < H.FLAGS_PER_SINT
+        assert 0 <= sint < 16 and 0 <= flag < abi.FLAGS_PER_SINT
         self.signals += 1
         return HvStatus.SUCCESS
 
@@ -73,7 +74,7 @@ class _Memory:
         return SimpleNamespace(segments=[seg], frame=lambda: Frame(FrameKind.MEMORY, 0, b"m"))
 
     def share_with_root(self, caller: int, pfns: Any) -> Any:
-        assert 1 <= len(pfns) <= H.MAX_SHARE_PAGES
+        assert 1 <= len(pfns) <= abi.MAX_SHARE_PAGES
         self._maybe_fail(GrantError)
         self.grants += 1
         return SimpleNamespace(grant_id=self.grants,
@@ -88,7 +89,7 @@ class _Memory:
         return self._msg(n=nbytes // 4096)
 
     def balloon(self, ranges: Any) -> Any:
-        assert 1 <= len(ranges) <= H.MAX_MEMORY_RANGES
+        assert 1 <= len(ranges) <= abi.MAX_MEMORY_RANGES
         self._maybe_fail(GuestMemoryError)
         return self._msg()
 
@@ -101,19 +102,19 @@ class _Memory:
         return self._msg()
 
 
-def _router(r: Reader) -> H.HypercallRouter:
-    router = H.HypercallRouter(ROOT)
+def _router(r: Reader) -> R.HypercallRouter:
+    router = R.HypercallRouter(ROOT)
     router.host_available = lambda: 8 << 30
     router.add_partition(ROOT, _Synic())
     router.add_partition(CHILD1, _Synic(), memory=_Memory(r))  # type: ignore[arg-type]
     router.add_partition(CHILD2, None, memory=_Memory(r))  # type: ignore[arg-type]
-    MSG, EV = H.ConnectionKind.MESSAGE, H.ConnectionKind.EVENT
-    router.add_connection(H.Connection(1, ROOT, MSG, frozenset({CHILD1, CHILD2})))
-    router.add_connection(H.Connection(4, ROOT, MSG, frozenset({CHILD1})))
-    router.add_connection(H.Connection(0x2001, CHILD1, MSG, frozenset({ROOT})))
-    router.add_connection(H.Connection(0x10001, ROOT, EV, frozenset({CHILD1}), flag_base=1,
+    MSG, EV = R.ConnectionKind.MESSAGE, R.ConnectionKind.EVENT
+    router.add_connection(R.Connection(1, ROOT, MSG, frozenset({CHILD1, CHILD2})))
+    router.add_connection(R.Connection(4, ROOT, MSG, frozenset({CHILD1})))
+    router.add_connection(R.Connection(0x2001, CHILD1, MSG, frozenset({ROOT})))
+    router.add_connection(R.Connection(0x10001, ROOT, EV, frozenset({CHILD1}), flag_base=1,
                                        flag_count=8))
-    router.add_connection(H.Connection(0x10002, CHILD2, EV, frozenset({ROOT})))
+    router.add_connection(R.Connection(0x10002, CHILD2, EV, frozenset({ROOT})))
     return router
 
 
@@ -136,7 +137,7 @@ def TestOneInput(data: bytes) -> None:
     r = Reader(data)
     caller = r.pick([CHILD1, CHILD1, ROOT, CHILD2, 9])
     router = _router(r)
-    dec = H.FrameDecoder()
+    dec = wire.FrameDecoder()
     sent: list[tuple[int, int]] = []  # (fd, inode) of every fd the partition sent
     try:
         for _ in range(8):
@@ -148,7 +149,7 @@ def TestOneInput(data: bytes) -> None:
             queued = [x for x in sent if x[0] in dec._fds]
             try:
                 frames = dec.feed(chunk, [fd for fd, _ in new])
-            except H.WireError:
+            except wire.WireError:
                 frames = []
                 assert not dec._fds
             # each fd is in a frame, still queued, or closed by the decoder
@@ -170,34 +171,34 @@ def TestOneInput(data: bytes) -> None:
             fr.close_fds()
 
 
-def _serve(router: H.HypercallRouter, caller: int, fr: Frame) -> None:
+def _serve(router: R.HypercallRouter, caller: int, fr: Frame) -> None:
     if fr.kind == L.KIND_RUNTIME:
         L.decode_runtime(fr)  # the supervisor's other reader of partition frames
         fr.close_fds()
         return
     try:
         reply = router.handle_frame(caller, fr)
-    except H.WireError:
+    except wire.WireError:
         fr.close_fds()
         return
     if reply is not None:
         # as the partition reads it (stand-ins for the fds riding along)
-        back = H.decode_frame(reply.encode(), [-1] * len(reply.fds))
+        back = wire.decode_frame(reply.encode(), [-1] * len(reply.fds))
         assert back.kind == FrameKind.REPLY and back.seq == fr.seq and len(back.body) >= 8
-        assert isinstance(H.result_status(int.from_bytes(back.body[:8], "little")), HvStatus)
+        assert isinstance(wire.result_status(int.from_bytes(back.body[:8], "little")), HvStatus)
         reply.close_fds()
 
 
 def _frame(code: int, inp: bytes, seq: int = 1, reply: bool = True) -> bytes:
-    return H.encode_request(code, inp, seq=seq, reply=reply)
+    return wire.encode_request(code, inp, seq=seq, reply=reply)
 
 
 def seeds() -> Iterator[bytes]:
     requests = [
-        H.request_post_message(1, 1, b"\x0e" + bytes(39)),
-        H.request_post_message(4, 1, bytes(range(200)), seq=2),
-        H.request_signal_event(0x10001, 3),
-        _frame(HypercallCode.VIRIDIAN_SHARE_PAGES, H.encode_share_pages([0x100, 0x101, 0x102])),
+        wire.request_post_message(1, 1, b"\x0e" + bytes(39)),
+        wire.request_post_message(4, 1, bytes(range(200)), seq=2),
+        wire.request_signal_event(0x10001, 3),
+        _frame(HypercallCode.VIRIDIAN_SHARE_PAGES, wire.encode_share_pages([0x100, 0x101, 0x102])),
         _frame(HypercallCode.VIRIDIAN_REVOKE_GRANT, struct.pack("<Q", 1)),
         _frame(HypercallCode.VIRIDIAN_MEMORY_HOT_ADD, struct.pack("<IIQ", CHILD1, 0, 128 << 20)),
         _frame(HypercallCode.VIRIDIAN_MEMORY_BALLOON,
@@ -213,7 +214,7 @@ def seeds() -> Iterator[bytes]:
     # several frames in one recvmsg, then one split across two with an fd
     both = requests[0] + requests[2]
     yield Writer().pick([CHILD1], CHILD1).chunk(both, 2000).below(6, 0).done()
-    body = struct.pack("<Q", H.encode_control(HypercallCode.POST_MESSAGE))
+    body = struct.pack("<Q", wire.encode_control(HypercallCode.POST_MESSAGE))
     with_fd = struct.pack("<IHBBQ", 16 + len(body), FrameKind.HYPERCALL, 1, 0, 5) + body
     w = Writer().below(5, 0).chunk(with_fd[:10], 2000).below(6, 0)
     yield w.chunk(with_fd[10:], 2000).below(6, 3).done()
