@@ -306,6 +306,37 @@ def test_foreground_up_stops_cleanly_on_sigint(env: Env) -> None:
     assert_no_leaks(env, name, all_pids(st))
 
 
+def test_ctrl_c_during_a_foreground_start_stops_cleanly(env: Env) -> None:
+    """A Ctrl+C while ``up`` is still starting partitions lets the start
+    finish, then stops the cluster: exit 0, nothing left (was: "Aborted!")."""
+    import select
+
+    name = _unique()
+    env.started.append(name)
+    proc = subprocess.Popen([sys.executable, "-m", "partitions.cli", "up", "--name", name],
+                            env=env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        buf, deadline = b"", time.monotonic() + 20
+        while b"supervisor" not in buf:  # the first start-up step: children still to come
+            left = deadline - time.monotonic()
+            assert left > 0, buf
+            if select.select([proc.stdout], [], [], left)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+                assert chunk, buf
+                buf += chunk
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = (buf + out).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Aborted" not in text and "Gracefully stopping" in text, text
+    assert LEAVES_LINE.search(text), text
+
+
 def test_hypercalls_between_real_partitions(env: Env) -> None:
     """child1 -> root messages and events are delivered; a child cannot reach another
     child's connections nor share pages it does not own (statuses, nothing more)."""
